@@ -1,1 +1,6 @@
+"""Evaluators: ``add(...)`` per image, then ``compute() -> dict[str, float]`` (percent)."""
 
+from pointrend_jax.evaluation.coco_eval import (COCOEvaluator, evaluate_coco_files,
+                                                instances_to_coco_results, write_metrics_json,
+                                                write_results_json)
+from pointrend_jax.evaluation.sem_seg import SemSegEvaluator, confusion_matrix
