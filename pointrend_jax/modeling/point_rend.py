@@ -1,0 +1,504 @@
+"""PointRend instance mask head (detectron2 ``PointRendMaskHead``): coarse/point heads, subdivision.
+
+Spec: ``pointrend.md`` §2-§3, §8; names and layouts: ``checkpoint_format.md`` §5.5, §6.
+
+Conventions:
+
+* Feature maps are NHWC ``[N, H, W, C]``; per-ROI maps are ``[R, h, w, C]`` (``C`` = mask classes).
+* Boxes are ``(x0, y0, x1, y1)`` pixels of the resized (unpadded) input image, ROIs of all images
+  concatenated, with ``batch_index [R]`` naming each ROI's image.
+* ``points_in_box`` are ``(x, y)`` in ``[0, 1]`` of the box (``(0, 0)`` = ``(x0, y0)``);
+  ``points_in_image`` are ``(X, Y)`` image pixels.
+* Module paths equal detectron2's (``coarse_head.fc1``, ``point_head.predictor``, ...), so the
+  state-dict names are the paths after ``roi_heads.mask_head.``. Point-head layers are kernel-1
+  ``Conv1d`` in detectron2 (weight ``(out, in, 1)``) and :class:`PointwiseConv1d` (a dense layer)
+  here; :func:`d2_names` / :func:`load_d2` translate the layout.
+* Flatten order: the coarse head transposes its ``[R, 7, 7, C]`` activations to ``[R, C, 7, 7]``
+  before flattening (index ``c*49 + y*7 + x``, as PyTorch), so ``fc1``'s kernel is exactly the
+  transposed PyTorch weight and checkpoints load and save without permutation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from pointrend_jax.modeling.layers import (Conv2d, c2_msra_fill, c2_xavier_fill, d2_names_of,
+                                           get_conv_precision, load_d2_state)
+from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
+from pointrend_jax.ops.point_selection import (instance_uncertainty,
+                                               point_sample_fine_grained_features,
+                                               regular_grid_points, uncertain_points_on_grid,
+                                               uncertain_points_with_randomness)
+
+Array = jax.Array
+Features = Array | Mapping[str, Array]
+
+__all__ = [
+    "Linear",
+    "PointwiseConv1d",
+    "ConvFCHead",
+    "StandardPointHead",
+    "PointRendMaskHead",
+    "subdivision_schedule",
+    "d2_names",
+    "load_d2",
+    "d2_mask_head_names",
+    "load_d2_mask_head",
+]
+
+_prediction_init = jax.nn.initializers.normal(0.001)
+
+# --------------------------------------------------------------------------------------------------
+# Layers.
+# --------------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+  """PyTorch ``nn.Linear`` on the last axis; ``kernel`` is ``(in, out)`` (= PyTorch weight.T).
+
+  The matmul uses the conv precision setting of :mod:`layers` (HIGHEST by default), so dense and
+  conv layers keep float32 parity on accelerators together.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               kernel_init: Any = c2_xavier_fill,
+               bias_init: Any = jax.nn.initializers.zeros, rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
+
+  def __call__(self, x: Array) -> Array:
+    """x: ``[..., in]`` -> ``[..., out]``."""
+    y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=get_conv_precision())
+    return y + self.bias[...].astype(y.dtype)
+
+
+class PointwiseConv1d(Linear):
+  """PyTorch ``Conv1d(kernel_size=1)`` applied per point: a :class:`Linear` on ``[R, P, in]``.
+
+  Only the checkpoint layout differs: detectron2 stores ``weight`` as ``(out, in, 1)``
+  (:func:`d2_names` / :func:`load_d2` handle it).
+  """
+
+
+def _pointwise_conv_weights(module: nnx.Module, prefix: str) -> set[str]:
+  """detectron2 names of the ``(out, in, 1)`` weights of every PointwiseConv1d in ``module``."""
+  return {prefix + ".".join(str(p) for p in (*path, "weight"))
+          for path, node in nnx.iter_graph(module) if isinstance(node, PointwiseConv1d)}
+
+
+def d2_names(module: nnx.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """``{detectron2 name: PyTorch shape}`` of every variable, Conv1d weights as ``(out, in, 1)``.
+
+  Like :func:`layers.d2_names_of` (works on abstract modules) plus the point-head layout.
+  """
+  names = d2_names_of(module, prefix)
+  for name in _pointwise_conv_weights(module, prefix):
+    names[name] = names[name] + (1,)
+  return names
+
+
+def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "", *,
+            strict: bool = True) -> set[str]:
+  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``.
+
+  Args:
+    module: concrete or abstract (``nnx.eval_shape``) module.
+    state: flat ``{detectron2 name: array}``; entries outside ``module`` are ignored.
+    prefix: detectron2 name prefix of ``module``.
+    strict: raise on variables without an entry.
+
+  Returns:
+    The names of ``state`` that were assigned.
+
+  Raises:
+    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
+  """
+  conv1d = _pointwise_conv_weights(module, prefix)
+  if not conv1d & state.keys():
+    return load_d2_state(module, state, prefix, strict=strict)
+  expected = d2_names(module, prefix)
+  view = dict(state)
+  for name in conv1d & state.keys():
+    array = np.asarray(state[name])
+    if array.shape != expected[name]:
+      raise ValueError(f"{name}: checkpoint shape {array.shape} != expected {expected[name]}")
+    view[name] = array[..., 0]
+  return load_d2_state(module, view, prefix, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Coarse head and point head.
+# --------------------------------------------------------------------------------------------------
+
+
+class ConvFCHead(nnx.Module):
+  """detectron2 ``ConvFCHead`` (module ``coarse_head``): coarse per-class mask logits.
+
+  ``[optional reduce_channel_dim_conv 1x1 + ReLU] -> reduce_spatial_dim_conv 2x2/2 + ReLU ->
+  flatten (C, H, W order) -> fc1 + ReLU -> ... -> fcK + ReLU -> prediction``, reshaped to
+  ``(C_out, S, S)`` and returned NHWC.
+
+  Args:
+    in_channels: channels of the pooled features (256).
+    input_side: side of the pooled grid (14).
+    num_classes: mask classes ``C_out`` (80 COCO, 8 Cityscapes, 1 class-agnostic).
+    output_side: side ``S`` of the output (7).
+    conv_dim: width of the convs (256).
+    fc_dims: widths of ``fc1..``, (1024, 1024).
+    rngs: initializer RNGs (convs c2_msra_fill; fcs c2_xavier_fill; prediction N(0, 0.001)).
+  """
+
+  def __init__(self, in_channels: int = 256, input_side: int = 14, *, num_classes: int,
+               output_side: int = 7, conv_dim: int = 256,
+               fc_dims: Sequence[int] = (1024, 1024), rngs: nnx.Rngs):
+    if input_side % 2:
+      raise ValueError(f"input_side must be even (2x2/2 conv), got {input_side}")
+    self.num_classes = num_classes
+    self.output_side = output_side
+    self.reduce_channel_dim_conv = (Conv2d(in_channels, conv_dim, 1, rngs=rngs)
+                                    if in_channels > conv_dim else None)
+    self.reduce_spatial_dim_conv = Conv2d(conv_dim if in_channels > conv_dim else in_channels,
+                                          conv_dim, 2, stride=2, rngs=rngs)
+    in_dim = conv_dim * (input_side // 2) ** 2
+    self.num_fc = len(fc_dims)
+    for k, fc_dim in enumerate(fc_dims):
+      setattr(self, f"fc{k + 1}", Linear(in_dim, fc_dim, kernel_init=c2_xavier_fill, rngs=rngs))
+      in_dim = fc_dim
+    self.prediction = Linear(in_dim, num_classes * output_side ** 2,
+                             kernel_init=_prediction_init, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    """x: ``[R, s, s, in_channels]`` pooled features -> ``[R, S, S, num_classes]`` logits."""
+    if self.reduce_channel_dim_conv is not None:
+      x = jax.nn.relu(self.reduce_channel_dim_conv(x))
+    x = jax.nn.relu(self.reduce_spatial_dim_conv(x))
+    # PyTorch flattens (C, H, W); transposing here keeps fc1's kernel = PyTorch weight.T.
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    for k in range(self.num_fc):
+      x = jax.nn.relu(getattr(self, f"fc{k + 1}")(x))
+    s = self.output_side
+    x = self.prediction(x).reshape(x.shape[0], self.num_classes, s, s)
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+class StandardPointHead(nnx.Module):
+  """detectron2 ``StandardPointHead`` (module ``point_head``): a per-point MLP.
+
+  ``x = [fine, coarse]`` -> ``fc_k``: Conv1d-1 + ReLU (and ``[x, coarse]`` again after each layer
+  if ``coarse_pred_each_layer``) -> ``predictor``. Channel order of every concatenation: features
+  first, then the ``C`` coarse logits (checkpoint column order).
+
+  Args:
+    in_channels: fine-grained feature channels (256 for p2).
+    num_classes: output classes ``C`` (1 if class-agnostic); also the coarse input width.
+    fc_dim: hidden width (256).
+    num_fc: hidden layers (3).
+    coarse_pred_each_layer: True for instance, False for semantic PointRend.
+    rngs: initializer RNGs (fc c2_msra_fill, fan_out = fc_dim; predictor N(0, 0.001)).
+  """
+
+  def __init__(self, in_channels: int = 256, *, num_classes: int, fc_dim: int = 256,
+               num_fc: int = 3, coarse_pred_each_layer: bool = True, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.num_fc = num_fc
+    self.coarse_pred_each_layer = coarse_pred_each_layer
+    extra = num_classes if coarse_pred_each_layer else 0
+    in_dim = in_channels + num_classes
+    for k in range(num_fc):
+      setattr(self, f"fc{k + 1}",
+              PointwiseConv1d(in_dim, fc_dim, kernel_init=c2_msra_fill, rngs=rngs))
+      in_dim = fc_dim + extra
+    self.predictor = PointwiseConv1d(in_dim, num_classes, kernel_init=_prediction_init,
+                                     rngs=rngs)
+
+  def __call__(self, fine: Array, coarse: Array) -> Array:
+    """fine ``[R, P, in_channels]``, coarse ``[R, P, C]`` -> point logits ``[R, P, C]``."""
+    x = jnp.concatenate([fine, coarse], axis=-1)
+    for k in range(self.num_fc):
+      x = jax.nn.relu(getattr(self, f"fc{k + 1}")(x))
+      if self.coarse_pred_each_layer:
+        x = jnp.concatenate([x, coarse], axis=-1)
+    return self.predictor(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# PointRend mask head.
+# --------------------------------------------------------------------------------------------------
+
+
+def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple[int, int]:
+  """Effective ``(initial resolution, steps)`` of detectron2's subdivision (spec §3.6).
+
+  The start resolution doubles (and a step is dropped) while ``4 * res**2 <= num_points``,
+  because a step that recomputes every cell is the same as starting there: ``(7, 5, 784)`` ->
+  ``(28, 3)`` -> final side ``28 * 2**3 = 224``.
+  """
+  res, given_steps = output_side, steps
+  while 4 * res * res <= num_points:
+    res *= 2
+    steps -= 1
+  if steps < 0:
+    # detectron2 would not even run the initial step here (and fail).
+    raise ValueError(f"subdivision: {num_points} points would skip more than the "
+                     f"{given_steps} steps")
+  return res, steps
+
+
+class PointRendMaskHead(nnx.Module):
+  """detectron2 ``PointRendMaskHead``: ``coarse_head`` (:class:`ConvFCHead`) + ``point_head``.
+
+  Both heads read the same FPN level(s) (``in_features``, p2 in all configs). ``features``
+  arguments are either that NHWC map (single level) or the FPN dict ``{name: [N, H, W, C]}``.
+
+  Args:
+    num_classes: foreground classes (80 COCO, 8 Cityscapes).
+    in_features, feature_strides: FPN levels used (``("p2",)``, ``(4,)``); channels add up.
+    in_channels: total channels of ``in_features`` (256).
+    pooler_resolution: side of the point grid pooled for the coarse head (14).
+    conv_dim, fc_dims, output_side: coarse head (256, (1024, 1024), 7).
+    point_fc_dim, point_num_fc, coarse_pred_each_layer: point head (256, 3, True).
+    cls_agnostic_mask: one mask channel for all classes.
+    train_num_points, oversample_ratio, importance_sample_ratio: training points (196, 3, .75).
+    subdivision_steps, subdivision_num_points: inference (5, 784 -> effective 28 + 3 steps).
+    rngs: initializer RNGs.
+  """
+
+  def __init__(
+      self,
+      num_classes: int = 80,
+      *,
+      in_features: Sequence[str] = ("p2",),
+      feature_strides: Sequence[int] = (4,),
+      in_channels: int = 256,
+      pooler_resolution: int = 14,
+      conv_dim: int = 256,
+      fc_dims: Sequence[int] = (1024, 1024),
+      output_side: int = 7,
+      point_fc_dim: int = 256,
+      point_num_fc: int = 3,
+      coarse_pred_each_layer: bool = True,
+      cls_agnostic_mask: bool = False,
+      train_num_points: int = 196,
+      oversample_ratio: float = 3.0,
+      importance_sample_ratio: float = 0.75,
+      subdivision_steps: int = 5,
+      subdivision_num_points: int = 784,
+      rngs: nnx.Rngs,
+  ):
+    if len(in_features) != len(feature_strides):
+      raise ValueError("in_features and feature_strides must have the same length")
+    self.num_classes = num_classes
+    self.num_mask_classes = 1 if cls_agnostic_mask else num_classes
+    self.in_features = tuple(in_features)
+    self.feature_strides = tuple(float(s) for s in feature_strides)
+    self.pooler_resolution = pooler_resolution
+    self.train_num_points = train_num_points
+    self.oversample_ratio = oversample_ratio
+    self.importance_sample_ratio = importance_sample_ratio
+    self.subdivision_num_points = subdivision_num_points
+    self.subdivision_init_resolution, self.subdivision_steps = subdivision_schedule(
+        output_side, subdivision_steps, subdivision_num_points)
+    self.coarse_head = ConvFCHead(in_channels, pooler_resolution,
+                                  num_classes=self.num_mask_classes, output_side=output_side,
+                                  conv_dim=conv_dim, fc_dims=fc_dims, rngs=rngs)
+    self.point_head = StandardPointHead(in_channels, num_classes=self.num_mask_classes,
+                                        fc_dim=point_fc_dim, num_fc=point_num_fc,
+                                        coarse_pred_each_layer=coarse_pred_each_layer, rngs=rngs)
+
+  @property
+  def output_side(self) -> int:
+    """Side of the inference mask logits (224 with the default schedule)."""
+    return self.subdivision_init_resolution * 2 ** self.subdivision_steps
+
+  # ------------------------------------------------------------------------------------------------
+  # Building blocks.
+  # ------------------------------------------------------------------------------------------------
+
+  def _levels(self, features: Features) -> list[Array]:
+    if isinstance(features, Mapping):
+      return [features[f] for f in self.in_features]
+    if len(self.in_features) != 1:
+      raise ValueError(f"pass a dict with {self.in_features}, not a single map")
+    return [features]
+
+  def _class_index(self, classes: Array) -> Array:
+    """Mask channel of each ROI: its class (clipped into range), or 0 when class-agnostic."""
+    classes = jnp.asarray(classes).astype(jnp.int32)
+    if self.num_mask_classes == 1:
+      return jnp.zeros_like(classes)
+    return jnp.clip(classes, 0, self.num_mask_classes - 1)
+
+  def fine_grained_features(self, features: Features, boxes: Array, batch_index: Array,
+                            points_in_box: Array) -> tuple[Array, Array]:
+    """FPN features at box-frame points.
+
+    Returns ``([R, P, in_channels], points_in_image [R, P, 2])``.
+    """
+    return point_sample_fine_grained_features(self._levels(features), self.feature_strides,
+                                              boxes, batch_index, points_in_box)
+
+  def coarse_logits(self, features: Features, boxes: Array, batch_index: Array) -> Array:
+    """Coarse mask logits of every class: ``[R, 7, 7, C]``.
+
+    The coarse head's input is the FPN map sampled on a regular ``14 x 14`` grid in each box
+    (spec §3.2; grid_sample semantics, so taps outside the map read 0).
+
+    Args:
+      features: p2 ``[N, H, W, 256]`` or the FPN dict.
+      boxes: ``[R, 4]`` image pixels (no gradient).
+      batch_index: ``[R]`` image of each box.
+    """
+    r = boxes.shape[0]
+    s = self.pooler_resolution
+    grid = jnp.broadcast_to(regular_grid_points(s), (r, s * s, 2))
+    pooled, _ = self.fine_grained_features(features, boxes, batch_index, grid)
+    return self.coarse_head(pooled.reshape(r, s, s, pooled.shape[-1]))
+
+  def point_logits(self, features: Features, boxes: Array, batch_index: Array,
+                   points_in_box: Array, coarse_logits: Array) -> Array:
+    """Point-head logits ``[R, P, C]`` at box-frame points ``[R, P, 2]``.
+
+    Fine features are the FPN map at the points; coarse features are ``coarse_logits``
+    ``[R, 7, 7, C]`` bilinearly sampled at the same box-frame points (gradient flows into them).
+    """
+    fine, _ = self.fine_grained_features(features, boxes, batch_index, points_in_box)
+    coarse = point_sample(coarse_logits, points_in_box)
+    return self.point_head(fine, coarse)
+
+  # ------------------------------------------------------------------------------------------------
+  # Training.
+  # ------------------------------------------------------------------------------------------------
+
+  def forward_train(self, features: Features, boxes: Array, batch_index: Array,
+                    gt_classes: Array, key: Array) -> dict[str, Array]:
+    """Training forward of the fg ROIs (spec §3.5 steps 1, 3, 5, 6; the losses come later).
+
+    Args:
+      features: p2 ``[N, H, W, 256]`` or the FPN dict.
+      boxes: ``[R, 4]`` proposal boxes (the box head's predictions for the GT class; no gradient).
+        Padded rows are allowed; mask them in the loss.
+      batch_index: ``[R]`` image of each ROI.
+      gt_classes: ``[R]`` GT class of each ROI.
+      key: PRNG key for the point sampling.
+
+    Returns:
+      ``coarse_logits [R, 7, 7, C]`` (for ``loss_mask``), ``point_coords [R, P, 2]`` box-frame
+      points, ``points_in_image [R, P, 2]`` (to sample GT masks for the labels), and
+      ``point_logits [R, P]`` of the GT class (``P`` = 196).
+    """
+    boxes = lax.stop_gradient(boxes)
+    coarse = self.coarse_logits(features, boxes, batch_index)
+    cls = self._class_index(gt_classes)
+    points = uncertain_points_with_randomness(
+        key, coarse, functools.partial(instance_uncertainty, classes=cls),
+        self.train_num_points, self.oversample_ratio, self.importance_sample_ratio)
+    fine, points_in_image = self.fine_grained_features(features, boxes, batch_index, points)
+    logits = self.point_head(fine, point_sample(coarse, points))
+    return {
+        "coarse_logits": coarse,
+        "point_coords": points,
+        "points_in_image": points_in_image,
+        "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0],
+    }
+
+  # ------------------------------------------------------------------------------------------------
+  # Inference.
+  # ------------------------------------------------------------------------------------------------
+
+  def subdivision_inference(self, features: Features, boxes: Array, batch_index: Array,
+                            classes: Array, *, return_intermediates: bool = False
+                            ) -> Array | tuple[Array, dict[str, Any]]:
+    """Mask logits of each detection's class by adaptive subdivision (spec §3.6).
+
+    Only the predicted-class channel of the refined mask is tracked (the uncertainty and the
+    output read nothing else; upsampling is per channel), which is exact and avoids the
+    ``[D, 224, 224, C]`` buffer. The point head still runs with all ``C`` outputs.
+
+    Args:
+      features: p2 ``[N, H, W, 256]`` or the FPN dict.
+      boxes: ``[D, 4]`` detected boxes, image pixels (clipped to the image, as detectron2).
+      batch_index: ``[D]`` image of each detection.
+      classes: ``[D]`` predicted class of each detection.
+      return_intermediates: also return a dict of intermediate values.
+
+    Returns:
+      ``mask_logits [D, S, S]`` in the box frame (``S`` = 224; sigmoid gives detectron2's
+      ``pred_masks``), and if requested a dict with ``coarse_logits [D, 7, 7, C]``,
+      ``coarse_logits_class [D, 7, 7]``, ``init_logits [D, 28, 28]`` (step 0, regular grid) and
+      per subdivision step tuples ``upsampled`` (``[D, H_s, W_s]`` before the scatter),
+      ``indices [D, 784]`` (flat row-major, top-k order), ``points_in_box [D, 784, 2]`` and
+      ``point_logits [D, 784]``.
+    """
+    boxes = lax.stop_gradient(jnp.asarray(boxes))
+    d = boxes.shape[0]
+    coarse = self.coarse_logits(features, boxes, batch_index)
+    cls = self._class_index(classes)
+
+    def class_point_logits(points_in_box):
+      logits = self.point_logits(features, boxes, batch_index, points_in_box, coarse)
+      return jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0]
+
+    res = self.subdivision_init_resolution
+    grid = jnp.broadcast_to(regular_grid_points(res), (d, res * res, 2))
+    mask = class_point_logits(grid).reshape(d, res, res)
+    inter = {
+        "coarse_logits": coarse,
+        "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None],
+                                                   axis=-1)[..., 0],
+        "init_logits": mask,
+        "upsampled": [], "indices": [], "points_in_box": [], "point_logits": [],
+    }
+    # detectron2 returns after step 0 when there are no detections at all.
+    steps = self.subdivision_steps if d > 0 else 0
+    rows = jnp.arange(d)[:, None]
+    for _ in range(steps):
+      mask = interpolate_bilinear_x2(mask[..., None])[..., 0]
+      h, w = mask.shape[1:]
+      indices, points = uncertain_points_on_grid(instance_uncertainty(mask[..., None]),
+                                                 self.subdivision_num_points)
+      values = class_point_logits(points)
+      inter["upsampled"].append(mask)
+      mask = mask.reshape(d, h * w).at[rows, indices].set(values, unique_indices=True)
+      mask = mask.reshape(d, h, w)
+      inter["indices"].append(indices)
+      inter["points_in_box"].append(points)
+      inter["point_logits"].append(values)
+    if not return_intermediates:
+      return mask
+    for k in ("upsampled", "indices", "points_in_box", "point_logits"):
+      inter[k] = tuple(inter[k])
+    return mask, inter
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint names.
+# --------------------------------------------------------------------------------------------------
+
+MASK_HEAD_PREFIX = "roi_heads.mask_head."
+
+
+def d2_mask_head_names(head: PointRendMaskHead,
+                       prefix: str = MASK_HEAD_PREFIX) -> dict[str, tuple[int, ...]]:
+  """``{detectron2 name: PyTorch shape}`` of the mask head (abstract modules work too)."""
+  return d2_names(head, prefix)
+
+
+def load_d2_mask_head(head: PointRendMaskHead, state: Mapping[str, np.ndarray],
+                      prefix: str = MASK_HEAD_PREFIX, *, strict: bool = True) -> set[str]:
+  """Loads ``roi_heads.mask_head.{coarse_head,point_head}.*`` (PyTorch layouts) into ``head``.
+
+  Linear weights are transposed, the 2x2 conv OIHW -> HWIO, Conv1d ``(out, in, 1)`` weights
+  squeezed and transposed; ``coarse_head.fc1`` needs no permutation (see the module docstring).
+  Other entries of ``state`` are ignored. Returns the names used.
+  """
+  return load_d2(head, state, prefix, strict=strict)
