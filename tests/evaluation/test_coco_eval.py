@@ -229,8 +229,9 @@ def test_cli_errors(tmp_path, capsys):
                              "--predictions", str(tmp_path / "r.json")]) == 2
   err = capsys.readouterr().err
   assert "gt.json" in err and "r.json" in err
-  assert evaluate_tool.main(["cityscapes-semantic"]) == 2
-  assert "not implemented yet" in capsys.readouterr().err
+  assert evaluate_tool.main(["cityscapes-semantic", "--gt", str(tmp_path),
+                             "--predictions", str(tmp_path)]) == 2
+  assert "leftImg8bit" in capsys.readouterr().err
 
 
 def test_cli_module_entry_point():
