@@ -1,0 +1,519 @@
+"""Model-agnostic training: train state, the data-parallel train step, the training loop.
+
+Design:
+
+* **State.** The NNX model is split once (``nnx.split``) into a static ``GraphDef``, the
+  trainable ``nnx.Param`` values and every other variable (frozen parameters, FrozenBN
+  buffers). Both value trees are kept as pure nested dicts (``nnx.to_pure_dict``), so the
+  :class:`TrainState` is a plain pytree of arrays that optax, ``jax.jit`` shardings and orbax
+  handle without NNX types; the model is rebuilt inside traced code with
+  ``nnx.merge(graphdef, params, model_state, copy=True)``.
+* **Data parallelism.** ``jax.jit`` over global arrays: the batch is split over the mesh axis
+  ``'data'``, the state is replicated, XLA inserts the gradient all-reduce.
+* **detectron2's per-GPU normalisation** (spec ``mask_rcnn_fpn.md`` §15.3). detectron2 trains
+  on ``G`` GPUs (``config.train.num_replicas_d2``, 8 in the model zoo); each computes losses
+  normalised over *its own* ``batch_size / G`` images and DDP averages the gradients. The step
+  reproduces that independently of the real device count: the global batch is reshaped to
+  ``[G, batch_size / G, ...]``, ``loss_fn`` is ``vmap``-ed over the ``G`` virtual replicas,
+  and the loss is the mean of the ``G`` replica losses. 1 or 8 devices run the same program
+  on the same numbers; only the partitioning differs.
+* **Randomness.** Step ``t`` uses ``fold_in(key(seed), t)``, split into one key per virtual
+  replica, so a resumed run and any device count draw the same points.
+* **Robustness.** A non-finite loss raises :class:`FloatingPointError` naming the step and
+  the loss terms; losses are checked (one host sync) at every log step and before every
+  checkpoint, so a bad state is never saved. SIGTERM makes the loop checkpoint and return.
+  Resuming restores params, optimizer state, step and the data iterator's position.
+
+Config keys read (``ml_collections.ConfigDict``): ``seed``; ``solver.*`` (see
+:func:`~pointrend_jax.training.optimizer.make_optimizer`; ``solver.max_iter`` is the number of
+steps); ``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
+``train.log_every``, ``train.checkpoint_every``, ``train.eval_every`` (0: at the end only),
+``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from pointrend_jax.modeling import layers
+from pointrend_jax.training import checkpointing
+from pointrend_jax.training import mesh as mesh_lib
+from pointrend_jax.training import optimizer as optimizer_lib
+from pointrend_jax.training.logging import MetricWriter, ProgressBar
+
+__all__ = [
+    "TrainState",
+    "LossFn",
+    "DataIterator",
+    "InMemoryIterator",
+    "create_train_state",
+    "replica_mean_loss",
+    "make_train_step",
+    "TrainStep",
+    "train_loop",
+    "tiny_semantic_config",
+    "build_semantic_model",
+    "train_semantic",
+]
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+# loss_fn(model, batch_of_one_virtual_replica, key) -> (total loss, {term name: scalar}).
+LossFn = Callable[[nnx.Module, Batch, Array], tuple[Array, Mapping[str, Array]]]
+EvalFn = Callable[[nnx.Module, int], Mapping[str, float]]
+
+
+class DataIterator(Protocol):
+  """What the loop needs from a training iterator (grain's ``DatasetIterator`` fits)."""
+
+  def __next__(self) -> Mapping[str, np.ndarray]:
+    ...
+
+  def get_state(self) -> dict[str, Any] | bytes:
+    ...
+
+  def set_state(self, state: dict[str, Any] | bytes) -> None:
+    ...
+
+
+class InMemoryIterator:
+  """Cycles through a list of host batches; its state is the number of batches drawn."""
+
+  def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]):
+    if not batches:
+      raise ValueError("no batches")
+    self.batches = list(batches)
+    self.position = 0
+
+  def __iter__(self) -> "InMemoryIterator":
+    return self
+
+  def __next__(self) -> Mapping[str, np.ndarray]:
+    batch = self.batches[self.position % len(self.batches)]
+    self.position += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"position": self.position}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.position = int(state["position"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Train state.
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training, as a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, iterations done (the next iteration's 0-based index).
+    params: pure nested dict of the ``nnx.Param`` values (trained).
+    opt_state: optax state for ``params``.
+    model_state: pure nested dict of all other variables (frozen parameters, FrozenBN
+      buffers); constant during training.
+    rng: uint32 ``[2]`` raw data of the base PRNG key (stored raw so it checkpoints as an array).
+    graphdef: static structure of the model.
+  """
+
+  step: Array
+  params: Any
+  opt_state: Any
+  model_state: Any
+  rng: Array
+  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+  def model(self) -> nnx.Module:
+    """A fresh module holding (copies of references to) the current values."""
+    return nnx.merge(self.graphdef, self.params, self.model_state, copy=True)
+
+  def checkpoint_tree(self) -> dict[str, Any]:
+    """The checkpointed pytree (no static parts)."""
+    return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+            "model_state": self.model_state, "rng": self.rng}
+
+  def with_checkpoint_tree(self, tree: Mapping[str, Any]) -> "TrainState":
+    return self.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                        model_state=tree["model_state"], rng=tree["rng"])
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
+                       seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Splits ``model`` once and builds the initial state, replicated over ``mesh``."""
+  graphdef, params, rest = nnx.split(model, layers.TRAINABLE, ...)
+  if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
+    # The vmap over virtual replicas treats non-trainable variables as constants.
+    raise NotImplementedError("models with trainable BatchNorm statistics are not supported; "
+                              "detectron2's configs use FrozenBN or GN")
+  params = nnx.to_pure_dict(params)
+  rest = nnx.to_pure_dict(rest)
+  rng = jax.random.key_data(jax.random.key(seed))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     model_state=rest, rng=rng, graphdef=graphdef)
+  if mesh is not None:
+    state = mesh_lib.replicate(state, mesh)
+  return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Train step.
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_replicas(batch: Batch, num_groups: int, mesh: jax.sharding.Mesh | None) -> Batch:
+  def split(x):
+    if x.shape[0] % num_groups:
+      raise ValueError(f"batch of {x.shape[0]} not divisible into {num_groups} replicas")
+    y = x.reshape((num_groups, x.shape[0] // num_groups) + x.shape[1:])
+    if mesh is not None and num_groups % mesh.devices.size == 0:
+      # Whole replicas per device: the per-replica work never crosses devices.
+      y = jax.lax.with_sharding_constraint(y, mesh_lib.data_sharding(mesh))
+    return y
+  return jax.tree.map(split, dict(batch))
+
+
+def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
+                      batch: Batch, key: Array, num_groups: int,
+                      mesh: jax.sharding.Mesh | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
+  """Mean over ``num_groups`` virtual replicas of ``loss_fn`` on each replica's images.
+
+  Returns:
+    ``(loss, terms)``: the mean total loss and the mean of each loss term.
+  """
+  grouped = _split_replicas(batch, num_groups, mesh)
+  keys = jax.random.split(key, num_groups)
+
+  def one_replica(replica_batch, replica_key):
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    loss, terms = loss_fn(model, replica_batch, replica_key)
+    return loss, dict(terms)
+
+  losses, terms = jax.vmap(one_replica)(grouped, keys)
+  return jnp.mean(losses), {k: jnp.mean(v) for k, v in terms.items()}
+
+
+class TrainStep:
+  """Jitted ``(state, batch, key=None) -> (state, metrics)`` with compile tracking.
+
+  ``batch`` holds global arrays split over ``'data'`` (see
+  :func:`~pointrend_jax.training.mesh.shard_batch`; host numpy batches are sharded on the
+  way in). With ``key=None`` the step's key is ``fold_in(key(state.rng), state.step)``.
+  ``metrics`` (replicated scalars): ``loss``, each loss term, ``lr`` (of this step) and
+  ``grad_norm``. The input state is donated.
+
+  Attributes:
+    num_traces: how many times the step was traced (one per new batch shape / dtype set).
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+               mesh: jax.sharding.Mesh, num_groups: int = 1,
+               schedule: optax.Schedule | None = None, donate: bool = True):
+    self.loss_fn = loss_fn
+    self.tx = tx
+    self.mesh = mesh
+    self.num_groups = int(num_groups)
+    self.schedule = schedule
+    self.num_traces = 0
+    self._signatures: set[tuple[Any, ...]] = set()
+    replicated = mesh_lib.replicated_sharding(mesh)
+    self._jitted = jax.jit(
+        self._step,
+        in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,) if donate else ())
+
+  def _step(self, state: TrainState, batch: Batch, key: Array | None
+            ) -> tuple[TrainState, dict[str, Array]]:
+    self.num_traces += 1  # runs at trace time only
+    if key is None:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_of(params):
+      return replica_mean_loss(self.loss_fn, state.graphdef, params, state.model_state, batch,
+                               key, self.num_groups, self.mesh)
+
+    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
+    if self.schedule is not None:
+      metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def __call__(self, state: TrainState, batch: Mapping[str, Any], key: Array | None = None
+               ) -> tuple[TrainState, dict[str, Array]]:
+    if any(not isinstance(v, jax.Array) for v in batch.values()):
+      batch = mesh_lib.shard_batch(batch, self.mesh)
+    signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    if signature not in self._signatures:
+      self._signatures.add(signature)
+      image = batch.get("image")
+      bucket = (f"{image.shape[1]}x{image.shape[2]}" if image is not None and image.ndim >= 3
+                else "?")
+      logger.info("compiling train step for bucket %s (global batch %d, %d virtual replicas, "
+                   "%d devices)", bucket, next(iter(batch.values())).shape[0], self.num_groups,
+                   self.mesh.devices.size)
+    return self._jitted(state, batch, key)
+
+  @property
+  def num_compiled(self) -> int:
+    """Entries in the jit cache (compiled shape signatures)."""
+    return self._jitted._cache_size()  # pylint: disable=protected-access
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    mesh: jax.sharding.Mesh | None = None, num_groups: int = 1,
+                    schedule: optax.Schedule | None = None, donate: bool = True) -> TrainStep:
+  """The jitted data-parallel train step; see :class:`TrainStep`.
+
+  Args:
+    loss_fn: ``(model, replica_batch, key) -> (loss, terms)`` on one virtual replica's images.
+    optimizer: from :func:`~pointrend_jax.training.optimizer.make_optimizer`.
+    mesh: device mesh (default: all devices).
+    num_groups: detectron2's GPU count ``G`` (virtual replicas per global batch).
+    schedule: learning-rate schedule, only to report ``lr`` in the metrics.
+    donate: donate the input state's buffers.
+  """
+  return TrainStep(loss_fn, optimizer, mesh=mesh or mesh_lib.make_mesh(),
+                   num_groups=num_groups, schedule=schedule, donate=donate)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop.
+# --------------------------------------------------------------------------------------------------
+
+
+def _cfg(config: ml_collections.ConfigDict, dotted: str, default: Any) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if node is None or part not in node:
+      return default
+    node = node[part]
+  return default if node is None else node
+
+
+class _PendingMetrics:
+  """Per-step device metrics not yet looked at; :meth:`flush` syncs and checks them."""
+
+  def __init__(self):
+    self.items: list[tuple[int, dict[str, Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, Array]) -> None:
+    self.items.append((step, metrics))
+
+  def flush(self) -> list[tuple[int, dict[str, float]]]:
+    host = jax.device_get(self.items)
+    self.items = []
+    out = []
+    for step, metrics in host:
+      values = {k: float(v) for k, v in metrics.items()}
+      if not np.isfinite(values["loss"]):
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (iteration {step - 1}): {terms}; the state was not "
+            "saved, the latest checkpoint is from before this step")
+      out.append((step, values))
+    return out
+
+
+def train_loop(config: ml_collections.ConfigDict,
+               workdir: str | os.PathLike,
+               model: nnx.Module,
+               loss_fn: LossFn,
+               train_iter: DataIterator,
+               *,
+               eval_fn: EvalFn | None = None,
+               mesh: jax.sharding.Mesh | None = None,
+               batch_keys: Sequence[str] | None = None,
+               preemption: checkpointing.PreemptionGuard | None = None) -> TrainState:
+  """Trains ``model`` for ``config.solver.max_iter`` steps, resuming from ``workdir`` if possible.
+
+  Args:
+    config: see the module docstring.
+    workdir: checkpoints go to ``workdir/checkpoints``, metrics to ``workdir/metrics.jsonl``
+      and ``workdir/tensorboard``.
+    model: the initialised model (pretrained weights loaded); its values are taken over by
+      the returned state (do not use the module afterwards).
+    loss_fn: per-virtual-replica loss, see :func:`make_train_step`.
+    train_iter: yields this process's share of each global batch (numpy); ``get_state`` /
+      ``set_state`` make resuming exact.
+    eval_fn: ``(model, step) -> {name: value}``, run every ``train.eval_every`` steps and at
+      the end; logged as ``eval/<name>``.
+    mesh: device mesh (default: all devices on ``'data'``).
+    batch_keys: only these batch entries are sent to the devices (default: all).
+    preemption: a :class:`~pointrend_jax.training.checkpointing.PreemptionGuard`; by default
+      one catching SIGTERM is installed for the duration of the loop.
+
+  Returns:
+    The final train state (also checkpointed).
+
+  Raises:
+    FloatingPointError: a step produced a non-finite loss (nothing after the last good
+      checkpoint is saved).
+  """
+  workdir = os.fspath(workdir)
+  mesh = mesh or mesh_lib.make_mesh()
+  max_iter = int(config.solver.max_iter)
+  batch_size = int(config.train.batch_size)
+  num_groups = int(_cfg(config, "train.num_replicas_d2", 1))
+  log_every = int(_cfg(config, "train.log_every", 20))
+  checkpoint_every = int(_cfg(config, "train.checkpoint_every", 5000))
+  eval_every = int(_cfg(config, "train.eval_every", 0))
+  if batch_size % num_groups:
+    raise ValueError(f"train.batch_size {batch_size} not divisible by "
+                     f"train.num_replicas_d2 {num_groups}")
+
+  tx, schedule = optimizer_lib.make_optimizer(config, model)
+  state = create_train_state(model, tx, seed=int(_cfg(config, "seed", 0)), mesh=mesh)
+  del model
+
+  manager = checkpointing.make_checkpoint_manager(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=_cfg(config, "train.max_to_keep", 3),
+      async_save=bool(_cfg(config, "train.async_checkpointing", True)))
+  start = 0
+  restored = checkpointing.restore_latest(manager, state.checkpoint_tree())
+  if restored is not None:
+    start, tree, data_state = restored
+    state = state.with_checkpoint_tree(tree)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    else:
+      logger.warning("checkpoint %d has no data-iterator state; the data stream restarts", start)
+    logger.info("resuming at step %d", start)
+
+  writer = MetricWriter(workdir, resume_step=start)
+  train_step = make_train_step(loss_fn, tx, mesh=mesh, num_groups=num_groups,
+                               schedule=schedule)
+  guard = preemption or checkpointing.PreemptionGuard()
+  own_guard = preemption is None
+  bar = ProgressBar(max_iter, start, batch_size=batch_size,
+                    enabled=bool(_cfg(config, "train.progress_bar", True))
+                    and jax.process_index() == 0)
+  pending = _PendingMetrics()
+  window_start, window_time = start, time.perf_counter()
+
+  def log_train(step: int) -> None:
+    nonlocal window_start, window_time
+    flushed = pending.flush()
+    if not flushed:
+      return
+    now = time.perf_counter()
+    keys = flushed[-1][1].keys()
+    scalars = {f"train/{k}": (flushed[-1][1][k] if k == "lr" else
+                              float(np.mean([m[k] for _, m in flushed]))) for k in keys}
+    scalars["train/images_per_sec"] = (step - window_start) * batch_size / max(
+        now - window_time, 1e-9)
+    writer.write_scalars(step, scalars)
+    bar.update(step, scalars["train/loss"])
+    window_start, window_time = step, now
+
+  def save(step: int) -> None:
+    log_train(step)  # checks every pending loss before the state may be written
+    checkpointing.save_checkpoint(manager, step, state.checkpoint_tree(),
+                                  train_iter.get_state())
+
+  def evaluate(step: int) -> None:
+    log_train(step)
+    results = eval_fn(state.model(), step)
+    writer.write_scalars(step, {(k if "/" in k else f"eval/{k}"): v for k, v in results.items()})
+    logger.info("eval at step %d: %s", step, dict(results))
+
+  if own_guard:
+    guard.install()
+  try:
+    step = start
+    while step < max_iter:
+      batch = next(train_iter)
+      if batch_keys is not None:
+        batch = {k: batch[k] for k in batch_keys}
+      batch = mesh_lib.shard_batch(batch, mesh)
+      global_batch = next(iter(batch.values())).shape[0]
+      if global_batch != batch_size:
+        raise ValueError(f"global batch has {global_batch} images, config.train.batch_size is "
+                         f"{batch_size}")
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.add(step, metrics)
+      last = step == max_iter
+      # With several processes the check is a collective; poll it less often there.
+      stop = ((jax.process_count() == 1 or step % log_every == 0) and guard.should_stop())
+      if step % log_every == 0 or last:
+        log_train(step)
+      if (checkpoint_every and step % checkpoint_every == 0) or last or stop:
+        save(step)
+      if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
+        evaluate(step)
+      if stop and not last:
+        logger.warning("stopping at step %d on request (checkpoint saved)", step)
+        break
+  finally:
+    # Let a checkpoint that is being written finish: it is the one to resume from.
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    bar.close()
+    if own_guard:
+      guard.uninstall()
+  return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic PointRend, end to end.
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_semantic_config() -> ml_collections.ConfigDict:
+  """A minutes-on-CPU semantic config: R18-GN FPN, 4 classes, 64x64 images, batch 4 / 2 GPUs.
+
+  ``model.*`` go to :func:`build_semantic_model`; the schedule keeps detectron2's shape
+  (warmup, one lr drop) scaled down.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      num_classes=4, depth=18, norm="GN", freeze_at=0, input_format="BGR",
+      train_num_points=64, subdivision_steps=2, subdivision_num_points=64))
+  config.solver = ml_collections.ConfigDict(dict(
+      base_lr=0.01, steps=(80,), max_iter=100, warmup_iters=10, warmup_factor=0.001,
+      gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0))
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=4, num_replicas_d2=2, log_every=10, checkpoint_every=50, eval_every=0,
+      max_to_keep=3, async_checkpointing=True, progress_bar=True))
+  return config
+
+
+def build_semantic_model(config: ml_collections.ConfigDict, *, seed: int | None = None
+                         ) -> nnx.Module:
+  """:func:`build_pointrend_semantic_segmentor` from ``config.model`` (random init)."""
+  from pointrend_jax.modeling.semantic import build_pointrend_semantic_segmentor
+  kwargs = dict(config.model)
+  return build_pointrend_semantic_segmentor(
+      rngs=nnx.Rngs(int(_cfg(config, "seed", 0)) if seed is None else seed), **kwargs)
+
+
+def train_semantic(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                   train_iter: DataIterator, *, model: nnx.Module | None = None,
+                   eval_fn: EvalFn | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Semantic PointRend training: :func:`train_loop` with the semantic losses."""
+  from pointrend_jax.training.losses_semantic import semantic_loss_fn
+  model = model if model is not None else build_semantic_model(config)
+  return train_loop(config, workdir, model, semantic_loss_fn, train_iter, eval_fn=eval_fn,
+                    mesh=mesh, batch_keys=("image", "image_size", "sem_seg"))
