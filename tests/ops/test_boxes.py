@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from conftest import OPS_GOLDEN
 from pointrend_jax.ops import boxes as B
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_boxes import CHECKS
@@ -16,18 +15,10 @@ BOX_CHECKS = ("out_get_deltas_w10_10_5_5", "out_get_deltas_w1_1_1_1",
               "out_apply_deltas_w10_10_5_5", "out_apply_deltas_w1_1_1_1")
 
 
-@pytest.fixture(scope="module")
-def golden():
-  # CI has ../shared beside the checkout: a missing golden is a failure.
-  assert OPS_GOLDEN.is_file(), f"detectron2 goldens not found at {OPS_GOLDEN}"
-  with np.load(OPS_GOLDEN) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", BOX_CHECKS)
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 

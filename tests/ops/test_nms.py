@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import OPS_GOLDEN
 from pointrend_jax.ops import nms as N
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_boxes import CHECKS
@@ -18,31 +17,23 @@ NMS_CHECKS = ("out_nms_keep_iou05", "out_nms_keep_iou07", "out_batched_nms_keep_
               "out_batched_nms_keep_iou07")
 
 
-@pytest.fixture(scope="module")
-def golden():
-  # CI has ../shared beside the checkout: a missing golden is a failure.
-  assert OPS_GOLDEN.is_file(), f"detectron2 goldens not found at {OPS_GOLDEN}"
-  with np.load(OPS_GOLDEN) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", NMS_CHECKS)
-def test_parity_with_torchvision(golden, name):
+def test_parity_with_torchvision(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 
 @pytest.mark.parametrize("method", ["matrix", "tiled"])
 @pytest.mark.parametrize("thr", [0.5, 0.7])
-def test_both_methods_and_coordinate_trick_on_golden(golden, thr, method):
+def test_both_methods_and_coordinate_trick_on_golden(ops_golden, thr, method):
   tag = f"{thr:.1f}".replace(".", "")
-  b, s, c = golden["in_nms_boxes"], golden["in_nms_scores"], golden["in_nms_classes"]
+  b, s, c = ops_golden["in_nms_boxes"], ops_golden["in_nms_scores"], ops_golden["in_nms_classes"]
   keep, valid = N.nms(b, s, thr, 36, method=method)
-  np.testing.assert_array_equal(_kept(keep, valid), golden[f"out_nms_keep_iou{tag}"])
+  np.testing.assert_array_equal(_kept(keep, valid), ops_golden[f"out_nms_keep_iou{tag}"])
   for trick in (False, True):
     keep, valid = N.batched_nms(b, s, c, thr, 36, coordinate_trick=trick, method=method)
-    np.testing.assert_array_equal(_kept(keep, valid), golden[f"out_batched_nms_keep_iou{tag}"])
+    np.testing.assert_array_equal(_kept(keep, valid), ops_golden[f"out_batched_nms_keep_iou{tag}"])
 
 
 def reference_nms(boxes, scores, thr, valid=None, classes=None):

@@ -5,24 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import OPS_GOLDEN
 from pointrend_jax.ops.paste_masks import paste_masks_in_image
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_boxes import CHECKS
 
 
-@pytest.fixture(scope="module")
-def golden():
-  # CI has ../shared beside the checkout: a missing golden is a failure.
-  assert OPS_GOLDEN.is_file(), f"detectron2 goldens not found at {OPS_GOLDEN}"
-  with np.load(OPS_GOLDEN) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", ["out_paste_masks_28", "out_paste_masks_224"])
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,24 +13,14 @@ from pointrend_jax.ops.point_sample import (interpolate_bilinear_x2, point_sampl
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_points import CHECKS
 
-OPS_NPZ = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" /
-           "detectron2_parity" / "ops.npz")
 # The remaining CHECKS of ops_points run in test_point_selection.py.
 POINT_SAMPLE_CHECKS = ("out_point_sample", "out_point_sample_nearest", "out_interp_x2")
 
 
-@pytest.fixture(scope="module")
-def golden():
-  # CI has ../shared beside the checkout: a missing golden is a failure, not a skip.
-  assert OPS_NPZ.is_file(), f"detectron2 goldens not found at {OPS_NPZ}"
-  with np.load(OPS_NPZ) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", POINT_SAMPLE_CHECKS)
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 

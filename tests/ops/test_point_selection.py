@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,6 @@ from pointrend_jax.ops.point_sample import point_sample
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_points import CHECKS
 
-OPS_NPZ = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" /
-           "detectron2_parity" / "ops.npz")
 # Checks run by test_point_sample.py; every other check of ops_points runs here.
 POINT_SAMPLE_CHECKS = {"out_point_sample", "out_point_sample_nearest", "out_interp_x2"}
 SELECTION_CHECKS = (
@@ -26,25 +23,17 @@ SELECTION_CHECKS = (
     "out_fine_point_coords_wrt_image")
 
 
-@pytest.fixture(scope="module")
-def golden():
-  # CI has ../shared beside the checkout: a missing golden is a failure, not a skip.
-  assert OPS_NPZ.is_file(), f"detectron2 goldens not found at {OPS_NPZ}"
-  with np.load(OPS_NPZ) as data:
-    return {k: data[k] for k in data.files}
-
-
 def test_all_checks_are_tested():
   assert set(CHECKS) == POINT_SAMPLE_CHECKS | set(SELECTION_CHECKS)
 
 
 @pytest.mark.parametrize("name", SELECTION_CHECKS)
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  actual = check.compute(golden)
-  row = compare(name, check, golden[name], actual)
+  actual = check.compute(ops_golden)
+  row = compare(name, check, ops_golden[name], actual)
   assert row.passed, row
-  assert np.asarray(actual).dtype == golden[name].dtype
+  assert np.asarray(actual).dtype == ops_golden[name].dtype
 
 
 def test_regular_grid_points():

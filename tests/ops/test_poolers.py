@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,25 +14,15 @@ from pointrend_jax.ops.roi_align import roi_align
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_roi_align import CHECKS
 
-OPS_NPZ = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" /
-           "detectron2_parity" / "ops.npz")
 POOLER_CHECKS = ("out_pooler_levels", "out_pooler")
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 IMAGE_HW = (256, 320)
 
 
-@pytest.fixture(scope="module")
-def golden():
-  if not OPS_NPZ.is_file():
-    pytest.skip(f"detectron2 goldens not found at {OPS_NPZ}")
-  with np.load(OPS_NPZ) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", POOLER_CHECKS)
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 

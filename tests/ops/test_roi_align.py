@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,24 +14,14 @@ from pointrend_jax.ops.roi_align import (adaptive_grid_size_bound, adaptive_samp
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_roi_align import CHECKS
 
-OPS_NPZ = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" /
-           "detectron2_parity" / "ops.npz")
 ROI_ALIGN_CHECKS = ("out_roi_align_sr0", "out_roi_align_sr2")  # The pooler's: test_poolers.py.
 F32 = np.float32
 
 
-@pytest.fixture(scope="module")
-def golden():
-  if not OPS_NPZ.is_file():
-    pytest.skip(f"detectron2 goldens not found at {OPS_NPZ}")
-  with np.load(OPS_NPZ) as data:
-    return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("name", ROI_ALIGN_CHECKS)
-def test_parity_with_detectron2(golden, name):
+def test_parity_with_detectron2(ops_golden, name):
   check = CHECKS[name]
-  row = compare(name, check, golden[name], check.compute(golden))
+  row = compare(name, check, ops_golden[name], check.compute(ops_golden))
   assert row.passed, row
 
 
