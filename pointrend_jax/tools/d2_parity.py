@@ -4,11 +4,19 @@ Usage::
 
   python -m pointrend_jax.tools.d2_parity PATH [PATH ...]
 
-Each PATH is an op-level golden file laid out like
-``shared/fixtures/detectron2_parity/ops.npz`` (``in_*`` inputs, ``out_*`` outputs). Every
-``out_*`` array is recomputed with the project's ops and compared as its registered
-:class:`~pointrend_jax.parity.compare.Check` says. One row is printed per array (name, max
-abs error, max rel error, tolerance, PASS/FAIL), then ``N passed, M failed``. The exit status
+Each PATH is either
+
+* an op-level golden file laid out like ``shared/fixtures/detectron2_parity/ops.npz``
+  (``in_*`` inputs, ``out_*`` outputs): every ``out_*`` array is recomputed with the project's
+  ops and compared as its registered :class:`~pointrend_jax.parity.compare.Check` says; or
+* a model fixture folder (``config.yaml``, ``meta.json``, ``expected.npz``, ``image.png``,
+  optionally ``model_input.png``, and ``make_weights.py`` in the parent folder): the model of
+  ``config.yaml`` is built, loaded with the fixture's weights recipe, run once, and every golden
+  array is compared by the rule registered for its name (:mod:`pointrend_jax.parity.models`;
+  tolerances in ``docs/parity.md``).
+
+One row is printed per array (name, max abs error, max rel error, tolerance, PASS/FAIL), a
+``-- PATH: n passed, m failed`` line per folder, then ``N passed, M failed``. The exit status
 is non-zero on any failure, including an array that no check knows how to recompute.
 """
 
@@ -62,6 +70,14 @@ def check_ops_file(golden: Mapping[str, np.ndarray],
   return rows
 
 
+def check_model_folder_rows(path: str, out=None) -> list[Row]:
+  """Rows of a model fixture folder (see :mod:`pointrend_jax.parity.models`)."""
+  out = sys.stdout if out is None else out
+  from pointrend_jax.parity import models  # pylint: disable=g-import-not-at-top
+
+  return models.check_model_folder(path, log=lambda msg: print(f"# {msg}", file=out, flush=True))
+
+
 def format_rows(rows: Iterable[Row]) -> str:
   rows = list(rows)
   width = max([len(r.name) for r in rows] + [5])
@@ -75,15 +91,24 @@ def format_rows(rows: Iterable[Row]) -> str:
   return "\n".join(lines)
 
 
-def run(paths: Sequence[str], out=sys.stdout) -> int:
-  """Checks every path; returns the number of failed rows (missing paths count as failures)."""
+def run(paths: Sequence[str], out=None) -> int:
+  """Checks every path; returns the number of failed rows (missing paths count as failures).
+
+  A path is an op golden ``.npz`` file or a model fixture folder (see
+  :mod:`pointrend_jax.parity.models`).
+  """
+  out = sys.stdout if out is None else out  # resolved per call (captured streams in tests)
   passed = failed = 0
   checks = None
   for path in paths:
     print(f"== {path}", file=out)
     if os.path.isdir(path):
-      print(f"FAIL: {path} is a model fixture folder; model parity is not implemented yet", file=out)
-      failed += 1
+      rows = check_model_folder_rows(path, out)
+      print(format_rows(rows), file=out)
+      n_ok = sum(r.passed for r in rows)
+      print(f"-- {path}: {n_ok} passed, {len(rows) - n_ok} failed", file=out)
+      passed += n_ok
+      failed += len(rows) - n_ok
       continue
     if not os.path.isfile(path):
       print(f"FAIL: no such file: {path}", file=out)
@@ -111,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m pointrend_jax.tools.d2_parity",
       description=("Recompute detectron2 golden arrays with pointrend-jax and compare them. "
                    "PATH is an op golden file laid out like "
-                   "shared/fixtures/detectron2_parity/ops.npz."),
+                   "shared/fixtures/detectron2_parity/ops.npz, or a model fixture folder "
+                   "like shared/fixtures/detectron2_parity/r50_fpn_1x_coco/."),
       epilog="Exit status: 0 when every array passes, 1 otherwise.")
-  parser.add_argument("paths", nargs="+", metavar="PATH", help="golden .npz file(s)")
+  parser.add_argument("paths", nargs="+", metavar="PATH",
+                      help="golden .npz file(s) or model fixture folder(s)")
   args = parser.parse_args(argv)
   return 1 if run(args.paths) else 0
 

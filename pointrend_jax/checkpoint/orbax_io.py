@@ -1,0 +1,108 @@
+"""Converted checkpoints: a model's Flax variables in orbax format plus its config as JSON.
+
+Layout of a converted directory::
+
+  OUT_DIR/config.json   {"format": "pointrend-jax-converted", "version": 1,
+                         "config": ModelConfig.to_dict(), "source": {...}}
+  OUT_DIR/state/        orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model))
+
+Every variable is saved (trainable ``nnx.Param``, ``FrozenParam``, FrozenBN ``FrozenStat``,
+``BatchStat``), in the Flax layouts (HWIO convs, ``(in, out)`` dense kernels). Restoring builds the
+model abstractly from the config and fills it, so no random initialization runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pointrend_jax.checkpoint.d2_reader import CheckpointError
+from pointrend_jax.modeling.config import ConfigError, ModelConfig
+from pointrend_jax.modeling.meta_arch import abstract_model
+
+__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "read_converted_config"]
+
+FORMAT = "pointrend-jax-converted"
+VERSION = 1
+_CONFIG = "config.json"
+_STATE = "state"
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  return ocp.StandardCheckpointer()
+
+
+def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str], *,
+                   source: Mapping[str, Any] | None = None, overwrite: bool = False
+                   ) -> pathlib.Path:
+  """Writes ``model``'s variables (orbax) and ``cfg`` (JSON) to ``out_dir``.
+
+  Args:
+    model: a concrete model (every variable holds an array).
+    cfg: its :class:`~pointrend_jax.modeling.config.ModelConfig`.
+    out_dir: created; must be absent or empty unless ``overwrite``.
+    source: provenance stored in ``config.json`` (e.g. the detectron2 file and format).
+    overwrite: replace an existing non-empty ``out_dir``.
+
+  Returns:
+    The absolute output directory.
+  """
+  out = pathlib.Path(os.fspath(out_dir)).expanduser().resolve()
+  if out.exists():
+    if not out.is_dir():
+      raise CheckpointError(f"{out} exists and is not a directory")
+    if any(out.iterdir()):
+      if not overwrite:
+        raise CheckpointError(f"{out} is not empty (use overwrite / --force)")
+      shutil.rmtree(out)
+  out.mkdir(parents=True, exist_ok=True)
+  ckpt = _checkpointer()
+  ckpt.save(out / _STATE, nnx.to_pure_dict(nnx.state(model)))
+  ckpt.wait_until_finished()
+  meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
+          "source": dict(source or {})}
+  (out / _CONFIG).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+  return out
+
+
+def read_converted_config(out_dir: str | os.PathLike[str]) -> ModelConfig:
+  """The :class:`ModelConfig` stored in a converted directory."""
+  path = pathlib.Path(os.fspath(out_dir)).expanduser() / _CONFIG
+  try:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError as e:
+    raise CheckpointError(f"{path.parent}: not a converted checkpoint (no {_CONFIG})") from e
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: unreadable ({e})") from e
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: not a {FORMAT} file")
+  if meta.get("version") != VERSION:
+    raise CheckpointError(f"{path}: version {meta.get('version')} is not supported "
+                          f"(expected {VERSION})")
+  try:
+    return ModelConfig.from_dict(meta["config"])
+  except (ConfigError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path}: bad config ({e})") from e
+
+
+def load_converted(out_dir: str | os.PathLike[str]) -> tuple[ModelConfig, nnx.Module]:
+  """Restores ``(cfg, model)`` from a directory written by :func:`save_converted`."""
+  cfg = read_converted_config(out_dir)
+  model = abstract_model(cfg)
+  graphdef, state = nnx.split(model)
+  path = pathlib.Path(os.fspath(out_dir)).expanduser().resolve() / _STATE
+  if not path.is_dir():
+    raise CheckpointError(f"{path.parent}: missing the {_STATE}/ directory")
+  try:
+    restored = _checkpointer().restore(path, nnx.to_pure_dict(state))
+  except Exception as e:  # orbax raises many types; the caller wants one readable error
+    raise CheckpointError(f"{path}: cannot restore ({' '.join(str(e).split())[:300]})") from e
+  nnx.replace_by_pure_dict(state, restored)
+  return cfg, nnx.merge(graphdef, state)

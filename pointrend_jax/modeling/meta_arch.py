@@ -1,0 +1,399 @@
+"""Whole models: PointRend R-CNN (instance) and the semantic segmentor, built from a config.
+
+* :class:`PointRendRCNN`: detectron2 ``GeneralizedRCNN`` with ``StandardROIHeads`` and
+  ``PointRendMaskHead``: ResNet-FPN backbone, RPN, box branch, PointRend mask head.
+  :meth:`PointRendRCNN.predict` is a pure, fixed-shape function of a padded batch; jit it once per
+  input bucket (:func:`make_predict_fn` does, with a trace counter).
+* :func:`build_model` builds it, or :class:`~pointrend_jax.modeling.semantic.
+  PointRendSemanticSegmentor` for ``SemanticSegmentor`` configs, from a
+  :class:`~pointrend_jax.modeling.config.ModelConfig`.
+* :func:`d2_model_names` / :func:`load_d2_model`: detectron2 state-dict names and strict loading
+  (through :func:`pointrend_jax.checkpoint.d2_reader.match_state_dict` and the per-module
+  loaders).
+* :func:`postprocess_instances`: host-side ``detector_postprocess`` + mask pasting at the
+  original image size, valid rows only.
+
+Module paths equal detectron2's, so the state-dict names are the paths: ``backbone.*``,
+``proposal_generator.*`` and ``roi_heads.{box_head,box_predictor}.*``; the mask head is the
+attribute ``mask_head`` with names ``roi_heads.mask_head.*`` (detectron2 nests it in the ROI
+heads; here it is a sibling so that each part keeps its own loader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pointrend_jax.checkpoint.d2_reader import (CheckpointError, Detectron2Checkpoint,
+                                                MatchReport, match_state_dict)
+from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.fpn import (build_resnet_fpn_backbone, d2_backbone_names,
+                                        load_d2_backbone)
+from pointrend_jax.modeling.point_rend import (MASK_HEAD_PREFIX, PointRendMaskHead,
+                                               d2_mask_head_names, load_d2_mask_head)
+from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
+from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_names,
+                                              load_d2_roi_heads)
+from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
+from pointrend_jax.modeling.semantic import (PointRendSemanticSegmentor, PointRendSemSegHead,
+                                             d2_semantic_names, load_d2_semantic)
+
+Array = jax.Array
+
+__all__ = [
+    "PointRendRCNN",
+    "normalize_images",
+    "build_model",
+    "abstract_model",
+    "make_predict_fn",
+    "d2_model_names",
+    "load_d2_model",
+    "postprocess_instances",
+]
+
+_FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+
+
+def normalize_images(images: Array, image_sizes: Array | None, *, pixel_mean: Sequence[float],
+                     pixel_std: Sequence[float], input_format: str,
+                     size_divisibility: int) -> Array:
+  """detectron2 ``preprocess_image`` on a padded batch.
+
+  Args:
+    images: ``[B, H, W, 3]`` RGB, uint8 or float, top-left aligned; content outside each
+      image's valid region is ignored.
+    image_sizes: ``[B, 2]`` valid ``(h, w)`` per image, or None (whole canvas valid).
+    pixel_mean, pixel_std: in ``input_format`` channel order.
+    input_format: "BGR" (channels reversed first) or "RGB".
+    size_divisibility: output ``Hp, Wp`` are the next multiples of it.
+
+  Returns:
+    ``[B, Hp, Wp, 3]`` float32 ``(x - mean) / std``, zero outside each image (detectron2 pads
+    *after* normalizing).
+  """
+  x = jnp.asarray(images).astype(jnp.float32)
+  if input_format == "BGR":
+    x = x[..., ::-1]
+  x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
+  _, h, w, _ = x.shape
+  if image_sizes is not None:
+    sizes = jnp.asarray(image_sizes).astype(jnp.int32)
+    valid = ((jnp.arange(h)[None, :, None] < sizes[:, 0, None, None])
+             & (jnp.arange(w)[None, None, :] < sizes[:, 1, None, None]))
+    x = jnp.where(valid[..., None], x, 0.0)
+  d = size_divisibility
+  return jnp.pad(x, ((0, 0), (0, -h % d), (0, -w % d), (0, 0)))
+
+
+class PointRendRCNN(nnx.Module):
+  """PointRend instance segmentation (detectron2 ``GeneralizedRCNN``), inference path.
+
+  Attributes:
+    cfg: the :class:`ModelConfig` (static).
+    backbone: ResNet-FPN (``backbone.*``).
+    proposal_generator: :class:`RPN` (``proposal_generator.*``).
+    roi_heads: the box branch, :class:`StandardROIHeads` (``roi_heads.*``).
+    mask_head: :class:`PointRendMaskHead` (``roi_heads.mask_head.*``).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.is_semantic:
+      raise ValueError("PointRendRCNN needs a GeneralizedRCNN config; use build_model()")
+    self.cfg = cfg
+    self.backbone = _build_backbone(cfg, rngs)
+    fpn_channels = cfg.fpn.out_channels
+    rpn = cfg.rpn
+    self.proposal_generator = RPN(
+        fpn_channels, in_features=rpn.in_features,
+        strides=tuple(_FPN_STRIDES[f] for f in rpn.in_features), sizes=cfg.anchors.sizes,
+        aspect_ratios=cfg.anchors.aspect_ratios, offset=cfg.anchors.offset,
+        pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
+        post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
+        nms_thresh=rpn.nms_thresh, min_box_size=rpn.min_size,
+        box_reg_weights=rpn.bbox_reg_weights, rngs=rngs)
+    roi, box = cfg.roi_heads, cfg.box_head
+    self.roi_heads = StandardROIHeads(
+        roi.num_classes, fpn_channels, in_features=roi.in_features,
+        strides=tuple(_FPN_STRIDES[f] for f in roi.in_features),
+        pooler_resolution=box.pooler_resolution, pooler_sampling_ratio=box.pooler_sampling_ratio,
+        num_fc=box.num_fc, fc_dim=box.fc_dim, score_thresh=roi.score_thresh_test,
+        nms_thresh=roi.nms_thresh_test, detections_per_image=roi.detections_per_image,
+        box_reg_weights=box.bbox_reg_weights, rngs=rngs)
+    mask, point = cfg.mask_head, cfg.point_head
+    self.mask_head = PointRendMaskHead(
+        roi.num_classes, in_features=mask.in_features,
+        feature_strides=tuple(_FPN_STRIDES[f] for f in mask.in_features),
+        in_channels=fpn_channels * len(mask.in_features),
+        pooler_resolution=mask.pooler_resolution, conv_dim=mask.conv_dim,
+        fc_dims=(mask.fc_dim,) * mask.num_fc, output_side=mask.output_side_resolution,
+        point_fc_dim=point.fc_dim, point_num_fc=point.num_fc,
+        coarse_pred_each_layer=point.coarse_pred_each_layer,
+        cls_agnostic_mask=mask.cls_agnostic_mask, train_num_points=point.train_num_points,
+        oversample_ratio=point.oversample_ratio,
+        importance_sample_ratio=point.importance_sample_ratio,
+        subdivision_steps=point.subdivision_steps,
+        subdivision_num_points=point.subdivision_num_points, rngs=rngs)
+
+  @property
+  def size_divisibility(self) -> int:
+    return self.backbone.size_divisibility
+
+  @property
+  def mask_side(self) -> int:
+    """Side ``S`` of the predicted mask logits (224 for the zoo configs)."""
+    return self.mask_head.output_side
+
+  def preprocess(self, images: Array, image_sizes: Array | None = None) -> Array:
+    """RGB ``[B, H, W, 3]`` -> normalized ``[B, Hp, Wp, 3]`` (see :func:`normalize_images`)."""
+    cfg = self.cfg
+    return normalize_images(images, image_sizes, pixel_mean=cfg.pixel_mean,
+                            pixel_std=cfg.pixel_std, input_format=cfg.input.format,
+                            size_divisibility=self.size_divisibility)
+
+  def features(self, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Normalized ``[B, Hp, Wp, 3]`` -> (``{res2..res5}``, ``{p2..p6}``), NHWC."""
+    bottom_up = self.backbone.bottom_up(x)
+    return bottom_up, self.backbone.from_features(bottom_up)
+
+  def predict(self, images: Array, image_sizes: Array, *, return_proposals: bool = False,
+              return_mask_probs: bool = False, return_intermediates: bool = False
+              ) -> dict[str, Any]:
+    """Inference on a padded batch; every output has a fixed shape.
+
+    Args:
+      images: ``[B, H, W, 3]`` RGB (uint8 or float), each image top-left aligned; ``H, W``
+        should be multiples of 32 (else padded here, which changes the bucket).
+      image_sizes: ``[B, 2]`` int valid (resized, unpadded) ``(h, w)`` of each image.
+      return_proposals: add ``proposal_boxes [B, P, 4]``, ``proposal_logits [B, P]``,
+        ``proposal_valid [B, P]`` (``P`` = RPN.POST_NMS_TOPK_TEST).
+      return_mask_probs: add ``mask_probs`` = sigmoid of ``mask_logits``.
+      return_intermediates: add ``"intermediates"``: ``input`` (normalized, padded),
+        ``features`` (res2..res5, p2..p6), ``rpn_logits`` / ``rpn_deltas`` (per level, anchor
+        order), ``proposals`` (:class:`~pointrend_jax.modeling.rpn.Proposals`),
+        ``box_cls_logits [B, P, K+1]``, ``box_deltas [B, P, 4K]``,
+        ``proposal_index [B, D]`` and ``mask`` (the mask head's intermediates on the flattened
+        ``B*D`` detections, see :meth:`PointRendMaskHead.subdivision_inference`).
+
+    Returns:
+      ``boxes [B, D, 4]`` (resized-image pixels), ``scores [B, D]``, ``classes [B, D]`` int32,
+      ``valid [B, D]`` bool (a prefix), ``mask_logits [B, D, S, S]`` (box frame, predicted
+      class; ``S`` = 224), ``D`` = TEST.DETECTIONS_PER_IMAGE. Invalid rows are zero (their mask
+      logits are meaningless).
+    """
+    x = self.preprocess(images, image_sizes)
+    image_sizes = jnp.asarray(image_sizes).astype(jnp.int32)
+    bottom_up, feats = self.features(x)
+    rpn_out = self.proposal_generator(feats, image_sizes)
+    props = rpn_out.proposals
+    cls_logits, box_deltas = self.roi_heads.box_outputs(feats, props.boxes, props.valid)
+    dets = self.roi_heads.inference(cls_logits, box_deltas, props.boxes, props.valid,
+                                    image_sizes)
+    b, d = dets.valid.shape
+    batch_index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), d)
+    masks = self.mask_head.subdivision_inference(
+        feats, dets.boxes.reshape(b * d, 4), batch_index, dets.classes.reshape(b * d),
+        return_intermediates=return_intermediates)
+    mask_inter = None
+    if return_intermediates:
+      masks, mask_inter = masks
+    s = masks.shape[-1]
+    out: dict[str, Any] = dict(boxes=dets.boxes, scores=dets.scores, classes=dets.classes,
+                               valid=dets.valid, mask_logits=masks.reshape(b, d, s, s))
+    if return_mask_probs:
+      out["mask_probs"] = jax.nn.sigmoid(out["mask_logits"])
+    if return_proposals:
+      out.update(proposal_boxes=props.boxes, proposal_logits=props.logits,
+                 proposal_valid=props.valid)
+    if return_intermediates:
+      out["intermediates"] = dict(
+          input=x, features={**bottom_up, **feats}, rpn_logits=rpn_out.logits,
+          rpn_deltas=rpn_out.deltas, proposals=props, box_cls_logits=cls_logits,
+          box_deltas=box_deltas, proposal_index=dets.proposal_index, mask=mask_inter)
+    return out
+
+  def __call__(self, images: Array, image_sizes: Array, **kwargs) -> dict[str, Any]:
+    """Same as :meth:`predict`."""
+    return self.predict(images, image_sizes, **kwargs)
+
+
+def _build_backbone(cfg: ModelConfig, rngs: nnx.Rngs):
+  r = cfg.resnets
+  return build_resnet_fpn_backbone(
+      depth=r.depth, num_groups=r.num_groups, width_per_group=r.width_per_group,
+      stride_in_1x1=r.stride_in_1x1, norm=r.norm, freeze_at=r.freeze_at,
+      out_channels=cfg.fpn.out_channels, fpn_norm=cfg.fpn.norm,
+      stem_out_channels=r.stem_out_channels, res2_out_channels=r.res2_out_channels, rngs=rngs)
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs
+                ) -> PointRendRCNN | PointRendSemanticSegmentor:
+  """Builds the model a config describes (randomly initialized with detectron2's inits).
+
+  For weights loaded right after, build abstractly: :func:`abstract_model`.
+  """
+  if not cfg.is_semantic:
+    return PointRendRCNN(cfg, rngs=rngs)
+  if cfg.resnets.res5_dilation != 1:
+    raise ValueError("MODEL.RESNETS.RES5_DILATION != 1 is not supported by the FPN backbone")
+  sem, point = cfg.sem_seg_head, cfg.point_head
+  head = PointRendSemSegHead(
+      sem.num_classes, coarse_in_features=sem.in_features,
+      coarse_feature_strides=tuple(_FPN_STRIDES[f] for f in sem.in_features),
+      feature_channels=cfg.fpn.out_channels, conv_dims=sem.convs_dim, norm=sem.norm,
+      point_in_features=point.in_features,
+      point_in_channels=cfg.fpn.out_channels * len(point.in_features), fc_dim=point.fc_dim,
+      num_fc=point.num_fc, coarse_pred_each_layer=point.coarse_pred_each_layer,
+      train_num_points=point.train_num_points, oversample_ratio=point.oversample_ratio,
+      importance_sample_ratio=point.importance_sample_ratio,
+      subdivision_steps=point.subdivision_steps,
+      subdivision_num_points=point.subdivision_num_points, rngs=rngs)
+  return PointRendSemanticSegmentor(_build_backbone(cfg, rngs), head, pixel_mean=cfg.pixel_mean,
+                                    pixel_std=cfg.pixel_std, input_format=cfg.input.format)
+
+
+def abstract_model(cfg: ModelConfig) -> PointRendRCNN | PointRendSemanticSegmentor:
+  """:func:`build_model` under ``nnx.eval_shape``: no memory, no random init; load weights
+  with :func:`load_d2_model` (strict) before use."""
+  return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+
+
+def make_predict_fn(model: PointRendRCNN, **predict_kwargs: Any
+                    ) -> Callable[[Array, Array], dict[str, Any]]:
+  """A jitted ``(images, image_sizes) -> outputs`` of ``model.predict``.
+
+  The model's current weights are read on every call (``nnx.jit``), so in-place updates take
+  effect without a retrace. XLA compiles once per input shape (bucket); the returned function's
+  ``num_traces()`` counts the traces so far.
+
+  Args:
+    model: a concrete model.
+    **predict_kwargs: static flags of :meth:`PointRendRCNN.predict`.
+  """
+  traces = []
+
+  @nnx.jit
+  def run(m, images, image_sizes):
+    traces.append(images.shape)
+    return m.predict(images, image_sizes, **predict_kwargs)
+
+  def predict(images: Array, image_sizes: Array) -> dict[str, Any]:
+    return run(model, images, image_sizes)
+
+  predict.num_traces = lambda: len(traces)  # type: ignore[attr-defined]
+  return predict
+
+
+# --------------------------------------------------------------------------------------------------
+# detectron2 names and weights.
+# --------------------------------------------------------------------------------------------------
+
+
+def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
+                   ) -> dict[str, tuple[int, ...]]:
+  """``{detectron2 state-dict name: PyTorch shape}`` of every variable (abstract models work)."""
+  if isinstance(model, PointRendSemanticSegmentor):
+    return d2_semantic_names(model)
+  if not isinstance(model, PointRendRCNN):
+    raise TypeError(f"not a PointRend model: {type(model).__name__}")
+  return {**d2_backbone_names(model.backbone), **d2_rpn_names(model.proposal_generator),
+          **d2_roi_heads_names(model.roi_heads), **d2_mask_head_names(model.mask_head)}
+
+
+def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
+  array = np.asarray(array)
+  if array.dtype == np.float32:
+    return array
+  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+    return array.astype(np.float32)
+  raise CheckpointError(f"{name}: dtype {array.dtype} cannot be loaded into a float32 variable")
+
+
+def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
+                  state: Mapping[str, np.ndarray] | Detectron2Checkpoint,
+                  strict: bool = True, backbone_only: bool = False) -> MatchReport:
+  """Loads detectron2 weights (PyTorch layouts, canonical v2 names) into ``model`` in place.
+
+  Names are matched by :func:`~pointrend_jax.checkpoint.d2_reader.match_state_dict` (exact, or
+  detectron2's suffix heuristic for Caffe2 files) against :func:`d2_model_names`; float16 /
+  float64 / bfloat16 arrays are cast to float32; the per-module loaders transpose the layouts.
+
+  Args:
+    model: concrete, or abstract (:func:`abstract_model`) when every variable gets loaded
+      (``strict`` and not ``backbone_only``).
+    state: ``{name: array}`` or a :class:`Detectron2Checkpoint` (``load_detectron2_file``).
+    strict: refuse (``CheckpointError`` listing names and shapes) anything missing,
+      unexpected or mis-shaped.
+    backbone_only: ImageNet initialization: only ``backbone.bottom_up.*`` is loaded; the rest
+      keeps its values (see :class:`MatchReport` ``not_loaded``).
+
+  Returns:
+    The :class:`MatchReport`.
+  """
+  expected = d2_model_names(model)
+  report = match_state_dict(state, expected, strict=strict, backbone_only=backbone_only)
+  arrays = {k: _as_float32(k, v) for k, v in report.state.items()}
+  full = strict and not backbone_only
+  if backbone_only:
+    load_d2_backbone(model.backbone.bottom_up, arrays, "backbone.", strict=strict)
+  elif isinstance(model, PointRendSemanticSegmentor):
+    load_d2_semantic(model, arrays, strict=full)
+  else:
+    load_d2_backbone(model.backbone, arrays, strict=full)
+    load_d2_rpn(model.proposal_generator, arrays, strict=full)
+    load_d2_roi_heads(model.roi_heads, arrays, strict=full)
+    load_d2_mask_head(model.mask_head, arrays, MASK_HEAD_PREFIX, strict=full)
+  return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Host-side postprocessing.
+# --------------------------------------------------------------------------------------------------
+
+_detector_postprocess = jax.jit(detector_postprocess)
+_paste = jax.jit(lambda probs, boxes, valid, hw, threshold: paste_masks(
+    probs, boxes, valid, hw, threshold), static_argnums=(3, 4))
+
+
+def postprocess_instances(outputs: Mapping[str, Any], image_sizes: Any, orig_sizes: Any, *,
+                          mask_threshold: float = 0.5,
+                          num_images: int | None = None) -> list[dict[str, np.ndarray]]:
+  """detectron2 ``detector_postprocess`` + ``paste_masks_in_image``, per image, on host.
+
+  Boxes are scaled from the resized image to the original size, clipped, empty ones dropped;
+  mask probabilities (``mask_probs``, else sigmoid of ``mask_logits``) are pasted at the original
+  size and thresholded (``>= mask_threshold``). The paste compiles once per original size.
+
+  Args:
+    outputs: :meth:`PointRendRCNN.predict` outputs for a batch.
+    image_sizes: ``[B, 2]`` resized unpadded ``(h, w)`` (the predict input).
+    orig_sizes: ``[B, 2]`` original ``(height, width)``.
+    mask_threshold: pixel threshold on the probabilities.
+    num_images: only the first ``num_images`` images (e.g. skip batch padding).
+
+  Returns:
+    Per image, numpy arrays of the kept detections in score order: ``boxes [n, 4]`` (original
+    pixels), ``scores [n]``, ``classes [n]``, ``masks [n, height, width]`` bool, and
+    ``index [n]`` (row in the batch outputs).
+  """
+  image_sizes = np.asarray(image_sizes, np.int32)
+  orig_sizes = np.asarray(orig_sizes, np.int32)
+  boxes, valid = _detector_postprocess(outputs["boxes"], outputs["valid"], image_sizes,
+                                       orig_sizes)
+  probs = outputs.get("mask_probs")
+  if probs is None:
+    probs = jax.nn.sigmoid(jnp.asarray(outputs["mask_logits"]))
+  n = len(image_sizes) if num_images is None else int(num_images)
+  results = []
+  for i in range(n):
+    hw = (int(orig_sizes[i, 0]), int(orig_sizes[i, 1]))
+    masks = _paste(probs[i], boxes[i], valid[i], hw, float(mask_threshold))
+    d = valid.shape[1]
+    results.append(compact(dict(boxes=boxes[i], scores=outputs["scores"][i],
+                                classes=outputs["classes"][i], masks=masks,
+                                index=np.arange(d)), valid[i]))
+  return results
