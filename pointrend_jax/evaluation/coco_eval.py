@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 TASKS = ("bbox", "segm")
+BACKENDS = ("pycocotools", "faster_coco_eval")
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -141,14 +142,20 @@ class COCOEvaluator:
 
   def __init__(self,
                ground_truth: PathLike | Mapping[str, Any] | COCO,
-               tasks: Sequence[str] = TASKS):
+               tasks: Sequence[str] = TASKS,
+               backend: str = "pycocotools"):
     """Args:
       ground_truth: COCO instances JSON (path or parsed) or a pycocotools ``COCO``.
       tasks: subset of ``("bbox", "segm")``.
+      backend: ``"pycocotools"`` (reference) or ``"faster_coco_eval"`` (a C++ reimplementation
+        that gives the same numbers, several times faster on large result sets).
     """
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
       raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    self._backend = backend
     self._tasks = tuple(t for t in TASKS if t in tasks)
     self._coco_gt = _load_coco_api(ground_truth)
     self.categories = CocoCategories.from_coco(self._coco_gt.dataset)
@@ -250,8 +257,15 @@ class COCOEvaluator:
         r.pop("bbox", None)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      coco_dt = self._coco_gt.loadRes(results)
-      coco_eval = COCOeval(self._coco_gt, coco_dt, task)
+      if self._backend == "faster_coco_eval":
+        # Imported lazily: an optional accelerator of the same computation.
+        import faster_coco_eval  # pylint: disable=g-import-not-at-top
+        coco_gt = faster_coco_eval.COCO(copy.deepcopy(self._coco_gt.dataset))
+        coco_dt = coco_gt.loadRes(results)
+        coco_eval = faster_coco_eval.COCOeval_faster(coco_gt, coco_dt, task)
+      else:
+        coco_dt = self._coco_gt.loadRes(results)
+        coco_eval = COCOeval(self._coco_gt, coco_dt, task)
       if img_ids is not None:
         coco_eval.params.imgIds = sorted(set(img_ids))
       coco_eval.evaluate()
@@ -308,18 +322,20 @@ def infer_tasks(results: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
 
 def evaluate_coco(ground_truth: PathLike | Mapping[str, Any] | COCO,
                   results: Sequence[Mapping[str, Any]],
-                  tasks: Sequence[str] | None = None) -> COCOEvaluator:
+                  tasks: Sequence[str] | None = None,
+                  backend: str = "pycocotools") -> COCOEvaluator:
   """An evaluator holding ``results``; its ``compute()`` gives the metrics and fills the tables."""
-  evaluator = COCOEvaluator(ground_truth, tasks or infer_tasks(results))
+  evaluator = COCOEvaluator(ground_truth, tasks or infer_tasks(results), backend=backend)
   evaluator.add(results)
   return evaluator
 
 
 def evaluate_coco_files(gt_json: PathLike,
                         results_json: PathLike,
-                        tasks: Sequence[str] | None = None) -> dict[str, float]:
+                        tasks: Sequence[str] | None = None,
+                        backend: str = "pycocotools") -> dict[str, float]:
   """Metrics of a COCO results JSON against a ground-truth JSON (tasks inferred if None)."""
-  return evaluate_coco(gt_json, read_results_json(results_json), tasks).compute()
+  return evaluate_coco(gt_json, read_results_json(results_json), tasks, backend).compute()
 
 
 def write_metrics_json(metrics: Mapping[str, float], path: PathLike) -> None:

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
   coco.add_argument("--predictions", required=True, help="COCO results JSON (a list)")
   coco.add_argument("--output", help="where to write the flat metrics JSON")
   coco.add_argument("--tasks", help="comma-separated subset of bbox,segm (default: inferred)")
+  coco.add_argument("--backend", default="pycocotools", choices=coco_eval.BACKENDS,
+                    help="COCOeval implementation (both give the same numbers)")
   for name, help_text in (
       ("cityscapes-semantic", "Cityscapes semantic mIoU of label-id PNGs"),
       ("cityscapes-instance", "Cityscapes instance mask AP of txt + PNG results")):
@@ -74,7 +76,7 @@ def _run_coco(args: argparse.Namespace, out: TextIO) -> dict[str, float]:
   if args.tasks:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
   results = coco_eval.read_results_json(args.predictions)
-  evaluator = coco_eval.evaluate_coco(args.annotations, results, tasks)
+  evaluator = coco_eval.evaluate_coco(args.annotations, results, tasks, args.backend)
   metrics = evaluator.compute()
   for task in coco_eval.TASKS:
     if f"{task}/AP" not in metrics:

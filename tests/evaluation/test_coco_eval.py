@@ -174,6 +174,18 @@ def test_perturbed_predictions_match_pycocotools(gt):
   assert "nine" in ev.per_category_table("bbox")
 
 
+def test_faster_coco_eval_backend_gives_the_same_numbers(gt):
+  gt_json, masks = gt
+  results = _perturbed_results(gt_json, masks)
+  reference = coco_eval.evaluate_coco(gt_json, results).compute()
+  faster = coco_eval.evaluate_coco(gt_json, results, backend="faster_coco_eval").compute()
+  assert reference.keys() == faster.keys()
+  for key, value in reference.items():
+    assert faster[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+  with pytest.raises(ValueError, match="backend"):
+    coco_eval.COCOEvaluator(gt_json, backend="nope")
+
+
 def test_segm_uses_mask_area_and_img_ids(gt):
   gt_json, masks = gt
   results = _perturbed_results(gt_json, masks, seed=2)
