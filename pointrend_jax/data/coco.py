@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -365,13 +366,34 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def load_image(record: Mapping[str, Any]) -> np.ndarray:
-  """Reads a record's image and checks its size against the record's height/width."""
-  image = read_image(record["file_name"])
+  """A record's image as RGB uint8 [H, W, 3], checked against the record's height/width.
+
+  Records from TFDS carry the encoded file as ``image_bytes``; others are read from
+  ``file_name``. Both decode identically (:func:`read_image`).
+  """
+  if "image_bytes" in record:
+    try:
+      image = read_image(io.BytesIO(record["image_bytes"]))
+    except ValueError as e:
+      raise ValueError(f"image {record.get('file_name')} (stored bytes): {e}") from e
+  else:
+    image = read_image(record["file_name"])
   if image.shape[:2] != (record["height"], record["width"]):
     raise ValueError(
-        f"image {record['file_name']}: decoded size {image.shape[0]}x{image.shape[1]} (h x w, "
+        f"image {record.get('file_name')}: decoded size {image.shape[0]}x{image.shape[1]} (h x w, "
         f"after EXIF orientation) != annotated size {record['height']}x{record['width']}")
   return image
+
+
+def load_label_map(record: Mapping[str, Any]) -> np.ndarray:
+  """A record's semantic labels as uint8 [H, W] (``sem_seg_bytes`` or ``sem_seg_file_name``)."""
+  if "sem_seg_bytes" in record:
+    try:
+      return read_label_map(io.BytesIO(record["sem_seg_bytes"]))
+    except ValueError as e:
+      raise ValueError(
+          f"label map {record.get('sem_seg_file_name')} (stored bytes): {e}") from e
+  return read_label_map(record["sem_seg_file_name"])
 
 
 def read_label_map(path: PathLike) -> np.ndarray:

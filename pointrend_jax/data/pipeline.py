@@ -222,10 +222,10 @@ def map_example(record: Record,
   want_sem = with_targets and cfg.semantic_targets
   sem = None
   if want_sem:
-    sem = coco.read_label_map(record["sem_seg_file_name"])
+    sem = coco.load_label_map(record)
     if sem.shape != (oh, ow):
-      raise ValueError(f"{record['sem_seg_file_name']}: label map {sem.shape} != image "
-                       f"{oh}x{ow} of {record['file_name']}")
+      raise ValueError(f"{record.get('sem_seg_file_name')}: label map {sem.shape} != image "
+                       f"{oh}x{ow} of {record.get('file_name')}")
 
   if training:
     short = int(cfg.min_size_train[int(rng.integers(len(cfg.min_size_train)))])

@@ -457,29 +457,9 @@ def load_tfds_records(data_dir: PathLike, kind: str, split: str, *,
   return [source[i] for i in range(len(source))]
 
 
-def decode_image(record: Mapping[str, Any]) -> np.ndarray:
-  """RGB uint8 [H, W, 3] of a record: from ``image_bytes`` if present, else the file; checked
-  against the record's height/width (as :func:`~pointrend_jax.data.coco.load_image`)."""
-  if "image_bytes" not in record:
-    return coco.load_image(record)
-  try:
-    image = coco.read_image(io.BytesIO(record["image_bytes"]))
-  except ValueError as e:
-    raise ValueError(f"image {record.get('file_name')} (stored bytes): {e}") from e
-  if image.shape[:2] != (record["height"], record["width"]):
-    raise ValueError(f"image {record.get('file_name')}: decoded size {image.shape[0]}x"
-                     f"{image.shape[1]} != annotated size {record['height']}x{record['width']}")
-  return image
-
-
-def decode_label_map(record: Mapping[str, Any]) -> np.ndarray:
-  """uint8 [H, W] semantic labels of a record (``sem_seg_bytes`` or ``sem_seg_file_name``)."""
-  if "sem_seg_bytes" not in record:
-    return coco.read_label_map(record["sem_seg_file_name"])
-  try:
-    return coco.read_label_map(io.BytesIO(record["sem_seg_bytes"]))
-  except ValueError as e:
-    raise ValueError(f"label map {record.get('sem_seg_file_name')} (stored bytes): {e}") from e
+# Decoding lives with the other record readers so the data pipeline needs no tfds import.
+decode_image = coco.load_image
+decode_label_map = coco.load_label_map
 
 
 def class_metadata(builder: tfds.core.DatasetBuilder) -> tuple[list[str], list[int]]:
