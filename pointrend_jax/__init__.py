@@ -12,9 +12,30 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Predictor", "__version__"]
+_LAZY = {
+    # Using a model.
+    "Predictor": "pointrend_jax.inference",
+    # Building models (Flax NNX modules) and their configs.
+    "ModelConfig": "pointrend_jax.modeling.config",
+    "zoo_config": "pointrend_jax.modeling.config",
+    "from_detectron2_yaml": "pointrend_jax.modeling.config",
+    "build_model": "pointrend_jax.modeling.meta_arch",
+    "load_d2_model": "pointrend_jax.modeling.meta_arch",
+    "PointRendRCNN": "pointrend_jax.modeling.meta_arch",
+    "PointRendSemanticSegmentor": "pointrend_jax.modeling.semantic",
+    "ResNet": "pointrend_jax.modeling.resnet",
+    "FPN": "pointrend_jax.modeling.fpn",
+    "RPN": "pointrend_jax.modeling.rpn",
+    "StandardROIHeads": "pointrend_jax.modeling.roi_heads",
+    "PointRendMaskHead": "pointrend_jax.modeling.point_rend",
+    "PointRendSemSegHead": "pointrend_jax.modeling.semantic",
+    # detectron2 checkpoints.
+    "load_detectron2_file": "pointrend_jax.checkpoint",
+    # The core primitive.
+    "point_sample": "pointrend_jax.ops.point_sample",
+}
 
-_LAZY = {"Predictor": "pointrend_jax.inference"}
+__all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -314,3 +314,11 @@ def test_import_is_lazy():
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
+
+
+def test_package_exports_the_modules():
+  import pointrend_jax  # pylint: disable=g-import-not-at-top
+  from pointrend_jax.modeling import meta_arch  # pylint: disable=g-import-not-at-top
+  assert pointrend_jax.PointRendRCNN is meta_arch.PointRendRCNN
+  for name in pointrend_jax.__all__:
+    assert getattr(pointrend_jax, name) is not None, name
