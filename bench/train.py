@@ -1,0 +1,261 @@
+"""Train-step time of R50-FPN PointRend (COCO) at 800x1344: step time, images/s, compile, memory.
+
+Usage::
+
+  python bench/train.py [--steps 3] [--warmup 1] [--bucket 800x1344] [--per-device-batch 2]
+                        [--precisions highest,default] [--instances 20]
+
+What runs: :func:`pointrend_jax.training.train.make_train_step` with
+:func:`pointrend_jax.training.losses_instance.instance_loss_fn` and the optimizer of the zoo
+schedule (SGD momentum 0.9, wd 1e-4) on the zoo config ``r50_fpn_1x_coco`` (FrozenBN, FREEZE_AT
+2, RPN 2000 train proposals/image, 512 ROIs/image, PointRend mask head with 14x14 points).
+Data parallel over every device: global batch = ``per-device-batch`` x devices, split into
+``devices`` virtual detectron2 replicas (detectron2 trains with 2 images per GPU).
+
+Weights: numpy, well scaled (random init of a ResNet-50 with jax initializers compiles one
+program per shape, minutes on CPU). The step's cost does not depend on them: every shape is
+static.
+
+Batch: :func:`pointrend_jax.data.batching.make_batch` of synthetic examples (seed 0): images of
+800x1067 and 750x1333 (two COCO aspect ratios after ResizeShortestEdge 800 / max 1333) in the
+``--bucket`` canvas, ``--instances`` ellipse masks per image (random centres, sizes 16-400 px,
+80 classes) with their tight boxes, M = 100 GT slots, bit-packed masks.
+
+Measured per precision:
+
+* lower (trace) and compile time of the jitted step (ahead of time, ``lower().compile()``);
+* step time: median (and min) of ``--steps`` steps after ``--warmup`` steps, each ending in
+  ``block_until_ready``; images/s = global batch / median;
+* memory: XLA's buffer assignment of the step (``compiled.memory_analysis()``: arguments +
+  outputs + temporaries - aliased), and the process peak: ``device.memory_stats()
+  ["peak_bytes_in_use"]`` on GPU/TPU, host peak RSS (``getrusage``) on CPU. Both process peaks
+  are running maxima: a later row includes the earlier rows' peak.
+
+Precision: the model computes in float32 (variables, activations, losses). ``--precisions``
+sets the conv / matmul precision of :mod:`pointrend_jax.modeling.layers` (``highest``: true
+float32, the parity setting; ``default``: the backend's fast path, TF32 on recent NVIDIA GPUs,
+bf16 passes on TPU; no effect on CPU). A bfloat16 compute dtype (bf16 activations / mixed
+precision) is **not implemented** in the model code, so it is not benchmarked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _harness  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pointrend_jax.data import batching  # noqa: E402
+from pointrend_jax.modeling import layers  # noqa: E402
+from pointrend_jax.modeling.config import zoo_config  # noqa: E402
+from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names,  # noqa: E402
+                                              load_d2_model)
+from pointrend_jax.training import mesh as mesh_lib  # noqa: E402
+from pointrend_jax.training import optimizer as optimizer_lib  # noqa: E402
+from pointrend_jax.training import train  # noqa: E402
+from pointrend_jax.training.losses_instance import (INSTANCE_BATCH_KEYS,  # noqa: E402
+                                                    instance_loss_fn)
+
+ZOO = "r50_fpn_1x_coco"
+IMAGE_SIZES = ((800, 1067), (750, 1333))
+GIB = 1024.0 ** 3
+
+
+def numpy_weights(model, pixel_std, seed: int = 0) -> dict[str, np.ndarray]:
+  """Well-scaled numpy weights for every detectron2 name of ``model``.
+
+  Kernels: normal, std ``gain / sqrt(fan_in)``, each output unit centred (no common mode that
+  makes one class win every box); gain sqrt(2), the stem ``mean(pixel_std) / 64``, the last
+  conv of each bottleneck 0.5, FPN 1, class / objectness logits 4, box deltas 0.5-1, mask
+  predictors 2. Norm scales and running variances 1, biases and running means 0.
+  """
+  rng = np.random.default_rng(seed)
+  gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
+           ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
+           ("anchor_deltas", 0.5), ("cls_score", 4.0), ("bbox_pred", 1.0),
+           ("prediction.weight", 2.0), ("predictor.weight", 2.0))
+  state = {}
+  for name, shape in sorted(d2_model_names(model).items()):
+    if len(shape) >= 2 and ".norm." not in name:
+      fan_in = int(np.prod(shape[1:]))
+      gain = next((g for k, g in gains if k in name), math.sqrt(2.0))
+      w = rng.standard_normal((shape[0], fan_in), dtype=np.float32)
+      if fan_in > 1:
+        w -= w.mean(axis=1, keepdims=True)
+      state[name] = (w * (gain / math.sqrt(fan_in))).reshape(shape)
+    elif name.endswith("running_var") or name.endswith(".weight"):
+      state[name] = np.ones(shape, np.float32)
+    else:
+      state[name] = np.zeros(shape, np.float32)
+  return state
+
+
+def synthetic_examples(n: int, instances: int, bucket: tuple[int, int], seed: int = 0
+                       ) -> list[dict]:
+  """``n`` images with ``instances`` ellipse masks each (boxes = the masks' tight boxes), sizes
+  from ``IMAGE_SIZES`` cropped to ``bucket``."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  for i in range(n):
+    h, w = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+    h, w = min(h, bucket[0]), min(w, bucket[1])
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    masks, boxes = [], []
+    while len(masks) < instances:
+      # Log-uniform sizes 16-400 px (COCO has many small objects), anywhere in the image.
+      ry, rx = np.exp(rng.uniform(np.log(8), np.log(200), 2))
+      cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+      y0, y1 = max(int(cy - ry), 0), min(int(math.ceil(cy + ry)) + 1, h)
+      x0, x1 = max(int(cx - rx), 0), min(int(math.ceil(cx + rx)) + 1, w)
+      yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
+      inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+      if inside.sum() < 16:
+        continue
+      mask = np.zeros((h, w), bool)
+      mask[y0:y1, x0:x1] = inside
+      ys, xs = np.nonzero(inside)
+      boxes.append([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1])
+      masks.append(mask)
+      image[mask] = rng.integers(0, 256, 3, dtype=np.uint8)
+    examples.append(dict(image=image, image_size=(h, w), gt_boxes=np.array(boxes, np.float32),
+                         gt_classes=rng.integers(0, 80, instances),
+                         gt_masks=np.stack(masks)))
+  return examples
+
+
+def solver_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"solver": dict(
+      base_lr=0.02, steps=(60000, 80000), max_iter=90000, warmup_iters=1000,
+      warmup_factor=0.001, gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0)})
+
+
+def peak_memory() -> tuple[str, float]:
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return "device peak", stats["peak_bytes_in_use"] / GIB
+  # Linux reports ru_maxrss in KiB.
+  return "host peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def xla_memory(compiled) -> float:
+  """GiB of the step's buffers per device as XLA assigned them (nan if unavailable)."""
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total / GIB
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+
+
+def bench_precision(precision: str, model_state, tx, batch, mesh, num_groups: int,
+                    warmup: int, steps: int, log) -> dict:
+  global_batch = batch["image"].shape[0]
+  with layers.conv_precision(precision):  # read at trace time
+    step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
+    state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
+    t0 = time.perf_counter()
+    # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
+    lowered = step._jitted.lower(state, batch, None)  # pylint: disable=protected-access
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  log(f"[{precision}] lower {lower_s:.1f} s, compile {compile_s:.1f} s")
+  times, losses = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch, None)
+    jax.block_until_ready(metrics)
+    dt = time.perf_counter() - t0
+    loss = float(metrics["loss"])
+    losses.append(loss)
+    log(f"[{precision}] step {i} ({'warm-up' if i < warmup else 'timed'}): {dt:.2f} s, "
+        f"loss {loss:.4f}")
+    if i >= warmup:
+      times.append(dt)
+  if not all(np.isfinite(losses)):
+    raise FloatingPointError(f"non-finite loss: {losses}")
+  median = statistics.median(times)
+  mem_kind, peak = peak_memory()
+  return dict(precision=precision, lower_s=lower_s, compile_s=compile_s, median_s=median,
+              min_s=min(times), runs=len(times), images_per_s=global_batch / median,
+              xla_gib=xla_memory(compiled), mem_kind=mem_kind, peak_gib=peak, loss=losses[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=3, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+  parser.add_argument("--bucket", default="800x1344", help="padded canvas HxW")
+  parser.add_argument("--per-device-batch", type=int, default=2)
+  parser.add_argument("--instances", type=int, default=20, help="GT instances per image")
+  parser.add_argument("--precisions", default=None,
+                      help="comma-separated conv/matmul precisions (default: 'highest' on CPU, "
+                           "'highest,default' elsewhere)")
+  args = parser.parse_args()
+  log = lambda s: print(f"  {s}", file=sys.stderr, flush=True)  # noqa: E731
+
+  machine = _harness.machine_description()
+  print(f"Machine: {machine}", flush=True)
+  n_dev = jax.device_count()
+  platform = jax.devices()[0].platform
+  precisions = (args.precisions.split(",") if args.precisions
+                else ["highest"] if platform == "cpu" else ["highest", "default"])
+  hb, wb = (int(v) for v in args.bucket.lower().split("x"))
+  global_batch = args.per_device_batch * n_dev
+
+  cfg = zoo_config(ZOO)
+  t0 = time.perf_counter()
+  model = abstract_model(cfg)
+  load_d2_model(model, numpy_weights(model, cfg.pixel_std))
+  tx, _ = optimizer_lib.make_optimizer(solver_config(), model)
+  # Host copy of the initial state; each precision starts from it.
+  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
+  del model
+  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(initial.params))
+  log(f"model {ZOO}: {n_params / 1e6:.1f} M trainable parameters, built in "
+      f"{time.perf_counter() - t0:.1f} s")
+
+  t0 = time.perf_counter()
+  examples = synthetic_examples(global_batch, args.instances, (hb, wb))
+  host = batching.make_batch(examples, (hb, wb), max_instances=100, mask_format="packed")
+  host = {k: host[k] for k in INSTANCE_BATCH_KEYS}
+  mesh = mesh_lib.make_mesh()
+  batch = mesh_lib.shard_batch(host, mesh)
+  log(f"batch {global_batch} x {hb}x{wb}, {args.instances} instances/image (M=100), made in "
+      f"{time.perf_counter() - t0:.1f} s")
+
+  rows = []
+  for precision in precisions:
+    rows.append(bench_precision(precision, initial, tx, batch, mesh, n_dev, args.warmup,
+                                args.steps, log))
+
+  print(f"\nR50-FPN PointRend train step ({ZOO}), bucket {hb}x{wb}, global batch {global_batch} "
+        f"({args.per_device_batch}/device x {n_dev} device(s), {n_dev} virtual replica(s)), "
+        f"{args.instances} GT instances/image in M=100 slots, float32 model; median of "
+        f"{args.steps} steps after {args.warmup} warm-up.\n")
+  print("| precision | lower (s) | compile (s) | step median (s) | step min (s) | images/s | "
+        "XLA buffers/device (GiB) | peak memory (GiB) | loss |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for r in rows:
+    print(f"| float32, {r['precision']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
+          f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['images_per_s']:.2f} | "
+          f"{r['xla_gib']:.2f} | {r['peak_gib']:.2f} ({r['mem_kind']}) | {r['loss']:.3f} |")
+  print("| bfloat16 | not implemented: the model has no compute-dtype option | | | | | | | |")
+
+
+if __name__ == "__main__":
+  main()
