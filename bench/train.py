@@ -3,7 +3,8 @@
 Usage::
 
   python bench/train.py [--steps 3] [--warmup 1] [--bucket 800x1344] [--per-device-batch 2]
-                        [--precisions highest,default] [--instances 20]
+                        [--precisions highest,default] [--dtypes float32,bfloat16]
+                        [--instances 20]
 
 What runs: :func:`pointrend_jax.training.train.make_train_step` with
 :func:`pointrend_jax.training.losses_instance.instance_loss_fn` and the optimizer of the zoo
@@ -21,7 +22,7 @@ Batch: :func:`pointrend_jax.data.batching.make_batch` of synthetic examples (see
 ``--bucket`` canvas, ``--instances`` ellipse masks per image (random centres, sizes 16-400 px,
 80 classes) with their tight boxes, M = 100 GT slots, bit-packed masks.
 
-Measured per precision:
+Measured per compute dtype and precision (one row each, every dtype x every precision):
 
 * lower (trace) and compile time of the jitted step (ahead of time, ``lower().compile()``);
 * step time: median (and min) of ``--steps`` steps after ``--warmup`` steps, each ending in
@@ -31,11 +32,13 @@ Measured per precision:
   ["peak_bytes_in_use"]`` on GPU/TPU, host peak RSS (``getrusage``) on CPU. Both process peaks
   are running maxima: a later row includes the earlier rows' peak.
 
-Precision: the model computes in float32 (variables, activations, losses). ``--precisions``
-sets the conv / matmul precision of :mod:`pointrend_jax.modeling.layers` (``highest``: true
-float32, the parity setting; ``default``: the backend's fast path, TF32 on recent NVIDIA GPUs,
-bf16 passes on TPU; no effect on CPU). A bfloat16 compute dtype (bf16 activations / mixed
-precision) is **not implemented** in the model code, so it is not benchmarked.
+Precision: ``--dtypes`` sets the compute dtype of :mod:`pointrend_jax.modeling.layers`
+(``layers.compute_dtype``, the ``train.compute_dtype`` config key): ``float32`` (the parity
+setting) or ``bfloat16`` (bf16 activations and conv / matmul operands; variables, gradients,
+optimizer state, head outputs and losses stay float32). Default: ``float32`` on CPU (where XLA
+has no fast bf16 convs), both elsewhere. ``--precisions`` sets the conv / matmul precision
+(``highest``: true float32, the parity setting; ``default``: the backend's fast path, TF32 on
+recent NVIDIA GPUs, bf16 passes on TPU; no effect on CPU; it is about float32 operands).
 """
 
 from __future__ import annotations
@@ -160,10 +163,12 @@ def xla_memory(compiled) -> float:
     return float("nan")
 
 
-def bench_precision(precision: str, model_state, tx, batch, mesh, num_groups: int,
+def bench_precision(dtype: str, precision: str, model_state, tx, batch, mesh, num_groups: int,
                     warmup: int, steps: int, log) -> dict:
   global_batch = batch["image"].shape[0]
-  with layers.conv_precision(precision):  # read at trace time
+  name = f"{dtype}, {precision}"
+  # Both are read at trace time, i.e. by lower() below.
+  with layers.compute_dtype(dtype), layers.conv_precision(precision):
     step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
     state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
     t0 = time.perf_counter()
@@ -173,7 +178,7 @@ def bench_precision(precision: str, model_state, tx, batch, mesh, num_groups: in
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-  log(f"[{precision}] lower {lower_s:.1f} s, compile {compile_s:.1f} s")
+  log(f"[{name}] lower {lower_s:.1f} s, compile {compile_s:.1f} s")
   times, losses = [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -182,7 +187,7 @@ def bench_precision(precision: str, model_state, tx, batch, mesh, num_groups: in
     dt = time.perf_counter() - t0
     loss = float(metrics["loss"])
     losses.append(loss)
-    log(f"[{precision}] step {i} ({'warm-up' if i < warmup else 'timed'}): {dt:.2f} s, "
+    log(f"[{name}] step {i} ({'warm-up' if i < warmup else 'timed'}): {dt:.2f} s, "
         f"loss {loss:.4f}")
     if i >= warmup:
       times.append(dt)
@@ -190,9 +195,9 @@ def bench_precision(precision: str, model_state, tx, batch, mesh, num_groups: in
     raise FloatingPointError(f"non-finite loss: {losses}")
   median = statistics.median(times)
   mem_kind, peak = peak_memory()
-  return dict(precision=precision, lower_s=lower_s, compile_s=compile_s, median_s=median,
-              min_s=min(times), runs=len(times), images_per_s=global_batch / median,
-              xla_gib=xla_memory(compiled), mem_kind=mem_kind, peak_gib=peak, loss=losses[-1])
+  return dict(dtype=dtype, precision=precision, lower_s=lower_s, compile_s=compile_s,
+              median_s=median, min_s=min(times), runs=len(times),
+              images_per_s=global_batch / median, xla_gib=xla_memory(compiled), mem_kind=mem_kind, peak_gib=peak, loss=losses[-1])
 
 
 def main() -> None:
@@ -205,6 +210,9 @@ def main() -> None:
   parser.add_argument("--precisions", default=None,
                       help="comma-separated conv/matmul precisions (default: 'highest' on CPU, "
                            "'highest,default' elsewhere)")
+  parser.add_argument("--dtypes", default=None,
+                      help="comma-separated compute dtypes, float32 / bfloat16 (default: "
+                           "'float32' on CPU, 'float32,bfloat16' elsewhere)")
   args = parser.parse_args()
   log = lambda s: print(f"  {s}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -214,6 +222,10 @@ def main() -> None:
   platform = jax.devices()[0].platform
   precisions = (args.precisions.split(",") if args.precisions
                 else ["highest"] if platform == "cpu" else ["highest", "default"])
+  dtypes = (args.dtypes.split(",") if args.dtypes
+            else ["float32"] if platform == "cpu" else ["float32", "bfloat16"])
+  for dtype in dtypes:
+    layers.canonical_compute_dtype(dtype)  # fail before building anything
   hb, wb = (int(v) for v in args.bucket.lower().split("x"))
   global_batch = args.per_device_batch * n_dev
 
@@ -239,22 +251,22 @@ def main() -> None:
       f"{time.perf_counter() - t0:.1f} s")
 
   rows = []
-  for precision in precisions:
-    rows.append(bench_precision(precision, initial, tx, batch, mesh, n_dev, args.warmup,
-                                args.steps, log))
+  for dtype in dtypes:
+    for precision in precisions:
+      rows.append(bench_precision(dtype, precision, initial, tx, batch, mesh, n_dev,
+                                  args.warmup, args.steps, log))
 
   print(f"\nR50-FPN PointRend train step ({ZOO}), bucket {hb}x{wb}, global batch {global_batch} "
         f"({args.per_device_batch}/device x {n_dev} device(s), {n_dev} virtual replica(s)), "
-        f"{args.instances} GT instances/image in M=100 slots, float32 model; median of "
+        f"{args.instances} GT instances/image in M=100 slots, float32 variables; median of "
         f"{args.steps} steps after {args.warmup} warm-up.\n")
-  print("| precision | lower (s) | compile (s) | step median (s) | step min (s) | images/s | "
-        "XLA buffers/device (GiB) | peak memory (GiB) | loss |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| compute dtype | precision | lower (s) | compile (s) | step median (s) | step min (s) | "
+        "images/s | XLA buffers/device (GiB) | peak memory (GiB) | loss |")
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
-    print(f"| float32, {r['precision']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
+    print(f"| {r['dtype']} | {r['precision']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
           f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['images_per_s']:.2f} | "
           f"{r['xla_gib']:.2f} | {r['peak_gib']:.2f} ({r['mem_kind']}) | {r['loss']:.3f} |")
-  print("| bfloat16 | not implemented: the model has no compute-dtype option | | | | | | | |")
 
 
 if __name__ == "__main__":

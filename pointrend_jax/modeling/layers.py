@@ -14,6 +14,10 @@ with a type filter:
 
 ``Frozen`` is the common base of ``FrozenParam`` and ``FrozenStat``; ``TRAINABLE`` (= ``nnx.Param``)
 is the filter for ``nnx.Optimizer(..., wrt=TRAINABLE)``.
+
+Precision is set at trace time, model-wide: :func:`conv_precision` (HIGHEST by default: true
+float32 matmuls on GPU/TPU) and :func:`compute_dtype` (float32 by default; bfloat16 activations
+with float32 variables, see ``docs/architecture.md``, "Precision").
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pointrend_jax.ops import conv as conv_lib
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -79,6 +85,63 @@ def conv_precision(precision: jax.lax.PrecisionLike) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Compute dtype.
+# --------------------------------------------------------------------------------------------------
+
+# dtype of the activations and of the matmul / conv operands. Variables stay float32 whatever it
+# is (so gradients and optimizer state are float32 too); Conv2d and Linear cast their input and
+# parameters to it, norms compute their statistics in float32 and return it, and every head whose
+# outputs feed box decoding, sampling or a loss casts them back to float32. float32 is the parity
+# setting (casts to the same dtype are no-ops: bit-identical to a model without this option).
+# Read at trace time, like the conv precision.
+_COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_COMPUTE_DTYPE: jnp.dtype = jnp.dtype(jnp.float32)
+
+
+def canonical_compute_dtype(dtype: Any) -> jnp.dtype:
+  """``None`` / ``"float32"`` / ``"bfloat16"`` / a jnp or numpy dtype -> the numpy dtype.
+
+  Raises:
+    ValueError: any other dtype (float16 would need loss scaling, which is not implemented).
+  """
+  if dtype is None:
+    return jnp.dtype(jnp.float32)
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"unknown compute dtype {dtype!r}") from e
+  if canonical not in _COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype must be float32 or bfloat16, got {dtype!r}")
+  return canonical
+
+
+def get_compute_dtype() -> jnp.dtype:
+  """The dtype layers compute in (float32 unless set; see :func:`compute_dtype`)."""
+  return _COMPUTE_DTYPE
+
+
+def set_compute_dtype(dtype: Any) -> None:
+  """Sets the compute dtype (None / "float32" / "bfloat16" / a dtype); affects new traces."""
+  global _COMPUTE_DTYPE
+  _COMPUTE_DTYPE = canonical_compute_dtype(dtype)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: Any) -> Iterator[None]:
+  """Context manager that temporarily sets the compute dtype (trace time).
+
+  Wrap the *tracing* of a function (its first call under ``jit``, or ``.lower()``): an already
+  traced and cached function keeps the dtype it was traced with. Parameters stay float32.
+  """
+  old = get_compute_dtype()
+  set_compute_dtype(dtype)
+  try:
+    yield
+  finally:
+    set_compute_dtype(old)
+
+
+# --------------------------------------------------------------------------------------------------
 # Initializers (HWIO conv kernels or (in, out) dense kernels; fan computed like PyTorch).
 # --------------------------------------------------------------------------------------------------
 
@@ -98,7 +161,8 @@ class FrozenBatchNorm(nnx.Module):
   """detectron2 ``FrozenBatchNorm2d``: a fixed per-channel affine map, eps 1e-5.
 
   ``y = x * s + (bias - running_mean * s)``, ``s = weight * rsqrt(running_var + eps)``, all in
-  float32 like detectron2. Fresh values are the identity (running_var = 1 - eps).
+  float32 like detectron2 (also under a bfloat16 compute dtype, where only the result is
+  rounded). Fresh values are the identity (running_var = 1 - eps).
   """
 
   def __init__(self, num_features: int, *, eps: float = 1e-5):
@@ -110,11 +174,12 @@ class FrozenBatchNorm(nnx.Module):
     self.running_var = FrozenStat(jnp.full((num_features,), 1.0 - eps, jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C)."""
+    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype."""
     scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
     shift = self.bias[...] - self.running_mean[...] * scale
     scale, shift = jax.lax.stop_gradient((scale, shift))
-    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+    y = x.astype(jnp.float32) * scale + shift
+    return y.astype(get_compute_dtype())
 
 
 class BatchNorm(nnx.Module):
@@ -143,7 +208,10 @@ class BatchNorm(nnx.Module):
       self.use_running_average = use_running_average
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C)."""
+    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype (statistics in float32)."""
+    out_dtype = get_compute_dtype()
+    # bf16 sums over N*H*W elements would lose the mean; the statistics need float32.
+    x = x.astype(jnp.float32)
     if self.use_running_average:
       mean, var = self.running_mean[...], self.running_var[...]
     else:
@@ -156,7 +224,7 @@ class BatchNorm(nnx.Module):
       self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
       self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased)
     scale = self.weight[...] * jax.lax.rsqrt(var + self.eps)
-    return (x - mean) * scale + self.bias[...]
+    return ((x - mean) * scale + self.bias[...]).astype(out_dtype)
 
 
 class GroupNorm(nnx.Module):
@@ -177,7 +245,10 @@ class GroupNorm(nnx.Module):
     self.bias = param_type(jnp.zeros((num_channels,), jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C)."""
+    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype (statistics in float32)."""
+    out_dtype = get_compute_dtype()
+    # Group statistics over H*W*C/G elements are too coarse in bf16; normalize in float32.
+    x = x.astype(jnp.float32)
     shape = x.shape
     g = x.reshape(shape[:-1] + (self.num_groups, shape[-1] // self.num_groups))
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
@@ -187,7 +258,7 @@ class GroupNorm(nnx.Module):
     weight, bias = self.weight[...], self.bias[...]
     if self.frozen:
       weight, bias = jax.lax.stop_gradient((weight, bias))
-    return y * weight + bias
+    return (y * weight + bias).astype(out_dtype)
 
 
 def get_norm(norm: str | None, channels: int, *, frozen: bool = False) -> nnx.Module | None:
@@ -224,6 +295,9 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 class Conv2d(nnx.Module):
   """detectron2 ``Conv2d``: PyTorch conv (explicit symmetric padding, groups) + optional norm.
+
+  The conv runs in the compute dtype (:func:`compute_dtype`): input, kernel and bias are cast
+  to it, the float32 variables are left as they are.
 
   Attributes:
     kernel: (kh, kw, I/G, O) HWIO; detectron2 ``weight`` is (O, I/G, kh, kw).
@@ -267,23 +341,25 @@ class Conv2d(nnx.Module):
     self.norm = norm
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, I) -> (N, H', W', O), H' = (H + 2p - d(k-1) - 1) // s + 1 as in PyTorch."""
+    """x: (N, H, W, I) -> (N, H', W', O) in the compute dtype,
+    H' = (H + 2p - d(k-1) - 1) // s + 1 as in PyTorch."""
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     if self.frozen:
       kernel, bias = jax.lax.stop_gradient((kernel, bias))
+    dtype = get_compute_dtype()
     ph, pw = self.padding
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype),
-        window_strides=self.stride,
+    # ops.conv2d: XLA's own kernel gradient of a conv is 4-10x slower on CPU (see its docs).
+    y = conv_lib.conv2d(
+        x.astype(dtype), kernel.astype(dtype),
+        stride=self.stride,
         padding=((ph, ph), (pw, pw)),
-        rhs_dilation=self.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups,
+        dilation=self.dilation,
+        groups=self.groups,
         precision=self.precision if self.precision is not None else get_conv_precision(),
     )
     if bias is not None:
-      y = y + bias.astype(y.dtype)
+      y = y + bias.astype(dtype)
     if self.norm is not None:
       y = self.norm(y)
     return y

@@ -31,7 +31,7 @@ from flax import nnx
 from jax import lax
 
 from pointrend_jax.modeling.layers import (Conv2d, c2_msra_fill, c2_xavier_fill, d2_names_of,
-                                           get_conv_precision, load_d2_state)
+                                           get_compute_dtype, get_conv_precision, load_d2_state)
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import (instance_uncertainty,
                                                point_sample_fine_grained_features,
@@ -64,8 +64,9 @@ _prediction_init = jax.nn.initializers.normal(0.001)
 class Linear(nnx.Module):
   """PyTorch ``nn.Linear`` on the last axis; ``kernel`` is ``(in, out)`` (= PyTorch weight.T).
 
-  The matmul uses the conv precision setting of :mod:`layers` (HIGHEST by default), so dense and
-  conv layers keep float32 parity on accelerators together.
+  The matmul uses the conv precision and compute dtype settings of :mod:`layers` (HIGHEST,
+  float32 by default), so dense and conv layers keep float32 parity on accelerators together and
+  switch to bfloat16 together (input, kernel and bias cast; the variables stay float32).
   """
 
   def __init__(self, in_features: int, out_features: int, *,
@@ -77,9 +78,11 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    """x: ``[..., in]`` -> ``[..., out]``."""
-    y = jnp.matmul(x, self.kernel[...].astype(x.dtype), precision=get_conv_precision())
-    return y + self.bias[...].astype(y.dtype)
+    """x: ``[..., in]`` -> ``[..., out]`` in the compute dtype."""
+    dtype = get_compute_dtype()
+    y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype),
+                   precision=get_conv_precision())
+    return y + self.bias[...].astype(dtype)
 
 
 class PointwiseConv1d(Linear):
@@ -178,7 +181,8 @@ class ConvFCHead(nnx.Module):
                              kernel_init=_prediction_init, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    """x: ``[R, s, s, in_channels]`` pooled features -> ``[R, S, S, num_classes]`` logits."""
+    """x: ``[R, s, s, in_channels]`` pooled features -> ``[R, S, S, num_classes]`` float32
+    logits."""
     if self.reduce_channel_dim_conv is not None:
       x = jax.nn.relu(self.reduce_channel_dim_conv(x))
     x = jax.nn.relu(self.reduce_spatial_dim_conv(x))
@@ -187,7 +191,8 @@ class ConvFCHead(nnx.Module):
     for k in range(self.num_fc):
       x = jax.nn.relu(getattr(self, f"fc{k + 1}")(x))
     s = self.output_side
-    x = self.prediction(x).reshape(x.shape[0], self.num_classes, s, s)
+    # Logits leave the head in float32: they feed point selection, subdivision and the losses.
+    x = self.prediction(x).astype(jnp.float32).reshape(x.shape[0], self.num_classes, s, s)
     return jnp.transpose(x, (0, 2, 3, 1))
 
 
@@ -222,13 +227,18 @@ class StandardPointHead(nnx.Module):
                                      rngs=rngs)
 
   def __call__(self, fine: Array, coarse: Array) -> Array:
-    """fine ``[R, P, in_channels]``, coarse ``[R, P, C]`` -> point logits ``[R, P, C]``."""
-    x = jnp.concatenate([fine, coarse], axis=-1)
+    """fine ``[R, P, in_channels]``, coarse ``[R, P, C]`` -> float32 point logits ``[R, P, C]``.
+    """
+    dtype = get_compute_dtype()
+    # One dtype per concatenation (fine features may be bf16, sampled coarse logits float32).
+    coarse = coarse.astype(dtype)
+    x = jnp.concatenate([fine.astype(dtype), coarse], axis=-1)
     for k in range(self.num_fc):
       x = jax.nn.relu(getattr(self, f"fc{k + 1}")(x))
       if self.coarse_pred_each_layer:
         x = jnp.concatenate([x, coarse], axis=-1)
-    return self.predictor(x)
+    # float32 out: the logits are scattered into float32 masks and go into the losses.
+    return self.predictor(x).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------

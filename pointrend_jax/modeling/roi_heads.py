@@ -94,8 +94,9 @@ class FastRCNNOutputLayers(nnx.Module):
 
   def __call__(self, x: Array) -> tuple[Array, Array]:
     """x: ``[R, in_features]`` -> (``[R, K+1]`` class logits, ``[R, 4K]`` class-specific deltas,
-    column ``4k + j`` = component j (dx, dy, dw, dh) of class k)."""
-    return self.cls_score(x), self.bbox_pred(x)
+    column ``4k + j`` = component j (dx, dy, dw, dh) of class k), both float32 whatever the
+    compute dtype (softmax, box decoding and the losses read them)."""
+    return self.cls_score(x).astype(jnp.float32), self.bbox_pred(x).astype(jnp.float32)
 
 
 class Detections(NamedTuple):

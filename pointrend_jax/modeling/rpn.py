@@ -76,14 +76,15 @@ class StandardRPNHead(nnx.Module):
 
     Returns:
       ``(logits, deltas)``: lists over levels of ``[B, H_l*W_l*A]`` and
-      ``[B, H_l*W_l*A, box_dim]``.
+      ``[B, H_l*W_l*A, box_dim]``, float32 whatever the compute dtype (they go into top-k,
+      box decoding and the losses).
     """
     logits, deltas = [], []
     for x in features:
       t = jax.nn.relu(self.conv(x))
       b = x.shape[0]
-      logits.append(self.objectness_logits(t).reshape(b, -1))
-      deltas.append(self.anchor_deltas(t).reshape(b, -1, self.box_dim))
+      logits.append(self.objectness_logits(t).astype(jnp.float32).reshape(b, -1))
+      deltas.append(self.anchor_deltas(t).astype(jnp.float32).reshape(b, -1, self.box_dim))
     return logits, deltas
 
 

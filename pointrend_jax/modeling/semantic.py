@@ -178,9 +178,17 @@ class SemSegFPNHead(nnx.Module):
       out = x if out is None else out + x
     return out
 
+  def logits(self, fused: Array) -> Array:
+    """:meth:`fused_features` -> float32 coarse logits ``[N, H/4, W/4, num_classes]``.
+
+    float32 whatever the compute dtype: the logits feed uncertainty, subdivision and the loss.
+    """
+    return self.predictor(fused).astype(jnp.float32)
+
   def __call__(self, features: Mapping[str, Array]) -> Array:
-    """FPN features -> coarse logits ``[N, H/4, W/4, num_classes]`` (stride ``common_stride``)."""
-    return self.predictor(self.fused_features(features))
+    """FPN features -> float32 coarse logits ``[N, H/4, W/4, num_classes]`` (stride
+    ``common_stride``)."""
+    return self.logits(self.fused_features(features))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +281,7 @@ class PointRendSemSegHead(nnx.Module):
     """
     head = self.coarse_sem_seg_head
     fused = head.fused_features(features)
-    coarse = head.predictor(fused)
+    coarse = head.logits(fused)
     logits = coarse
     n, c = coarse.shape[0], coarse.shape[-1]
     rows = jnp.arange(n)[:, None]
