@@ -6,7 +6,15 @@ r"""Trains and evaluates pointrend-jax models.
 The config is an ml_collections file whose ``get_config()`` docstring states the command,
 the hardware and the expected result; any field can be overridden on the command line
 (``--config.eval.num_images=500``). Rerunning the same command resumes from the newest
-checkpoint in ``--workdir``; SIGTERM checkpoints and exits cleanly (status 0).
+checkpoint in ``--workdir``; SIGTERM checkpoints and exits cleanly (status 0). A completed
+training run exports its final model to ``<workdir>/model`` (``Predictor(None, that_dir)``,
+``python -m pointrend_jax.tools.predict --weights that_dir``).
+
+Errors the user can fix -- a missing dataset / weights / image / label file, a malformed
+dataset file, a bad or mismatched config value (e.g. the dataset's category count differs from
+the model's: ``--config.model.num_classes``), an unreadable checkpoint, a non-finite loss (the
+newest checkpoint is the last good state; nothing after it is saved) -- print one line,
+``launch.py: error: ...``, and exit with status 2. Anything else shows its traceback.
 
 Multi-host: pass ``--coordinator_address=host:port --num_processes=N --process_id=i`` on every
 host, or ``--distributed`` to let JAX detect the cluster (SLURM, Open MPI, TPU pods, GKE).
@@ -38,6 +46,27 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Initialise jax.distributed from the cluster environment.")
 
 
+def _one_line(e: object) -> str:
+  text = " ".join(str(e).split())
+  return text or type(e).__name__
+
+
+def _parse_flags(argv):
+  """absl's parser; a ``--config.*`` override of a key the config lacks gets one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:  # ml_collections: no such field on a locked config
+    what: object = e
+    while isinstance(what, BaseException) and what.args:  # AttributeError(KeyError(message))
+      what = what.args[0]
+    key = _one_line(what)  # type: ignore[arg-type]
+    print(f"launch.py: error: a --config.* override names a key the config does not have "
+          f"({key}); configs/common.py lists the keys (the zoo configs' "
+          "config.model.overrides is empty: set the class count with "
+          "--config.model.num_classes)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -60,15 +89,15 @@ def main(argv):
       loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                               evaluate_after=_MODE.value == "train_and_eval",
                               start_time=_START)
-  except loop.DataError as e:
-    print(f"launch.py: error: {e}", file=sys.stderr)
+  except loop.USER_ERRORS as e:  # the message says what to fix; no traceback
+    print(f"launch.py: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
   _HELP = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:
     # absl exits with status 1 after printing the help; asking for help is not an error.
     sys.exit(0 if _HELP & set(sys.argv[1:]) and e.code == 1 else e.code)

@@ -4,9 +4,12 @@ Sections (every key is read by :mod:`pointrend_jax.training.loop`):
 
 * ``seed``: parameter init, point sampling and the data order.
 * ``model``: ``zoo`` (a :data:`pointrend_jax.modeling.config.ZOO_NAMES` name, or "" for the
-  R50-FPN COCO defaults of ``ModelConfig()``) and ``overrides`` mirroring ``ModelConfig``'s
-  sections (``{"rpn": {"nms_thresh": 0.6}}``; ``num_classes`` sets both class counts). The
-  ``input`` section (sizes, crop, colour augmentation, flip) also drives the data pipeline.
+  R50-FPN COCO defaults of ``ModelConfig()``), ``num_classes`` (> 0: the class count of the
+  heads, the dataset's number of categories; 0 keeps the zoo / ``overrides`` value; the
+  command-line way, ``--config.model.num_classes=3``) and ``overrides`` mirroring
+  ``ModelConfig``'s sections (``{"rpn": {"nms_thresh": 0.6}}``; ``num_classes`` sets both class
+  counts). The ``input`` section (sizes, crop, colour augmentation, flip) also drives the data
+  pipeline. Training and evaluation check that the dataset's category count equals the model's.
 * ``init.weights``: "" (from scratch), a detectron2 ``.pkl`` / ``.pth`` (ImageNet backbone:
   only ``backbone.bottom_up`` is loaded; full model: strict) or a converted orbax directory
   (``python -m pointrend_jax.tools.convert``).
@@ -18,7 +21,7 @@ Sections (every key is read by :mod:`pointrend_jax.training.loop`):
   ``train.max_steps``.
 * ``train``: ``max_steps``, ``batch_size`` (global, IMS_PER_BATCH), ``num_replicas_d2``
   (detectron2's GPU count, for its per-GPU loss normalisation), ``checkpoint_every``,
-  ``log_every``, ...
+  ``log_every``, ``compute_dtype`` ("float32" or "bfloat16"; parameters stay float32), ...
 * ``eval``: ``every`` (steps; 0 = after training only), ``num_images`` (0 = all),
   ``batch_size`` (per process), ``coarse_masks`` (also evaluate the 7x7 coarse masks),
   ``num_visualize`` (prediction / point-stage pictures written after the final evaluation).
@@ -55,7 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key with detectron2's defaults (spec ``configs.md`` §1)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(zoo="", overrides=ml_collections.ConfigDict()))
+  # num_classes: 0 = the zoo / overrides value. A top-level key because ``overrides`` is an
+  # empty locked ConfigDict in the zoo configs, so its keys cannot be set on the command line.
+  c.model = ml_collections.ConfigDict(dict(zoo="", num_classes=0,
+                                           overrides=ml_collections.ConfigDict()))
   c.init = ml_collections.ConfigDict(dict(weights=""))
   c.data = ml_collections.ConfigDict(dict(
       train=_split(), val=_split(),
@@ -71,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       max_steps=90000, batch_size=16, num_replicas_d2=8, checkpoint_every=5000, log_every=20,
       max_to_keep=3, async_checkpointing=True, progress_bar=True,
+      compute_dtype="float32",  # or "bfloat16" (bf16 activations on GPU/TPU; slower on CPU)
       debug_step_delay_s=0.0,  # tests only: sleep before each step (preemption tests)
   ))
   c.eval = ml_collections.ConfigDict(dict(

@@ -3,8 +3,12 @@
 Layout of a converted directory::
 
   OUT_DIR/config.json   {"format": "pointrend-jax-converted", "version": 1,
-                         "config": ModelConfig.to_dict(), "source": {...}}
+                         "config": ModelConfig.to_dict(), "source": {...},
+                         ["class_names": [...]]}
   OUT_DIR/state/        orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model))
+
+``class_names`` (optional; models exported from training store their dataset's names) label
+the class ids in :class:`~pointrend_jax.inference.Predictor`.
 
 Every variable is saved (trainable ``nnx.Param``, ``FrozenParam``, FrozenBN ``FrozenStat``,
 ``BatchStat``), in the Flax layouts (HWIO convs, ``(in, out)`` dense kernels). Restoring builds the
@@ -17,9 +21,10 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -27,7 +32,8 @@ from pointrend_jax.checkpoint.d2_reader import CheckpointError
 from pointrend_jax.modeling.config import ConfigError, ModelConfig
 from pointrend_jax.modeling.meta_arch import abstract_model
 
-__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "read_converted_config"]
+__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "read_converted_config",
+           "read_converted_class_names"]
 
 FORMAT = "pointrend-jax-converted"
 VERSION = 1
@@ -39,10 +45,19 @@ def _checkpointer() -> ocp.StandardCheckpointer:
   return ocp.StandardCheckpointer()
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str], *,
-                   source: Mapping[str, Any] | None = None, overwrite: bool = False
-                   ) -> pathlib.Path:
+                   source: Mapping[str, Any] | None = None, overwrite: bool = False,
+                   class_names: Sequence[str] | None = None) -> pathlib.Path:
   """Writes ``model``'s variables (orbax) and ``cfg`` (JSON) to ``out_dir``.
+
+  With several JAX processes every process must call it (orbax writes collectively); process 0
+  alone prepares the directory and writes ``config.json``.
 
   Args:
     model: a concrete model (every variable holds an array).
@@ -50,30 +65,42 @@ def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLi
     out_dir: created; must be absent or empty unless ``overwrite``.
     source: provenance stored in ``config.json`` (e.g. the detectron2 file and format).
     overwrite: replace an existing non-empty ``out_dir``.
+    class_names: names of the class ids (``cfg.num_classes`` of them), stored for the
+      predictor's labels.
 
   Returns:
     The absolute output directory.
   """
   out = pathlib.Path(os.fspath(out_dir)).expanduser().resolve()
+  if class_names is not None and len(class_names) != cfg.num_classes:
+    raise CheckpointError(f"{len(class_names)} class names for {cfg.num_classes} classes")
+  primary = jax.process_index() == 0
   if out.exists():
     if not out.is_dir():
       raise CheckpointError(f"{out} exists and is not a directory")
     if any(out.iterdir()):
       if not overwrite:
         raise CheckpointError(f"{out} is not empty (use overwrite / --force)")
-      shutil.rmtree(out)
-  out.mkdir(parents=True, exist_ok=True)
+      if primary:
+        shutil.rmtree(out)
+  if primary:
+    out.mkdir(parents=True, exist_ok=True)
+  # No process may look at the directory while process 0 is still replacing it.
+  _sync("pointrend_jax.save_converted.prepared")
   ckpt = _checkpointer()
   ckpt.save(out / _STATE, nnx.to_pure_dict(nnx.state(model)))
   ckpt.wait_until_finished()
-  meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
-          "source": dict(source or {})}
-  (out / _CONFIG).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+  if primary:
+    meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
+            "source": dict(source or {})}
+    if class_names is not None:
+      meta["class_names"] = [str(n) for n in class_names]
+    (out / _CONFIG).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+  _sync("pointrend_jax.save_converted.done")
   return out
 
 
-def read_converted_config(out_dir: str | os.PathLike[str]) -> ModelConfig:
-  """The :class:`ModelConfig` stored in a converted directory."""
+def _read_meta(out_dir: str | os.PathLike[str]) -> tuple[pathlib.Path, dict[str, Any]]:
   path = pathlib.Path(os.fspath(out_dir)).expanduser() / _CONFIG
   try:
     meta = json.loads(path.read_text(encoding="utf-8"))
@@ -86,6 +113,12 @@ def read_converted_config(out_dir: str | os.PathLike[str]) -> ModelConfig:
   if meta.get("version") != VERSION:
     raise CheckpointError(f"{path}: version {meta.get('version')} is not supported "
                           f"(expected {VERSION})")
+  return path, meta
+
+
+def read_converted_config(out_dir: str | os.PathLike[str]) -> ModelConfig:
+  """The :class:`ModelConfig` stored in a converted directory."""
+  path, meta = _read_meta(out_dir)
   try:
     return ModelConfig.from_dict(meta["config"])
   except (ConfigError, KeyError, TypeError) as e:
@@ -106,3 +139,15 @@ def load_converted(out_dir: str | os.PathLike[str]) -> tuple[ModelConfig, nnx.Mo
     raise CheckpointError(f"{path}: cannot restore ({' '.join(str(e).split())[:300]})") from e
   nnx.replace_by_pure_dict(state, restored)
   return cfg, nnx.merge(graphdef, state)
+
+
+def read_converted_class_names(out_dir: str | os.PathLike[str]) -> list[str] | None:
+  """The class names stored in a converted directory, or None (e.g. converted detectron2
+  files: the predictor then uses the COCO / Cityscapes names by class count)."""
+  path, meta = _read_meta(out_dir)
+  names = meta.get("class_names")
+  if names is None:
+    return None
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    raise CheckpointError(f"{path}: class_names must be a list of strings")
+  return names

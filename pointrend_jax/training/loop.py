@@ -10,8 +10,12 @@
   and how to provide it. Training uses :func:`~pointrend_jax.data.pipeline.build_train_loader`
   (its iterator state is checkpointed with the model), evaluation
   :func:`~pointrend_jax.data.pipeline.build_eval_loader`.
-* **Model**: ``config.model.zoo`` / ``overrides`` -> :class:`~pointrend_jax.modeling.config.
-  ModelConfig` -> :func:`~pointrend_jax.modeling.meta_arch.build_model` (instance or semantic).
+  Every loaded split's category count must equal the model's class count
+  (:func:`check_num_classes`; a mismatch raises :class:`ConfigValueError` naming
+  ``config.model.num_classes``).
+* **Model**: ``config.model.zoo`` / ``overrides`` / ``num_classes`` ->
+  :class:`~pointrend_jax.modeling.config.ModelConfig` ->
+  :func:`~pointrend_jax.modeling.meta_arch.build_model` (instance or semantic).
 * **Init** (``config.init.weights``): a detectron2 file whose names cover only the backbone
   (ImageNet ``R-50.pkl``) loads ``backbone.bottom_up`` strictly and keeps the random init
   elsewhere; a full detectron2 model loads strictly; a directory is a converted orbax checkpoint
@@ -29,6 +33,16 @@
 * After the final evaluation ``eval.num_visualize`` val images get prediction overlays and
   point-stage pictures (``<workdir>/pictures``), and a summary is printed and written to
   ``<workdir>/summary.json``.
+* **Export**: a completed training run writes its final model to ``<workdir>/model`` as a
+  converted checkpoint (:func:`~pointrend_jax.checkpoint.orbax_io.save_converted`: the full
+  ``ModelConfig`` + the variables, and the dataset's class names), which
+  ``Predictor(None, "<workdir>/model")`` and ``python -m pointrend_jax.tools.predict --weights
+  <workdir>/model`` load; ``python -m pointrend_jax.tools.export`` does the same for any
+  checkpoint of a workdir (:func:`restore_model`).
+
+Errors a user can fix raise :class:`DataError` (a missing file), :class:`DatasetError` (a
+malformed dataset file) or :class:`ConfigValueError` (a bad or mismatched config value);
+``launch.py`` prints those and the rest of :data:`USER_ERRORS` as one line.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from pointrend_jax.checkpoint.d2_reader import CheckpointError
 from pointrend_jax.data import pipeline
 from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.training import checkpointing
@@ -60,8 +75,12 @@ from pointrend_jax.training.logging import MetricWriter
 
 __all__ = [
     "DataError",
+    "DatasetError",
+    "ConfigValueError",
+    "USER_ERRORS",
     "Split",
     "model_config",
+    "check_num_classes",
     "input_config",
     "load_split",
     "build_model",
@@ -69,6 +88,10 @@ __all__ = [
     "Evaluator",
     "train_and_evaluate",
     "evaluate",
+    "restore_model",
+    "export_model",
+    "read_workdir_config",
+    "EXPORT_DIR",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +101,32 @@ SOURCES = ("coco", "cityscapes", "tfds", "synthetic")
 
 class DataError(FileNotFoundError):
   """A dataset or weights file the config points at is missing (the message says how to fix)."""
+
+
+class DatasetError(ValueError):
+  """A dataset file the config points at is malformed (the message names the file / id)."""
+
+
+class ConfigValueError(ValueError):
+  """A config value is invalid, or does not fit the data or the model (the message names the
+  key to set)."""
+
+
+# What launch.py reports as one line (the messages say what to fix); anything else keeps its
+# traceback. FileNotFoundError: DataError, and an image / label file that vanished after the
+# split was loaded. FloatingPointError: a non-finite loss (train.py; the newest checkpoint is the
+# last good state). CheckpointError: unreadable / mismatched init weights. ConfigError: a model
+# override naming no ModelConfig field, a bad zoo name. NotImplementedError: a config option
+# this project does not support (the message names it). Plain ValueErrors are left out: they
+# may be bugs, and the config ones raise ConfigValueError.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, FloatingPointError, CheckpointError, config_lib.ConfigError,
+    ConfigValueError, DatasetError, NotImplementedError)
+
+# The final model of a completed run, as a converted checkpoint (Predictor / tools.predict).
+EXPORT_DIR = "model"
+# Class names of the training data, for the export tool (written at the start of training).
+CLASS_NAMES_FILE = "class_names.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,28 +145,45 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _class_count_updates(cfg: config_lib.ModelConfig, value: Any) -> dict[str, int]:
+  heads = ("sem_seg_head", "point_head") if cfg.is_semantic else ("roi_heads", "point_head")
+  return {f"{head}.num_classes": int(value) for head in heads}
+
+
 def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
-  """``config.model.zoo`` (or ``ModelConfig()``) with ``config.model.overrides`` applied.
+  """``config.model.zoo`` (or ``ModelConfig()``) with ``config.model.overrides`` and
+  ``config.model.num_classes`` applied.
 
   ``overrides`` mirrors ``ModelConfig`` (sections as dicts, top-level fields directly);
-  ``num_classes`` sets the head class counts (ROI + point head, or sem-seg + point head).
+  ``num_classes`` (in ``overrides``, or ``config.model.num_classes`` > 0, which wins) sets the
+  head class counts (ROI + point head, or sem-seg + point head).
+
+  Raises:
+    ConfigValueError: ``config.model.num_classes`` is negative.
+    ConfigError: an override names no ``ModelConfig`` field, or the zoo name is unknown.
   """
   zoo = str(config.model.get("zoo", "") or "")
   cfg = config_lib.zoo_config(zoo) if zoo else config_lib.ModelConfig()
+  overrides = _plain(config.model.get("overrides", None) or {})
+  # Overrides may change the meta architecture, which decides the heads num_classes goes to.
+  if "meta_architecture" in overrides:
+    cfg = cfg.replace(meta_architecture=overrides["meta_architecture"])
   updates: dict[str, Any] = {}
-  for key, value in _plain(config.model.get("overrides", None) or {}).items():
+  for key, value in overrides.items():
     if key == "num_classes":
-      heads = ("sem_seg_head", "point_head") if cfg.is_semantic else ("roi_heads", "point_head")
-      for head in heads:
-        updates[f"{head}.num_classes"] = int(value)
+      updates.update(_class_count_updates(cfg, value))
     elif isinstance(value, Mapping):
       for field, v in value.items():
         updates[f"{key}.{field}"] = v
-    else:
+    elif key != "meta_architecture":
       updates[key] = value
-  # Overrides may change the meta architecture; apply it first.
-  if "meta_architecture" in updates:
-    cfg = cfg.replace(meta_architecture=updates.pop("meta_architecture"))
+  num_classes = int(config.model.get("num_classes", 0) or 0)
+  if num_classes < 0:
+    raise ConfigValueError(f"config.model.num_classes must be >= 0 (0 = the zoo / overrides "
+                           f"value), got {num_classes}")
+  if num_classes:
+    # After the sections, so that it also wins over overrides.roi_heads.num_classes etc.
+    updates.update(_class_count_updates(cfg, num_classes))
   return cfg.replace(**updates)
 
 
@@ -222,14 +288,75 @@ def _coco_gt_from_records(records: Sequence[Mapping[str, Any]], names: Sequence[
           "categories": [{"id": int(i), "name": n} for i, n in zip(ids, names)]}
 
 
+def _split_origin(config: ml_collections.ConfigDict, which: str, workdir: str) -> str:
+  """Where ``config.data.<which>`` reads from, for messages (the annotations file, the root)."""
+  s = _section(config, which)
+  source = str(s.source)
+  if source == "coco":
+    return f"COCO annotations {s.annotations}"
+  if source == "cityscapes":
+    return f"Cityscapes root {s.root}"
+  if source == "synthetic":
+    return f"synthetic dataset at {_synthetic_root(config, which, workdir)}"
+  return f"TFDS data dir {s.root}"
+
+
+def check_num_classes(split: Split, mcfg: config_lib.ModelConfig, origin: str = "") -> None:
+  """Raises unless the split's category count equals the model's class count.
+
+  The data pipeline maps categories to contiguous ids ``0..C-1``; a model with fewer classes
+  would train on out-of-range labels without any error, one with more on never-seen classes.
+
+  Args:
+    split: from :func:`load_split` (``class_names``: its contiguous categories).
+    mcfg: the model config (``roi_heads.num_classes`` / ``sem_seg_head.num_classes``).
+    origin: where the split was read from (for the message).
+
+  Raises:
+    ConfigValueError: the counts differ; the message names ``config.model.num_classes``.
+  """
+  have = len(split.class_names)
+  if not have:
+    # TFDS datasets prepared without class metadata: nothing to compare against.
+    logger.warning("config.data.%s (%s) stores no class names; cannot check that it has %d "
+                   "classes", split.which, origin or split.source, mcfg.num_classes)
+    return
+  if have == mcfg.num_classes:
+    return
+  head = "sem_seg_head" if mcfg.is_semantic else "roi_heads"
+  what = "semantic classes" if mcfg.is_semantic else "categories"
+  if split.source == "cityscapes" and mcfg.is_semantic:
+    what = "semantic classes (Cityscapes train ids)"
+  raise ConfigValueError(
+      f"config.data.{split.which} ({origin or split.source}) has {have} {what} but the model "
+      f"has {mcfg.num_classes} classes ({head}.num_classes); set --config.model.num_classes="
+      f"{have} (or point config.data.{split.which} at the dataset the model is for)")
+
+
 def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
                mcfg: config_lib.ModelConfig) -> Split:
   """Records of ``config.data.<which>`` (see the module docstring); errors say what is missing.
 
   Raises:
     DataError: a path the config names does not exist.
-    ValueError: unknown source, or a source that cannot feed this model type.
+    DatasetError: a dataset file is malformed (the message names the file / id).
+    ConfigValueError: unknown source, a source that cannot feed this model type, or a category
+      count different from the model's class count (:func:`check_num_classes`).
   """
+  try:
+    split = _load_split(config, which, workdir, mcfg)
+  except (DataError, ConfigValueError):
+    raise
+  except FileNotFoundError as e:  # an image / ground-truth file of the dataset
+    raise DataError(f"{e} (config.data.{which})") from e
+  except ValueError as e:  # the loaders' malformed-file errors name the file and the id
+    raise DatasetError(f"{e} (config.data.{which})") from e
+  check_num_classes(split, mcfg, _split_origin(config, which, workdir))
+  return split
+
+
+def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
+                mcfg: config_lib.ModelConfig) -> Split:
   from pointrend_jax.data import cityscapes, coco
   s = _section(config, which)
   source = str(s.source)
@@ -237,7 +364,7 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
   semantic = mcfg.is_semantic
   key = f"data.{which}"
   if source not in SOURCES:
-    raise ValueError(f"config.{key}.source must be one of {SOURCES}, got {source!r}")
+    raise ConfigValueError(f"config.{key}.source must be one of {SOURCES}, got {source!r}")
 
   if source == "synthetic":
     from pointrend_jax.data import synthetic
@@ -249,7 +376,8 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
         image_size=tuple(int(v) for v in syn.image_size), seed=int(syn.seed))
     logger.info("synthetic dataset at %s (%.1f s)", ds.root, time.perf_counter() - t0)
     if split not in ds.splits:
-      raise ValueError(f"config.{key}.split must be one of {tuple(ds.splits)}, got {split!r}")
+      raise ConfigValueError(f"config.{key}.split must be one of {tuple(ds.splits)}, got "
+                             f"{split!r}")
     records = synthetic.load_synthetic_records(ds, split)
     if semantic:
       return Split(which, source, records, synthetic.SEM_SEG_CLASSES)
@@ -258,8 +386,8 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
 
   if source == "coco":
     if semantic:
-      raise ValueError(f"config.{key}.source 'coco' provides instances; semantic models need "
-                       "'cityscapes', 'tfds' (cityscapes_semantic) or 'synthetic'")
+      raise ConfigValueError(f"config.{key}.source 'coco' provides instances; semantic models "
+                             "need 'cityscapes', 'tfds' (cityscapes_semantic) or 'synthetic'")
     how = ("download COCO 2017 from https://cocodataset.org/#download (annotations_trainval2017"
            ".zip and the train2017 / val2017 image zips), unzip them under "
            "$POINTREND_DATASETS/coco (annotations/, train2017/, val2017/) or point "
@@ -301,8 +429,8 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
          f"data_dir, name=...) and point --config.{key}.root at that data_dir")
   _require_dir(builder_dir, f"a prepared TFDS dataset ({kind}/{name})", f"{key}.root", how)
   if semantic != (kind == "cityscapes_semantic"):
-    raise ValueError(f"config.{key}.tfds_kind {kind!r} does not fit a "
-                     f"{'semantic' if semantic else 'instance'} model")
+    raise ConfigValueError(f"config.{key}.tfds_kind {kind!r} does not fit a "
+                           f"{'semantic' if semantic else 'instance'} model")
   records = tfds_builders.TfdsRecords(root, kind, split, name=name)
   import tensorflow_datasets as tfds
   versions = sorted((d for d in os.listdir(builder_dir) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
@@ -316,8 +444,8 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
     if kind == "coco_instances":
       return Split(which, source, records, tuple(names),
                    coco_gt=_coco_gt_from_records(records, names, ids))
-    raise ValueError(f"config.{key}: evaluating Cityscapes needs the gtFine files the official "
-                     "metrics read; use source='cityscapes' for data.val")
+    raise ConfigValueError(f"config.{key}: evaluating Cityscapes needs the gtFine files the "
+                           "official metrics read; use source='cityscapes' for data.val")
   return Split(which, source, records, tuple(names))
 
 
@@ -672,8 +800,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     node = config
     for part in key.split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise KeyError(f"config is missing required key {key!r} (see configs/common.py)")
+        raise ConfigValueError(f"config is missing required key {key!r} (see configs/common.py)")
       node = node[part]
+  # Values train_loop would reject only after the data and the model are built.
+  batch = int(config.train.batch_size)
+  groups = int(config.train.get("num_replicas_d2", 1) or 1)
+  if batch < 1 or groups < 1 or batch % groups:
+    raise ConfigValueError(f"config.train.batch_size ({batch}) must be a positive multiple of "
+                           f"config.train.num_replicas_d2 ({groups})")
+  from pointrend_jax.modeling import layers
+  try:
+    layers.canonical_compute_dtype(config.train.get("compute_dtype", "float32"))
+  except ValueError as e:
+    raise ConfigValueError(f"config.train.compute_dtype: {e}") from e
 
 
 def _fmt(v: Any) -> str:
@@ -745,6 +884,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   timings: dict[str, float] = {}
   t = time.time()
   train_split = load_split(config, "train", workdir, mcfg)
+  if jax.process_index() == 0:
+    # For tools.export: the exported model carries the names (Predictor labels).
+    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
+      json.dump(list(train_split.class_names), f, indent=1)
   evaluator = Evaluator(config, workdir, mcfg, mesh=mesh) if evaluate_after else None
   timings["data"] = time.time() - t
 
@@ -760,7 +903,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   procs = jax.process_count()
   batch = int(config.train.batch_size)
   if batch % procs:
-    raise ValueError(f"train.batch_size {batch} not divisible by {procs} processes")
+    raise ConfigValueError(f"train.batch_size {batch} not divisible by {procs} processes")
   it = pipeline.build_train_loader(
       train_split.records, batch_size_per_process=batch // procs, seed=int(config.seed),
       input_config=input_config(config, mcfg),
@@ -807,6 +950,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics = eval_fn(state.model(), step)
     with MetricWriter(workdir) as writer:
       writer.write_scalars(step, metrics)
+  t = time.time()
+  exported = export_model(state.model(), mcfg, os.path.join(workdir, EXPORT_DIR),
+                          class_names=train_split.class_names or None,
+                          source={"workdir": os.path.abspath(workdir), "step": step})
+  logger.info("exported the final model to %s (Predictor(None, %r), tools.predict --weights)",
+              exported, str(exported))
+  timings["export"] = time.time() - t
   timings["total"] = time.time() - start_time
   if evaluate_after:
     _write_summary(config, workdir, last["metrics"], step, timings, mcfg)
@@ -857,3 +1007,108 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   timings["total"] = time.time() - start_time
   _write_summary(config, workdir, metrics, step, timings, mcfg)
   return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: training checkpoints -> converted checkpoints (Predictor, tools.predict).
+# --------------------------------------------------------------------------------------------------
+
+
+def export_model(model: nnx.Module, mcfg: config_lib.ModelConfig, out_dir: str | os.PathLike,
+                 *, class_names: Sequence[str] | None = None,
+                 source: Mapping[str, Any] | None = None) -> str:
+  """Writes ``model`` as a converted checkpoint (replacing ``out_dir``); every process calls it.
+
+  Args:
+    model: a concrete model (e.g. ``TrainState.model()``).
+    mcfg: its full :class:`~pointrend_jax.modeling.config.ModelConfig` (stored as JSON, so the
+      directory loads without the training config).
+    out_dir: the output directory; an existing one is replaced.
+    class_names: the dataset's class names (Predictor's labels); must match the class count.
+    source: provenance stored in ``config.json`` (workdir, step).
+
+  Returns:
+    The absolute output directory.
+  """
+  from pointrend_jax.checkpoint import orbax_io
+  return str(orbax_io.save_converted(model, mcfg, out_dir, overwrite=True,
+                                     source=dict(source or {}, kind="training checkpoint"),
+                                     class_names=class_names))
+
+
+def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The run config ``launch.py`` saved in ``workdir/config.json``.
+
+  Raises:
+    DataError: ``workdir`` or its ``config.json`` is missing.
+    ConfigValueError: ``config.json`` is not a JSON object.
+  """
+  workdir = os.fspath(workdir)
+  if not os.path.isdir(workdir):
+    raise DataError(f"workdir not found: {workdir}")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise DataError(f"{workdir} has no config.json (not a launch.py workdir)")
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except ValueError as e:
+    raise ConfigValueError(f"{path}: not JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise ConfigValueError(f"{path}: expected a JSON object")
+  return ml_collections.ConfigDict(data)
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                  step: int | None = None, *, mcfg: config_lib.ModelConfig | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[int, nnx.Module]:
+  """The model of training checkpoint ``step`` (default: the newest) of ``workdir``.
+
+  The checkpoint's structure is built abstractly (no random initialisation), so this is fast
+  even for big models; the optimizer state is read too (orbax restores whole items).
+
+  Args:
+    config: the run config (e.g. :func:`read_workdir_config`).
+    workdir: the run's workdir (``checkpoints/<step>/``).
+    step: the checkpoint step; None: the newest.
+    mcfg: the model config (default: :func:`model_config` of ``config``).
+    mesh: where the arrays go (default: all devices, replicated).
+
+  Returns:
+    ``(step, model)``.
+
+  Raises:
+    DataError: no checkpoints, or no checkpoint ``step`` (the message lists those present).
+  """
+  from pointrend_jax.modeling import layers, meta_arch
+  workdir = os.fspath(workdir)
+  mcfg = mcfg or model_config(config)
+  mesh = mesh or mesh_lib.make_mesh()
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
+      ckpt_dir) else []
+  if not steps:
+    raise DataError(f"no training checkpoint in {ckpt_dir}")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise DataError(f"no checkpoint {step} in {ckpt_dir} (available: "
+                    f"{', '.join(map(str, steps))})")
+  abstract = meta_arch.abstract_model(mcfg)
+  tx, _ = optimizer_lib.make_optimizer(_loop_config(config), abstract)
+
+  def checkpoint_tree():
+    model = meta_arch.build_model(mcfg, nnx.Rngs(0))
+    return train_lib.create_train_state(model, tx).checkpoint_tree()
+
+  replicated = mesh_lib.replicated_sharding(mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        jax.eval_shape(checkpoint_tree))
+  # The state item directly, not through a CheckpointManager: opening a manager cleans up
+  # temporary directories, i.e. would break a checkpoint that a running training is writing.
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(os.path.join(ckpt_dir, str(step), checkpointing.STATE_ITEM))
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(path, target)
+  # The same split as create_train_state: trainable params, then every other variable.
+  graphdef, _, _ = nnx.split(abstract, layers.TRAINABLE, ...)
+  return step, nnx.merge(graphdef, tree["params"], tree["model_state"])
