@@ -209,7 +209,14 @@ def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, mode
     loss, terms = loss_fn(model, replica_batch, replica_key)
     return loss, dict(terms)
 
-  losses, terms = jax.vmap(one_replica)(grouped, keys)
+  if mesh is None or mesh.devices.size == 1:
+    # One device: replicas one after the other. Under vmap every data-dependent loop of the
+    # model (ROIAlign's tap slots and its backward scatter, NMS) gets a batched trip count,
+    # and JAX then selects the whole loop carry on each iteration: for ROIAlign's
+    # [maps, 256] gradient buffer that cost 10 s of a 42 s R50 step (docs/performance.md).
+    losses, terms = jax.lax.map(lambda args: one_replica(*args), (grouped, keys))
+  else:
+    losses, terms = jax.vmap(one_replica)(grouped, keys)
   return jnp.mean(losses), {k: jnp.mean(v) for k, v in terms.items()}
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pointrend_jax.ops import conv as conv_lib
 from pointrend_jax.ops.conv import conv2d
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -26,7 +27,11 @@ def _reference(x, k, stride, padding, dilation, groups):
     (3, 1, 2, 2, 1),  # dilated
     (2, 1, 0, 1, 1),  # even kernel, odd map: the last row/column is never used
 ])
-def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups):
+@pytest.mark.parametrize("min_rows", [0, 10**9], ids=["taps", "xla"])
+def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups, min_rows,
+                                         monkeypatch):
+  # min_rows 0 forces the per-tap kernel gradient that large maps use.
+  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", min_rows)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 13, 11, 8), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((ksize, ksize, 8 // groups, 12), dtype=np.float32))
@@ -44,7 +49,8 @@ def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups):
   np.testing.assert_allclose(np.asarray(gk), np.asarray(rk), rtol=1e-5, atol=1e-4)
 
 
-def test_bfloat16_kernel_gradient_keeps_dtype_and_value():
+def test_bfloat16_kernel_gradient_keeps_dtype_and_value(monkeypatch):
+  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", 0)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((1, 9, 9, 4), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((3, 3, 4, 6), dtype=np.float32))
@@ -56,8 +62,9 @@ def test_bfloat16_kernel_gradient_keeps_dtype_and_value():
   np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-2, atol=0.1)
 
 
-def test_vmap_and_frozen_kernel():
+def test_vmap_and_frozen_kernel(monkeypatch):
   """vmap over virtual replicas works; a kernel without gradient needs no kernel product."""
+  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", 0)
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((3, 3, 4, 5), dtype=np.float32))
