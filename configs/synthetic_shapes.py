@@ -13,9 +13,9 @@ def get_config():
   Generates the dataset (5 classes, 128x128 images) under ``<workdir>/data``, trains, evaluates
   COCO box / mask AP on the val split twice (PointRend 224x224 masks and the coarse 7x7 masks
   upsampled), and writes prediction and point-stage pictures to ``<workdir>/pictures``.
-  Hardware: 2 CPU cores, no accelerator; 13 min wall in total measured (target <= 15 min).
-  Expected (measured, 100 val images): mask AP 55.6 / AP75 62.4 with PointRend's 224x224
-  masks vs 44.6 / 46.1 with the coarse 7x7 masks upsampled; box AP 55.4. Learning curve and
+  Hardware: 2 CPU cores, no accelerator; 13-14 min wall in total measured (target <= 15 min).
+  Expected (measured, 100 val images): mask AP 54.3 / AP75 59.7 with PointRend's 224x224
+  masks vs 44.3 / 46.1 with the coarse 7x7 masks upsampled; box AP 53.9. Learning curve and
   tuning notes: ``configs/README.md``.
   """
   c = common.base_config()

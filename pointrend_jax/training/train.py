@@ -192,6 +192,12 @@ def _split_replicas(batch: Batch, num_groups: int, mesh: jax.sharding.Mesh | Non
   return jax.tree.map(split, dict(batch))
 
 
+# Canvas size (H * W) from which one device runs the virtual replicas by lax.map instead of vmap:
+# 2.2x faster for 800x1344 R50 steps, 25% slower for the demo's 128x128 steps (small maps batch
+# better and their loop carries are small). See docs/performance.md.
+SEQUENTIAL_REPLICAS_MIN_PIXELS = 256 * 256
+
+
 def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
                       batch: Batch, key: Array, num_groups: int,
                       mesh: jax.sharding.Mesh | None = None
@@ -209,10 +215,12 @@ def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, mode
     loss, terms = loss_fn(model, replica_batch, replica_key)
     return loss, dict(terms)
 
-  if mesh is None or mesh.devices.size == 1:
-    # One device: replicas one after the other. Under vmap every data-dependent loop of the
-    # model (ROIAlign's tap slots and its backward scatter, NMS) gets a batched trip count,
-    # and JAX then selects the whole loop carry on each iteration: for ROIAlign's
+  image = batch.get("image")
+  pixels = 0 if image is None else int(np.prod(image.shape[1:3]))
+  if (mesh is None or mesh.devices.size == 1) and pixels >= SEQUENTIAL_REPLICAS_MIN_PIXELS:
+    # One device, large images: replicas one after the other. Under vmap every data-dependent
+    # loop of the model (ROIAlign's tap slots and its backward scatter, NMS) gets a batched
+    # trip count, and JAX then selects the whole loop carry on each iteration: for ROIAlign's
     # [maps, 256] gradient buffer that cost 10 s of a 42 s R50 step (docs/performance.md).
     losses, terms = jax.lax.map(lambda args: one_replica(*args), (grouped, keys))
   else:
