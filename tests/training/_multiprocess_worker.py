@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from _tiny_batches import semantic_pair
+
 STEPS = 2
 
 
@@ -58,13 +60,8 @@ def semantic_setup():
   config.model.train_num_points = 48
   config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
   config.train.update(batch_size=8, num_replicas_d2=4)
-  rng = np.random.default_rng(0)
-  hw = 32
-  labels = np.zeros((2, hw, hw), np.uint8)
-  labels[0, :, hw // 2:] = 1
-  labels[1, hw // 2:] = 2
-  labels[1, :8, :8] = 3
-  images = (labels[..., None] * 60 + rng.integers(0, 40, (2, hw, hw, 3))).astype(np.uint8)
+  images, labels = semantic_pair()
+  hw = images.shape[1]
   image = np.concatenate([images] * 4)
   sem_seg = np.concatenate([labels] * 4)
   for i in range(8):  # replicas (and processes) see different numbers of labelled pixels

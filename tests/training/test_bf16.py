@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pointrend_jax.data import batching
 from pointrend_jax.modeling import layers
 from pointrend_jax.modeling.point_rend import Linear
 from pointrend_jax.training import losses_instance as L
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer, train
 from pointrend_jax.training.losses_semantic import semantic_loss_fn
+
+from _tiny_batches import instance_batch, semantic_pair
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
@@ -124,38 +125,9 @@ def test_linear_bf16_and_default_unchanged():
 # --------------------------------------------------------------------------------------------------
 
 
-def _instance_batch():
-  """4 images (2 distinct, repeated), 64x64 canvas, two instances each."""
-  rng = np.random.default_rng(0)
-  exs = []
-  for i in range(4):
-    j = i % 2
-    h, w = ((56, 60), (64, 48))[j]
-    img = rng.integers(0, 50, (h, w, 3)).astype(np.uint8)
-    yy, xx = np.mgrid[:h, :w] + 0.5
-    m1 = ((xx - 20) / 12) ** 2 + ((yy - 22) / 9) ** 2 < 1
-    m2 = (xx > 28 + 4 * j) & (xx < 46) & (yy > 30) & (yy < 50)
-    img[m1] = (200, 40, 40)
-    img[m2] = (40, 200, 60)
-    masks = np.stack([m1, m2])
-    boxes = []
-    for m in masks:
-      ys, xs = np.nonzero(m)
-      boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    exs.append(dict(image=img, image_size=(h, w), gt_boxes=np.array(boxes, np.float32),
-                    gt_classes=np.array([0, 1 + j]), gt_masks=masks))
-  batch = batching.make_batch(exs, (64, 64), max_instances=3)
-  return {k: batch[k] for k in L.INSTANCE_BATCH_KEYS}
-
-
 def _semantic_batch():
-  rng = np.random.default_rng(0)
-  hw = 32
-  labels = np.zeros((2, hw, hw), np.uint8)
-  labels[0, :, hw // 2:] = 1
-  labels[1, hw // 2:] = 2
-  labels[1, :8, :8] = 3
-  images = (labels[..., None] * 60 + rng.integers(0, 40, (2, hw, hw, 3))).astype(np.uint8)
+  images, labels = semantic_pair()
+  hw = images.shape[1]
   return {"image": np.concatenate([images] * 2), "image_size": np.full((4, 2), hw, np.int32),
           "sem_seg": np.concatenate([labels] * 2)}
 
@@ -211,7 +183,7 @@ def test_instance_train_step_bf16():
   config = L.tiny_instance_config()
   config.solver.update(base_lr=0.005, warmup_iters=0, steps=(), max_iter=100)
   model = L.build_instance_model(config)
-  runs = _run_steps(model, config, L.instance_loss_fn, _instance_batch(),
+  runs = _run_steps(model, config, L.instance_loss_fn, instance_batch(),
                     (("float32", 1), ("bfloat16", 14)))
   # Same criterion as the float32 overfitting test in test_losses_instance.py.
   _check_bf16_run(runs, L.LOSS_NAMES, 0.75)
@@ -274,7 +246,7 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 def test_instance_predict_bf16_returns_float32():
   from pointrend_jax.modeling.meta_arch import make_predict_fn
   model = L.build_instance_model(L.tiny_instance_config())
-  batch = _instance_batch()
+  batch = instance_batch()
   images, sizes = jnp.asarray(batch["image"][:2]), jnp.asarray(batch["image_size"][:2])
   with layers.compute_dtype("bfloat16"):  # the context must be active while tracing
     predict = make_predict_fn(model, return_intermediates=True)

@@ -11,6 +11,8 @@ from pointrend_jax.data import batching
 from pointrend_jax.ops.roi_align import roi_align_separable
 from pointrend_jax.training import losses_instance as L
 
+from _tiny_batches import instance_batch
+
 # --------------------------------------------------------------------------------------------------
 # numpy references (float64).
 # --------------------------------------------------------------------------------------------------
@@ -387,34 +389,6 @@ def test_mask_losses_reference_and_empty():
 # --------------------------------------------------------------------------------------------------
 
 
-def _synthetic_batch(empty=()):
-  """4 images (2 distinct, repeated), 64x64 canvas, unpadded sizes < canvas."""
-  rng = np.random.default_rng(0)
-  exs = []
-  for i in range(4):
-    j = i % 2
-    h, w = ((56, 60), (64, 48))[j]
-    img = rng.integers(0, 50, (h, w, 3)).astype(np.uint8)
-    yy, xx = np.mgrid[:h, :w] + 0.5
-    m1 = ((xx - 20) / 12) ** 2 + ((yy - 22) / 9) ** 2 < 1
-    m2 = (xx > 28 + 4 * j) & (xx < 46) & (yy > 30) & (yy < 50)
-    img[m1] = (200, 40, 40)
-    img[m2] = (40, 200, 60)
-    masks = np.stack([m1, m2])
-    boxes = []
-    for m in masks:
-      ys, xs = np.nonzero(m)
-      boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    ex = dict(image=img, image_size=(h, w), gt_boxes=np.array(boxes, np.float32),
-              gt_classes=np.array([0, 1 + j]), gt_masks=masks)
-    if i in empty:
-      ex.update(gt_boxes=np.zeros((0, 4), np.float32), gt_classes=np.zeros(0, int),
-                gt_masks=np.zeros((0, h, w), bool))
-    exs.append(ex)
-  batch = batching.make_batch(exs, (64, 64), max_instances=3)
-  return {k: batch[k] for k in L.INSTANCE_BATCH_KEYS}
-
-
 @pytest.fixture(scope="module")
 def tiny_run():
   from pointrend_jax.training import mesh as mesh_lib
@@ -427,7 +401,7 @@ def tiny_run():
   state = train.create_train_state(model, tx, seed=0, mesh=mesh)
   step = train.make_train_step(L.instance_loss_fn, tx, mesh=mesh, num_groups=2,
                                schedule=schedule)
-  batch = _synthetic_batch()
+  batch = instance_batch()
   metrics = []
   for _ in range(14):
     state, m = step(state, batch)
@@ -435,7 +409,7 @@ def tiny_run():
   # Same shapes: one image without instances (replica 0 keeps 1 of 2), then none at all.
   extra = []
   for empty in ((0,), (0, 1, 2, 3)):
-    state, m = step(state, _synthetic_batch(empty))
+    state, m = step(state, instance_batch(empty))
     extra.append({k: float(v) for k, v in jax.device_get(m).items()})
   return metrics, extra, step
 

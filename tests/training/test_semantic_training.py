@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from _tiny_batches import semantic_pair
 import pytest
 
 STEPS_1 = 6  # steps on the 1-device mesh (overfitting check)
@@ -30,13 +32,8 @@ def _worker(out_path):
   config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
   config.train.update(batch_size=8, num_replicas_d2=4)
 
-  rng = np.random.default_rng(0)
-  hw = 32
-  labels = np.zeros((2, hw, hw), np.uint8)
-  labels[0, :, hw // 2:] = 1
-  labels[1, hw // 2:] = 2
-  labels[1, :8, :8] = 3
-  images = (labels[..., None] * 60 + rng.integers(0, 40, (2, hw, hw, 3))).astype(np.uint8)
+  images, labels = semantic_pair()
+  hw = images.shape[1]
   image = np.concatenate([images] * 4)
   sem_seg = np.concatenate([labels] * 4)
   for i in range(8):  # replicas see different numbers of labelled pixels
