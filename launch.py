@@ -46,11 +46,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Initialise jax.distributed from the cluster environment.")
 
 
-def _one_line(e: object) -> str:
-  text = " ".join(str(e).split())
-  return text or type(e).__name__
-
-
 def _parse_flags(argv):
   """absl's parser; a ``--config.*`` override of a key the config lacks gets one line."""
   try:
@@ -59,7 +54,8 @@ def _parse_flags(argv):
     what: object = e
     while isinstance(what, BaseException) and what.args:  # AttributeError(KeyError(message))
       what = what.args[0]
-    key = _one_line(what)  # type: ignore[arg-type]
+    from pointrend_jax.errors import one_line
+    key = one_line(what)  # type: ignore[arg-type]
     print(f"launch.py: error: a --config.* override names a key the config does not have "
           f"({key}); configs/common.py lists the keys (the zoo configs' "
           "config.model.overrides is empty: set the class count with "
@@ -76,6 +72,7 @@ def main(argv):
   from pointrend_jax.training import mesh as mesh_lib
   mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto_detect=_DISTRIBUTED.value)
+  from pointrend_jax.errors import USER_ERRORS, one_line
   from pointrend_jax.training import loop
   logging.getLogger().setLevel(logging.INFO)
   # orbax logs every checkpoint operation at INFO through absl; keep ours and warnings.
@@ -89,8 +86,8 @@ def main(argv):
       loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                               evaluate_after=_MODE.value == "train_and_eval",
                               start_time=_START)
-  except loop.USER_ERRORS as e:  # the message says what to fix; no traceback
-    print(f"launch.py: error: {_one_line(e)}", file=sys.stderr)
+  except USER_ERRORS as e:  # the message says what to fix; no traceback
+    print(f"launch.py: error: {one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 

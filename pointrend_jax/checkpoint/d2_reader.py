@@ -39,6 +39,8 @@ from urllib import parse as urllib_parse
 
 import numpy as np
 
+from pointrend_jax.errors import CheckpointError, UnsafeCheckpointError
+
 __all__ = [
     "CheckpointError",
     "Detectron2Checkpoint",
@@ -56,14 +58,6 @@ __all__ = [
 _FROZEN_BN_EPS = 1e-5
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_LEGACY_PROTOCOL = 1001
-
-
-class CheckpointError(Exception):
-  """A checkpoint file cannot be read, or does not match the model."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-  """A pickle names a global that is not an array / tensor type of these formats."""
 
 
 # --------------------------------------------------------------------------------------------

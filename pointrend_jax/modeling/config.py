@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from pointrend_jax.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "ResNetConfig",
@@ -60,10 +62,6 @@ __all__ = [
     "from_detectron2_yaml",
     "zoo_config",
 ]
-
-
-class ConfigError(ValueError):
-  """A detectron2 config value this project cannot build, or a malformed config."""
 
 
 _frozen = dataclasses.dataclass(frozen=True)

@@ -38,6 +38,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from pointrend_jax.errors import one_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                     ".pgm")
 
@@ -47,11 +49,6 @@ __all__ = ["IMAGE_EXTENSIONS", "ToolError", "expand_inputs", "build_predictor", 
 
 class ToolError(Exception):
   """A one-line error for the command line."""
-
-
-def one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return text if text else type(e).__name__
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:

@@ -11,7 +11,7 @@
   (its iterator state is checkpointed with the model), evaluation
   :func:`~pointrend_jax.data.pipeline.build_eval_loader`.
   Every loaded split's category count must equal the model's class count
-  (:func:`check_num_classes`; a mismatch raises :class:`ConfigValueError` naming
+  (:func:`check_num_classes`; a mismatch raises :class:`ConfigError` naming
   ``config.model.num_classes``).
 * **Model**: ``config.model.zoo`` / ``overrides`` / ``num_classes`` ->
   :class:`~pointrend_jax.modeling.config.ModelConfig` ->
@@ -41,7 +41,7 @@
   checkpoint of a workdir (:func:`restore_model`).
 
 Errors a user can fix raise :class:`DataError` (a missing file), :class:`DatasetError` (a
-malformed dataset file) or :class:`ConfigValueError` (a bad or mismatched config value);
+malformed dataset file) or :class:`ConfigError` (a bad or mismatched config value);
 ``launch.py`` prints those and the rest of :data:`USER_ERRORS` as one line.
 """
 
@@ -64,7 +64,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
+from pointrend_jax.errors import ConfigError, DataError, DatasetError
 from pointrend_jax.data import pipeline
 from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.training import checkpointing
@@ -74,10 +74,6 @@ from pointrend_jax.training import train as train_lib
 from pointrend_jax.training.logging import MetricWriter
 
 __all__ = [
-    "DataError",
-    "DatasetError",
-    "ConfigValueError",
-    "USER_ERRORS",
     "Split",
     "model_config",
     "check_num_classes",
@@ -98,30 +94,6 @@ logger = logging.getLogger(__name__)
 
 SOURCES = ("coco", "cityscapes", "tfds", "synthetic")
 
-
-class DataError(FileNotFoundError):
-  """A dataset or weights file the config points at is missing (the message says how to fix)."""
-
-
-class DatasetError(ValueError):
-  """A dataset file the config points at is malformed (the message names the file / id)."""
-
-
-class ConfigValueError(ValueError):
-  """A config value is invalid, or does not fit the data or the model (the message names the
-  key to set)."""
-
-
-# What launch.py reports as one line (the messages say what to fix); anything else keeps its
-# traceback. FileNotFoundError: DataError, and an image / label file that vanished after the
-# split was loaded. FloatingPointError: a non-finite loss (train.py; the newest checkpoint is the
-# last good state). CheckpointError: unreadable / mismatched init weights. ConfigError: a model
-# override naming no ModelConfig field, a bad zoo name. NotImplementedError: a config option
-# this project does not support (the message names it). Plain ValueErrors are left out: they
-# may be bugs, and the config ones raise ConfigValueError.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError, FloatingPointError, CheckpointError, config_lib.ConfigError,
-    ConfigValueError, DatasetError, NotImplementedError)
 
 # The final model of a completed run, as a converted checkpoint (Predictor / tools.predict).
 EXPORT_DIR = "model"
@@ -159,7 +131,7 @@ def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
   head class counts (ROI + point head, or sem-seg + point head).
 
   Raises:
-    ConfigValueError: ``config.model.num_classes`` is negative.
+    ConfigError: ``config.model.num_classes`` is negative.
     ConfigError: an override names no ``ModelConfig`` field, or the zoo name is unknown.
   """
   zoo = str(config.model.get("zoo", "") or "")
@@ -179,7 +151,7 @@ def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
       updates[key] = value
   num_classes = int(config.model.get("num_classes", 0) or 0)
   if num_classes < 0:
-    raise ConfigValueError(f"config.model.num_classes must be >= 0 (0 = the zoo / overrides "
+    raise ConfigError(f"config.model.num_classes must be >= 0 (0 = the zoo / overrides "
                            f"value), got {num_classes}")
   if num_classes:
     # After the sections, so that it also wins over overrides.roi_heads.num_classes etc.
@@ -313,7 +285,7 @@ def check_num_classes(split: Split, mcfg: config_lib.ModelConfig, origin: str = 
     origin: where the split was read from (for the message).
 
   Raises:
-    ConfigValueError: the counts differ; the message names ``config.model.num_classes``.
+    ConfigError: the counts differ; the message names ``config.model.num_classes``.
   """
   have = len(split.class_names)
   if not have:
@@ -327,7 +299,7 @@ def check_num_classes(split: Split, mcfg: config_lib.ModelConfig, origin: str = 
   what = "semantic classes" if mcfg.is_semantic else "categories"
   if split.source == "cityscapes" and mcfg.is_semantic:
     what = "semantic classes (Cityscapes train ids)"
-  raise ConfigValueError(
+  raise ConfigError(
       f"config.data.{split.which} ({origin or split.source}) has {have} {what} but the model "
       f"has {mcfg.num_classes} classes ({head}.num_classes); set --config.model.num_classes="
       f"{have} (or point config.data.{split.which} at the dataset the model is for)")
@@ -340,12 +312,12 @@ def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
   Raises:
     DataError: a path the config names does not exist.
     DatasetError: a dataset file is malformed (the message names the file / id).
-    ConfigValueError: unknown source, a source that cannot feed this model type, or a category
+    ConfigError: unknown source, a source that cannot feed this model type, or a category
       count different from the model's class count (:func:`check_num_classes`).
   """
   try:
     split = _load_split(config, which, workdir, mcfg)
-  except (DataError, ConfigValueError):
+  except (DataError, ConfigError):
     raise
   except FileNotFoundError as e:  # an image / ground-truth file of the dataset
     raise DataError(f"{e} (config.data.{which})") from e
@@ -364,7 +336,7 @@ def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
   semantic = mcfg.is_semantic
   key = f"data.{which}"
   if source not in SOURCES:
-    raise ConfigValueError(f"config.{key}.source must be one of {SOURCES}, got {source!r}")
+    raise ConfigError(f"config.{key}.source must be one of {SOURCES}, got {source!r}")
 
   if source == "synthetic":
     from pointrend_jax.data import synthetic
@@ -376,7 +348,7 @@ def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
         image_size=tuple(int(v) for v in syn.image_size), seed=int(syn.seed))
     logger.info("synthetic dataset at %s (%.1f s)", ds.root, time.perf_counter() - t0)
     if split not in ds.splits:
-      raise ConfigValueError(f"config.{key}.split must be one of {tuple(ds.splits)}, got "
+      raise ConfigError(f"config.{key}.split must be one of {tuple(ds.splits)}, got "
                              f"{split!r}")
     records = synthetic.load_synthetic_records(ds, split)
     if semantic:
@@ -386,7 +358,7 @@ def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
 
   if source == "coco":
     if semantic:
-      raise ConfigValueError(f"config.{key}.source 'coco' provides instances; semantic models "
+      raise ConfigError(f"config.{key}.source 'coco' provides instances; semantic models "
                              "need 'cityscapes', 'tfds' (cityscapes_semantic) or 'synthetic'")
     how = ("download COCO 2017 from https://cocodataset.org/#download (annotations_trainval2017"
            ".zip and the train2017 / val2017 image zips), unzip them under "
@@ -429,7 +401,7 @@ def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
          f"data_dir, name=...) and point --config.{key}.root at that data_dir")
   _require_dir(builder_dir, f"a prepared TFDS dataset ({kind}/{name})", f"{key}.root", how)
   if semantic != (kind == "cityscapes_semantic"):
-    raise ConfigValueError(f"config.{key}.tfds_kind {kind!r} does not fit a "
+    raise ConfigError(f"config.{key}.tfds_kind {kind!r} does not fit a "
                            f"{'semantic' if semantic else 'instance'} model")
   records = tfds_builders.TfdsRecords(root, kind, split, name=name)
   import tensorflow_datasets as tfds
@@ -444,7 +416,7 @@ def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
     if kind == "coco_instances":
       return Split(which, source, records, tuple(names),
                    coco_gt=_coco_gt_from_records(records, names, ids))
-    raise ConfigValueError(f"config.{key}: evaluating Cityscapes needs the gtFine files the "
+    raise ConfigError(f"config.{key}: evaluating Cityscapes needs the gtFine files the "
                            "official metrics read; use source='cityscapes' for data.val")
   return Split(which, source, records, tuple(names))
 
@@ -800,19 +772,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     node = config
     for part in key.split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ConfigValueError(f"config is missing required key {key!r} (see configs/common.py)")
+        raise ConfigError(f"config is missing required key {key!r} (see configs/common.py)")
       node = node[part]
   # Values train_loop would reject only after the data and the model are built.
   batch = int(config.train.batch_size)
   groups = int(config.train.get("num_replicas_d2", 1) or 1)
   if batch < 1 or groups < 1 or batch % groups:
-    raise ConfigValueError(f"config.train.batch_size ({batch}) must be a positive multiple of "
+    raise ConfigError(f"config.train.batch_size ({batch}) must be a positive multiple of "
                            f"config.train.num_replicas_d2 ({groups})")
   from pointrend_jax.modeling import layers
   try:
     layers.canonical_compute_dtype(config.train.get("compute_dtype", "float32"))
   except ValueError as e:
-    raise ConfigValueError(f"config.train.compute_dtype: {e}") from e
+    raise ConfigError(f"config.train.compute_dtype: {e}") from e
 
 
 def _fmt(v: Any) -> str:
@@ -903,7 +875,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   procs = jax.process_count()
   batch = int(config.train.batch_size)
   if batch % procs:
-    raise ConfigValueError(f"train.batch_size {batch} not divisible by {procs} processes")
+    raise ConfigError(f"train.batch_size {batch} not divisible by {procs} processes")
   it = pipeline.build_train_loader(
       train_split.records, batch_size_per_process=batch // procs, seed=int(config.seed),
       input_config=input_config(config, mcfg),
@@ -1041,7 +1013,7 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
 
   Raises:
     DataError: ``workdir`` or its ``config.json`` is missing.
-    ConfigValueError: ``config.json`` is not a JSON object.
+    ConfigError: ``config.json`` is not a JSON object.
   """
   workdir = os.fspath(workdir)
   if not os.path.isdir(workdir):
@@ -1053,9 +1025,9 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     with open(path) as f:
       data = json.load(f)
   except ValueError as e:
-    raise ConfigValueError(f"{path}: not JSON ({e})") from e
+    raise ConfigError(f"{path}: not JSON ({e})") from e
   if not isinstance(data, dict):
-    raise ConfigValueError(f"{path}: expected a JSON object")
+    raise ConfigError(f"{path}: expected a JSON object")
   return ml_collections.ConfigDict(data)
 
 

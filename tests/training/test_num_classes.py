@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from pointrend_jax.checkpoint.d2_reader import CheckpointError
 from pointrend_jax.data import cityscapes, synthetic
+from pointrend_jax import errors
 from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.training import loop
 
@@ -65,7 +66,7 @@ def test_num_classes_wins_over_overrides_and_rejects_negative():
   mcfg = loop.model_config(config)
   assert mcfg.is_semantic and _class_counts(mcfg) == {"sem_seg_head": 7, "point_head": 7}
   config.model.num_classes = -1
-  with pytest.raises(loop.ConfigValueError, match="config.model.num_classes"):
+  with pytest.raises(errors.ConfigError, match="config.model.num_classes"):
     loop.model_config(config)
 
 
@@ -83,7 +84,7 @@ def test_synthetic_split_class_count_checked(tmp_path):
   split = loop.load_split(config, "train", str(tmp_path), loop.model_config(config))
   assert split.class_names == synthetic.THING_CLASSES
   config.model.num_classes = 3
-  with pytest.raises(loop.ConfigValueError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     loop.load_split(config, "val", str(tmp_path), loop.model_config(config))
   msg = str(e.value)
   assert "config.data.val" in msg and str(tmp_path / "data") in msg
@@ -106,7 +107,7 @@ def test_coco_split_class_count_names_annotations_file(tmp_path):
       data=dict(train=dict(source="coco", split="mine", annotations=str(ann),
                            images=str(images), root="")),
   ))
-  with pytest.raises(loop.ConfigValueError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     loop.load_split(config, "train", str(tmp_path), loop.model_config(config))
   msg = str(e.value)
   assert f"config.data.train (COCO annotations {ann})" in msg
@@ -122,7 +123,7 @@ def test_cityscapes_semantic_needs_19_classes():
   mcfg = config_lib.zoo_config("semantic_r101_fpn_cityscapes").replace(
       **{"sem_seg_head.num_classes": 6, "point_head.num_classes": 6})
   split = loop.Split("train", "cityscapes", [], cityscapes.SEM_SEG_CLASSES)
-  with pytest.raises(loop.ConfigValueError,
+  with pytest.raises(errors.ConfigError,
                      match=r"has 19 semantic classes \(Cityscapes train ids\) but the model has "
                            r"6 classes \(sem_seg_head.num_classes\); set "
                            r"--config.model.num_classes=19"):
@@ -140,27 +141,27 @@ def test_malformed_dataset_file_is_a_dataset_error(tmp_path):
       model=dict(zoo="r50_fpn_1x_coco", num_classes=0, overrides={}),
       data=dict(val=dict(source="coco", split="val", annotations=str(ann),
                          images=str(tmp_path / "images"), root=""))))
-  with pytest.raises(loop.DatasetError, match=r"bad.json is not valid JSON.*config.data.val"):
+  with pytest.raises(errors.DatasetError, match=r"bad.json is not valid JSON.*config.data.val"):
     loop.load_split(config, "val", str(tmp_path), loop.model_config(config))
 
 
 def test_user_errors_are_the_expected_types():
-  for exc in (FileNotFoundError, loop.DataError, loop.DatasetError, loop.ConfigValueError,
-              FloatingPointError, CheckpointError, config_lib.ConfigError):
-    assert issubclass(exc, loop.USER_ERRORS), exc
+  for exc in (FileNotFoundError, errors.DataError, errors.DatasetError, errors.ConfigError,
+              FloatingPointError, CheckpointError, errors.ConfigError):
+    assert issubclass(exc, errors.USER_ERRORS), exc
   # Anything else (bugs) keeps its traceback.
   for exc in (ValueError, TypeError, KeyError, RuntimeError):
-    assert not issubclass(exc, loop.USER_ERRORS), exc
+    assert not issubclass(exc, errors.USER_ERRORS), exc
 
 
 def test_config_values_rejected_before_training(tmp_path):
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.batch_size=3", "--config.train.num_replicas_d2=2")
-  with pytest.raises(loop.ConfigValueError, match="config.train.batch_size"):
+  with pytest.raises(errors.ConfigError, match="config.train.batch_size"):
     loop.train_and_evaluate(config, tmp_path / "a")
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.compute_dtype=float16")
-  with pytest.raises(loop.ConfigValueError, match="config.train.compute_dtype"):
+  with pytest.raises(errors.ConfigError, match="config.train.compute_dtype"):
     loop.train_and_evaluate(config, tmp_path / "b")
 
 
