@@ -32,8 +32,6 @@ INSTANCE_STEMS = {"pointrend_rcnn_R_50_FPN_1x_coco": 80, "pointrend_rcnn_R_50_FP
                   "pointrend_rcnn_X_101_32x8d_FPN_3x_coco": 80,
                   "pointrend_rcnn_R_50_FPN_1x_cityscapes": 8}
 ATOL = RTOL = 1e-3
-# (max abs error, max abs error / max |expected|) per golden array, printed by the last test.
-ERRORS: dict[str, tuple[float, float]] = {}
 
 
 def _manifest(stem: str) -> dict:
@@ -54,8 +52,6 @@ def _recipe_weights(stem: str, prefixes: tuple[str, ...]) -> dict[str, np.ndarra
 def _check(name: str, actual, expected, atol: float = ATOL, rtol: float = RTOL) -> None:
   a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert a.shape == e.shape, (name, a.shape, e.shape)
-  err = float(np.max(np.abs(a - e))) if e.size else 0.0
-  ERRORS[name] = (err, err / max(float(np.max(np.abs(e))), 1e-12))
   np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=name)
 
 
@@ -169,7 +165,6 @@ def test_anchors(r50, golden):
     assert anchors[i].shape[0] == golden[f"anchors_{level}_count"]
     np.testing.assert_array_equal(anchors[i][:12], golden[f"anchors_{level}_first12"])
   np.testing.assert_array_equal(anchors[4], golden["anchors_p6"])
-  ERRORS["anchors_* (bit-exact)"] = (0.0, 0.0)
 
 
 def test_proposals_as_sets(r50, golden):
@@ -190,7 +185,6 @@ def test_proposals_as_sets(r50, golden):
          rtol=1e-5)
   _check("proposal_logits (matched)", logits[j[m]], golden["proposal_logits"][m], atol=1e-4,
          rtol=0)
-  ERRORS["proposals unmatched (count)"] = (float((~m).sum()), 0.0)
   # proposal_levels = the pooler level of each golden proposal; ours for the matched ones.
   gl = np.asarray(assign_boxes_to_levels(jnp.asarray(golden["proposal_boxes"])))
   np.testing.assert_array_equal(gl, golden["proposal_levels"])
@@ -458,9 +452,3 @@ def test_postprocess_scales_clips_and_drops_empty():
   masks = paste_masks(jnp.ones((3, 28, 28)), out[0], ok[0], (50, 100))
   assert masks[0, 10:20, 5:15].all() and not masks[0, :, 20:].any() and not masks[2].any()
 
-
-def test_zz_report_errors():
-  """Prints the measured errors of the parity tests (run with -s)."""
-  print("\ngolden array: max abs error, max abs error / max |expected|")
-  for k, (a, r) in ERRORS.items():
-    print(f"  {k:36s} {a:.3e} {r:.3e}")
