@@ -18,21 +18,6 @@ from pointrend_jax.inference import (Instances, Predictor, SemanticResult, paste
                                      to_rgb_uint8)
 from pointrend_jax.modeling.config import from_detectron2_yaml
 
-# ResNet-18 GN, 3 classes, test size 128: compiles in seconds.
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64, "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 TINY_SEMANTIC_YAML = {
     "_BASE_": "Base-PointRend-Semantic-FPN.yaml",
     "MODEL": {
@@ -45,15 +30,9 @@ TINY_SEMANTIC_YAML = {
 }
 
 
-def tiny_config(semantic: bool = False):
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "built-in copy of the _BASE_ file"
-    return from_detectron2_yaml(TINY_SEMANTIC_YAML if semantic else TINY_YAML)
-
-
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-  return Predictor(tiny_config(), None, seed=0)
+def predictor(tiny_cfg) -> Predictor:
+  return Predictor(tiny_cfg, None, seed=0)
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -142,8 +121,8 @@ def test_bad_inputs_name_the_file(predictor, tmp_path):
   assert predictor.num_compiles == before
 
 
-def test_no_detections_batched_exact_padding():
-  cfg = tiny_config().replace(**{"roi_heads.score_thresh_test": 1.0})  # no prob exceeds 1
+def test_no_detections_batched_exact_padding(tiny_cfg):
+  cfg = tiny_cfg.replace(**{"roi_heads.score_thresh_test": 1.0})  # no prob exceeds 1
   p = Predictor(cfg, None, batch_size=2, buckets="exact")
   rng = np.random.default_rng(1)
   images = [_image(rng, 37, 53), _image(rng, 40, 57), _image(rng, 35, 50)]
@@ -257,7 +236,9 @@ def test_subdivision_stages_are_consistent(predictor):
 
 
 def test_semantic_predictor():
-  p = Predictor(tiny_config(semantic=True), None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "built-in copy of the _BASE_ file"
+    p = Predictor(from_detectron2_yaml(TINY_SEMANTIC_YAML), None)
   rng = np.random.default_rng(5)
   a, b = _image(rng, 37, 53), _image(rng, 30, 41)
   ra, rb = p([a, b], return_logits=True)

@@ -24,22 +24,6 @@ from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor
 
 MANIFESTS = SHARED_DIR / "spec" / "checkpoints"
 
-# ResNet-18 GN, 3 classes, 128x128: a minutes-free instance model.
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64,
-                    "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 
 
 def _manifest(stem: str) -> dict:
@@ -179,11 +163,6 @@ def test_config_replace_and_dict_errors():
 # ------------------------------------------------------------------------------------------------
 # Loading detectron2 state dicts.
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg() -> ModelConfig:
-  return from_detectron2_yaml(TINY_YAML)
 
 
 def test_load_d2_model_reports_by_name(tiny_cfg):

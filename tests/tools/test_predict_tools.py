@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -15,23 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from pointrend_jax.modeling.config import from_detectron2_yaml
 from pointrend_jax.tools import predict, visualize_points
 
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64, "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -48,12 +32,9 @@ def _one_line_error(stderr: str, prog: str, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_cfg):
   d = tmp_path_factory.mktemp("inputs")
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    cfg = from_detectron2_yaml(TINY_YAML)
-  (d / "tiny.json").write_text(cfg.to_json())
+  (d / "tiny.json").write_text(tiny_cfg.to_json())
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[0:90, 0:120]
   img = np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8)
