@@ -22,6 +22,8 @@ from pointrend_jax.inference import Predictor
 from pointrend_jax.tools import export as export_tool
 from pointrend_jax.training import loop
 
+pytestmark = pytest.mark.slow  # every test uses the tiny training run
+
 
 def _tiny_config():
   if str(REPO_ROOT) not in sys.path:

@@ -45,6 +45,7 @@ def files(tmp_path_factory, tiny_cfg):
   return d
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_png_and_json(files, tmp_path):
   out = tmp_path / "out"
   proc = _cli("predict", "--config", str(files / "tiny.json"), "--weights", "random",
@@ -86,6 +87,7 @@ def test_predict_cli_missing_input_and_help(files, tmp_path):
     assert flag in proc.stdout
 
 
+@pytest.mark.slow
 def test_visualize_points_writes_panels(files, tmp_path, capsys):
   out = tmp_path / "panels"
   args = ["--config", str(files / "tiny.json"), "--weights", "random",
@@ -104,6 +106,7 @@ def test_visualize_points_writes_panels(files, tmp_path, capsys):
   _one_line_error(capsys.readouterr().err, "visualize_points", "broken.png")
 
 
+@pytest.mark.slow
 def test_predict_main_in_process_semantic_refused_by_visualize(files, tmp_path, capsys):
   # In-process entry point with a directory input (expanded to its images; broken one fails).
   code = predict.main(["--config", str(files / "tiny.json"), "--weights", "random",

@@ -179,6 +179,7 @@ def _check_bf16_run(runs, loss_names, overfit_factor):
   assert np.mean(losses[-3:]) < overfit_factor * np.mean(losses[:3]), losses
 
 
+@pytest.mark.slow
 def test_instance_train_step_bf16():
   config = L.tiny_instance_config()
   config.solver.update(base_lr=0.005, warmup_iters=0, steps=(), max_iter=100)
@@ -189,6 +190,7 @@ def test_instance_train_step_bf16():
   _check_bf16_run(runs, L.LOSS_NAMES, 0.75)
 
 
+@pytest.mark.slow
 def test_semantic_train_step_bf16():
   config = train.tiny_semantic_config()
   config.model.train_num_points = 48
@@ -243,6 +245,7 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_instance_predict_bf16_returns_float32():
   from pointrend_jax.modeling.meta_arch import make_predict_fn
   model = L.build_instance_model(L.tiny_instance_config())
@@ -269,6 +272,7 @@ def test_instance_predict_bf16_returns_float32():
                                atol=0.02 * float(jnp.abs(want).max()) + 1e-4)
 
 
+@pytest.mark.slow
 def test_semantic_inference_bf16_returns_float32():
   config = train.tiny_semantic_config()
   model = train.build_semantic_model(config)
