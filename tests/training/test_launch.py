@@ -68,7 +68,7 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
 
 
-def _wait_for(predicate, proc, timeout=240, what=""):
+def _wait_for(predicate, proc, timeout=600, what=""):
   end = time.time() + timeout
   while time.time() < end:
     if predicate():
