@@ -44,9 +44,8 @@ from PIL import Image
 
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
 from pointrend_jax.modeling.config import ConfigError, from_detectron2_yaml
-from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names, load_d2_model,
-                                              postprocess_instances)
-from pointrend_jax.modeling.semantic import sem_seg_postprocess
+from pointrend_jax.modeling import postprocess
+from pointrend_jax.modeling.meta_arch import abstract_model, d2_model_names, load_d2_model
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import Check, Row, compare
 
@@ -231,7 +230,11 @@ def run_instance(model: Any, fx: Fixture) -> dict[str, Any]:
                 gmask=gmask, gmask_inter=gmask_inter)
 
   res = forward(state, images, sizes, gprops, gdet_boxes, gdet_classes)
-  final = postprocess_instances(res["out"], sizes, orig)[0]
+  row = {k: np.asarray(res["out"][k][0]) for k in ("boxes", "scores", "classes", "valid")}
+  row["mask_probs"] = np.asarray(jax.nn.sigmoid(res["out"]["mask_logits"][0]))
+  inst, _ = postprocess.instances(row, orig[0], sizes[0],
+                                  [str(c) for c in range(model.cfg.num_classes)])
+  final = dict(boxes=inst.boxes, scores=inst.scores, classes=inst.classes, masks=inst.masks)
   res = _np(res)
   out = res.pop("out")
   inter = out.pop("intermediates")
@@ -262,11 +265,10 @@ def run_semantic(model: Any, fx: Fixture) -> dict[str, Any]:
     bottom_up = m.backbone.bottom_up(x)
     feats = m.backbone.from_features(bottom_up)
     logits, inter = m.sem_seg_head.inference(feats, return_intermediates=True)
-    sem_seg = sem_seg_postprocess(logits[0], resized, orig)
-    return dict(input=x, features={**bottom_up, **feats}, logits=logits, sem_seg=sem_seg,
-                inter=inter)
+    return dict(input=x, features={**bottom_up, **feats}, logits=logits, inter=inter)
 
   res = _np(forward(state, images, sizes))
+  res["sem_seg"] = postprocess.resize_bilinear(res["logits"][0, :resized[0], :resized[1]], orig)
   res["inter"].pop("upsampled")
   return dict(kind="semantic", images=images, sizes=sizes, orig=np.array([orig], np.int32),
               subdivision_num_points=model.sem_seg_head.subdivision_num_points, **res)

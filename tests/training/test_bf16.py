@@ -244,14 +244,19 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 
 
 def test_instance_predict_bf16_returns_float32():
-  from pointrend_jax.modeling.meta_arch import make_predict_fn
   model = L.build_instance_model(L.tiny_instance_config())
+  traces = []
+
+  @nnx.jit
+  def predict(m, images, sizes):
+    traces.append(images.shape)
+    return m.predict(images, sizes, return_intermediates=True)
+
   batch = instance_batch()
   images, sizes = jnp.asarray(batch["image"][:2]), jnp.asarray(batch["image_size"][:2])
   with layers.compute_dtype("bfloat16"):  # the context must be active while tracing
-    predict = make_predict_fn(model, return_intermediates=True)
-    out = predict(images, sizes)
-  assert predict.num_traces() == 1
+    out = predict(model, images, sizes)
+  assert len(traces) == 1
   inter = out["intermediates"]
   assert inter["features"]["p2"].dtype == BF16  # the model did compute in bf16
   for k in ("boxes", "scores", "mask_logits"):
@@ -263,7 +268,8 @@ def test_instance_predict_bf16_returns_float32():
   assert inter["mask"]["coarse_logits"].dtype == F32
   assert _float_dtypes(nnx.state(model)) == {F32}
   # The RPN logits equal float32's up to bf16 rounding (later stages select discrete boxes).
-  ref = make_predict_fn(model, return_intermediates=True)(images, sizes)["intermediates"]
+  ref = nnx.jit(lambda m, i, s: m.predict(i, s, return_intermediates=True))(
+      model, images, sizes)["intermediates"]
   for got, want in zip(inter["rpn_logits"], ref["rpn_logits"]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                                atol=0.02 * float(jnp.abs(want).max()) + 1e-4)
