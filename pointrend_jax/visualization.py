@@ -361,13 +361,13 @@ def _ground_truth(record: Mapping[str, Any], zoom: int, class_names: Sequence[st
 
 def write_pictures(visuals: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                    out_dir: str, *, zoom: int | None = None, min_score: float = 0.5,
-                   max_detections: int = 3) -> list[str]:
+                   mask_threshold: float = 0.5, max_detections: int = 3) -> list[str]:
   """Writes ``<id>_overlay.png`` and ``<id>_points.png`` per visual.
 
   ``<id>_overlay.png``: ground truth | PointRend masks | coarse 7x7 masks at ``zoom`` times the
   image size (default: long side about 400 px), detections with ``score >= min_score``. The
   predicted masks are pasted *at the zoomed size* from the box-frame probabilities (224x224
-  PointRend vs 7x7 coarse, bilinear, threshold 0.5), so the difference in boundary quality is
+  PointRend vs 7x7 coarse, bilinear, ``mask_threshold``), so the difference in boundary quality is
   visible even for small images. ``<id>_points.png``: :func:`subdivision_figure` of the
   ``max_detections`` highest-scoring detections.
 
@@ -400,7 +400,7 @@ def write_pictures(visuals: Sequence[Mapping[str, Any]], class_names: Sequence[s
       keep = np.flatnonzero(inst.scores >= min_score)
       logits = stages.final if variant == "segm" else stages.coarse
       masks = paste_masks(_sigmoid(logits[keep]).astype(np.float32), inst.boxes[keep] * z,
-                          (h * z, w * z))
+                          (h * z, w * z), mask_threshold)
       labels = [f"{inst.class_names[i]} {inst.scores[i]:.2f}" for i in keep]
       panels.append((draw_instances(big, inst.boxes[keep] * z, masks, labels), title))
     stem = os.path.join(out_dir, f"{int(record.get('image_id', 0)):06d}")

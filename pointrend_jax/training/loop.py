@@ -661,7 +661,7 @@ def _pictures(evaluator: Evaluator, workdir: str) -> None:
   from pointrend_jax import visualization
   out = os.path.join(workdir, "pictures")
   paths = visualization.write_pictures(evaluator.last_visuals, evaluator.split.class_names,
-                                       out)
+                                       out, mask_threshold=evaluator.threshold)
   logger.info("wrote %d pictures to %s", len(paths), out)
 
 
