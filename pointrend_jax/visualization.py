@@ -178,8 +178,8 @@ def overlay_semantic(image: np.ndarray, sem_seg: np.ndarray, alpha: float = 0.6,
 
 def draw_semantic_prediction(image: np.ndarray, result: Any, alpha: float = 0.6,
                              font_size: int = 13) -> np.ndarray:
-  """:func:`overlay_semantic` of a :class:`~pointrend_jax.modeling.postprocess.SemanticResult` with a
-  legend of the classes present (top-left)."""
+  """:func:`overlay_semantic` of a :class:`~pointrend_jax.modeling.postprocess.SemanticResult`
+  with a legend of the classes present (top-left)."""
   out = Image.fromarray(overlay_semantic(image, result.sem_seg, alpha))
   draw = ImageDraw.Draw(out)
   font = _font(font_size)

@@ -8,7 +8,7 @@ the batches of the evaluation loader and feeds the host-side predictions to a da
   (:class:`~pointrend_jax.evaluation.coco_eval.COCOEvaluator`; the COCO tables are logged and the
   results JSON written to ``<output_dir>``) or the official Cityscapes instance AP. With
   ``coarse`` the mask AP is computed a second time from the 7x7 coarse logits pasted bilinearly
-  (``segm_coarse``), the Mask R-CNN-style baseline (the program needs ``stages=True``).
+  (``segm_coarse``), the Mask R-CNN-style baseline.
 * :class:`SemanticEvaluator`: mIoU (Cityscapes' official pixel metrics on Cityscapes).
 
 Results are at the original image size (:mod:`pointrend_jax.modeling.postprocess`); metrics are
@@ -86,7 +86,8 @@ def _rows(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
   """``(i, record_index, orig_size, resized_size, outputs of image i)`` of the valid images."""
   for i in np.flatnonzero(batch["valid"]):
     yield (int(batch["record_index"][i]), tuple(int(v) for v in batch["orig_size"][i]),
-           tuple(int(v) for v in batch["image_size"][i]), {k: v[i] for k, v in outputs.items()})
+           tuple(int(v) for v in batch["image_size"][i]),
+           jax.tree.map(lambda a, i=i: a[i], outputs))
 
 
 def _read_ids(path: str) -> np.ndarray:
@@ -107,7 +108,8 @@ class InstanceEvaluator:
     partial: the records are a subset of the ground truth (AP over the seen images only).
     output_dir: where the COCO results JSON goes (process 0; None: not written).
     step: the training step (for the logs).
-    num_visualize: keep the first so many images' results in :attr:`visuals` (process 0).
+    num_visualize: keep the first so many images' results (and subdivision stages, when the
+      program has them) in :attr:`visuals` (process 0).
   """
 
   def __init__(self, records: Sequence[Mapping[str, Any]], class_names: Sequence[str], *,
@@ -158,7 +160,7 @@ class InstanceEvaluator:
                                             inst.classes, inst.rle)
       if len(self.visuals) < self.num_visualize:  # the kept rows are the same for all variants
         stages = (postprocess.subdivision_stages(out, rows, results["segm"].boxes)
-                  if "init_logits" in out else None)
+                  if "upsampled" in out else None)
         self.visuals.append(dict(record=record, results=results, stages=stages))
 
   def evaluate(self) -> dict[str, float]:

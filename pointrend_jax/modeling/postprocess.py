@@ -189,38 +189,28 @@ def instances(outputs: Mapping[str, np.ndarray], orig_size: Sequence[int],
   return inst, rows
 
 
-def subdivision_stages(outputs: Mapping[str, np.ndarray], rows: np.ndarray,
+def subdivision_stages(outputs: Mapping[str, Any], rows: np.ndarray,
                        boxes: np.ndarray) -> SubdivisionStages:
-  """The subdivision steps of ``rows`` of one image's predict outputs (``stages=True``).
-
-  Each step's map is the x2 bilinear upsampling of the previous one with the point head's logits
-  written at the step's cells, rebuilt here from the device's ``indices`` / ``point_logits``.
+  """The subdivision steps of ``rows`` of one image's predict outputs (``stages=True``); each
+  step's refined map is its upsampled map with the point head's logits written at its cells.
 
   Args:
     outputs: one image's row of the predict outputs.
     rows: the detections to keep (from :func:`instances`).
     boxes: their original-image boxes.
   """
-  init = np.asarray(outputs["init_logits"], np.float32)[rows]
-  steps = outputs["indices"].shape[1] if "indices" in outputs else 0
-  upsampled, points, indices, refined = [], [], [], []
-  prev = init
-  for s in range(steps):
-    n, hh, ww = prev.shape
-    up = np.moveaxis(resize_bilinear(np.moveaxis(prev, 0, -1), (2 * hh, 2 * ww)), -1, 0)
-    idx = np.asarray(outputs["indices"], np.int64)[rows, s]
-    side = up.shape[-1]
-    ref = np.array(up).reshape(n, up.shape[1] * up.shape[2])
-    np.put_along_axis(ref, idx, np.asarray(outputs["point_logits"], np.float32)[rows, s], axis=1)
-    centres = (np.stack([idx % side, idx // side], axis=-1) + 0.5) / side
-    upsampled.append(up)
-    indices.append(idx)
-    points.append(centres.astype(np.float32))
-    refined.append(ref.reshape(up.shape))
-    prev = refined[-1]
+  upsampled = [np.asarray(u)[rows] for u in outputs["upsampled"]]
+  indices = [np.asarray(i)[rows] for i in outputs["indices"]]
+  refined = []
+  for up, idx, vals in zip(upsampled, indices, outputs["point_logits"]):
+    r = np.array(up)
+    np.put_along_axis(r.reshape(len(rows), r.shape[1] * r.shape[2]), idx, np.asarray(vals)[rows],
+                      axis=1)
+    refined.append(r)
   return SubdivisionStages(boxes=boxes, coarse=np.asarray(outputs["coarse_logits"])[rows],
-                           init=init, upsampled=upsampled, points=points, indices=indices,
-                           refined=refined)
+                           init=np.asarray(outputs["init_logits"])[rows], upsampled=upsampled,
+                           points=[np.asarray(p)[rows] for p in outputs["points"]],
+                           indices=indices, refined=refined)
 
 
 def _axis_taps(lo: np.float32, hi: np.float32, start: int, stop: int, mask_size: int):

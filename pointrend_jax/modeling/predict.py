@@ -36,33 +36,34 @@ def predict(model: nnx.Module, images: Array, image_sizes: Array, *, stages: boo
       :class:`~pointrend_jax.modeling.semantic.PointRendSemanticSegmentor`.
     images: ``[B, H, W, 3]`` RGB uint8, each image top-left aligned.
     image_sizes: ``[B, 2]`` int32 valid (resized, unpadded) ``(h, w)``.
-    stages: instance models: add the mask head's coarse prediction and subdivision steps.
+    stages: instance models: add the mask head's subdivision steps.
 
   Returns:
     Instance models: ``boxes [B, D, 4]`` (resized-image pixels), ``scores [B, D]``,
-    ``classes [B, D]`` int32, ``valid [B, D]`` bool, ``mask_probs [B, D, S, S]`` (box frame,
-    predicted class). With ``stages``: ``coarse_logits`` / ``coarse_probs [B, D, 7, 7]``,
-    ``init_logits [B, D, 28, 28]`` (step 0) and, per subdivision step (axis 2),
-    ``indices [B, D, steps, K]`` (flat cells of the x2 upsampled map) and
-    ``point_logits [B, D, steps, K]`` (the point head's logits written there).
+    ``classes [B, D]`` int32, ``valid [B, D]`` bool, ``mask_probs [B, D, S, S]`` and
+    ``coarse_probs [B, D, 7, 7]`` (box frame, predicted class; PointRend's and the coarse
+    head's masks). With ``stages``: ``coarse_logits [B, D, 7, 7]``, ``init_logits
+    [B, D, 28, 28]`` (step 0) and per subdivision step tuples ``upsampled [B, D, H_s, W_s]``
+    (x2 upsampling of the previous step), ``indices [B, D, K]`` (its recomputed cells, flat),
+    ``points [B, D, K, 2]`` (their centres, ``(x, y)`` in the box) and ``point_logits
+    [B, D, K]`` (the point head's logits there).
     Semantic models: ``logits [B, H, W, C]`` on the padded canvas.
   """
   if isinstance(model, PointRendSemanticSegmentor):
     return {"logits": model(images, image_sizes)}
-  out = model.predict(images, image_sizes, return_intermediates=stages)
+  out = model.predict(images, image_sizes, return_intermediates=True)
+  m = out["intermediates"]["mask"]
+  b, d = out["valid"].shape
+  split = lambda a: a.reshape((b, d) + a.shape[1:])  # noqa: E731
   res = {k: out[k] for k in ("boxes", "scores", "classes", "valid")}
   res["mask_probs"] = jax.nn.sigmoid(out["mask_logits"])
+  res["coarse_probs"] = jax.nn.sigmoid(split(m["coarse_logits_class"]))
   if stages:
-    m = out["intermediates"]["mask"]
-    b, d = out["valid"].shape
-    split = lambda a: a.reshape((b, d) + a.shape[1:])  # noqa: E731
-    res["coarse_logits"] = split(m["coarse_logits_class"])
-    res["coarse_probs"] = jax.nn.sigmoid(res["coarse_logits"])
-    res["init_logits"] = split(m["init_logits"])
-    if m["indices"]:
-      res["indices"] = jnp.stack(m["indices"], axis=1).reshape(b, d, len(m["indices"]), -1)
-      res["point_logits"] = jnp.stack(m["point_logits"], axis=1).reshape(
-          b, d, len(m["indices"]), -1)
+    res.update(coarse_logits=split(m["coarse_logits_class"]), init_logits=split(m["init_logits"]),
+               upsampled=tuple(split(a) for a in m["upsampled"]),
+               indices=tuple(split(a) for a in m["indices"]),
+               points=tuple(split(a) for a in m["points_in_box"]),
+               point_logits=tuple(split(a) for a in m["point_logits"]))
   return res
 
 

@@ -560,7 +560,7 @@ class Evaluator:
 
   def __call__(self, model: nnx.Module, step: int, *, final: bool = False) -> dict[str, float]:
     if self._program is None:
-      self._program = PredictProgram(model, stages=self.coarse or self.num_visualize > 0)
+      self._program = PredictProgram(model, stages=self.num_visualize > 0)
     else:
       self._program.update(model)
     evaluator = self._dataset_evaluator(step, final)

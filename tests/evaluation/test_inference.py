@@ -27,12 +27,19 @@ def _instance_program(images, sizes):
               scores=np.tile(np.array([[0.9, 0.0]], np.float32), (b, 1)),
               classes=np.zeros((b, 2), np.int32), valid=np.tile([[True, False]], (b, 1)),
               mask_probs=np.ones((b, 2, 28, 28), np.float32),
-              coarse_probs=np.ones((b, 2, 7, 7), np.float32))
+              coarse_probs=np.ones((b, 2, 7, 7), np.float32),
+              # stages=True: per subdivision step tuples
+              coarse_logits=np.zeros((b, 2, 7, 7), np.float32),
+              init_logits=np.zeros((b, 2, 3, 3), np.float32),
+              upsampled=(np.zeros((b, 2, 6, 6), np.float32),),
+              indices=(np.zeros((b, 2, 4), np.int32),), points=(np.zeros((b, 2, 4, 2)),),
+              point_logits=(np.ones((b, 2, 4), np.float32),))
 
 
 def test_instances_coco_ap_and_coarse(tmp_path):
   records = [{"image_id": 1, "height": 20, "width": 30}]
-  ev = InstanceEvaluator(records, ["thing"], coco_gt=GT, coarse=True, output_dir=str(tmp_path))
+  ev = InstanceEvaluator(records, ["thing"], coco_gt=GT, coarse=True, output_dir=str(tmp_path),
+                         num_visualize=1)
   batch = dict(image=np.zeros((2, 64, 64, 3), np.uint8),
                image_size=np.array([[40, 60], [64, 64]], np.int32),
                orig_size=np.array([[20, 30], [64, 64]], np.int32),
@@ -40,6 +47,8 @@ def test_instances_coco_ap_and_coarse(tmp_path):
   metrics = inference_on_dataset(_instance_program, [batch], ev)
   for task in ("bbox", "segm", "segm_coarse"):
     assert metrics[f"eval/{task}/AP"] == pytest.approx(100.0), task
+  (vis,) = ev.visuals
+  assert len(vis["results"]["segm"]) == 1 and vis["stages"].final.shape == (1, 6, 6)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "coco_instances_results.json", "coco_instances_results_coarse.json"]
 

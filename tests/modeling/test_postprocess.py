@@ -8,8 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from pointrend_jax.modeling.postprocess import (instances, paste_masks, resize_bilinear,
-                                              subdivision_stages)
+from pointrend_jax.modeling.postprocess import instances, paste_masks, subdivision_stages
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_boxes import CHECKS
 
@@ -101,21 +100,23 @@ def test_instances_at_original_size():
   np.testing.assert_array_equal(mask_util.decode(inst.rle[0]).astype(bool), m)
 
 
-def test_subdivision_stages_rebuilds_the_steps():
+def test_subdivision_stages_of_the_kept_rows():
   rng = np.random.default_rng(0)
   d, k = 4, 5
-  init = rng.normal(size=(d, 3, 3)).astype(np.float32)
-  outputs = dict(coarse_logits=np.zeros((d, 7, 7), np.float32), init_logits=init,
-                 indices=rng.integers(0, 36, (d, 2, k)),
-                 point_logits=rng.normal(size=(d, 2, k)).astype(np.float32))
+  ups = [rng.normal(size=(d, 6, 6)).astype(np.float32),
+         rng.normal(size=(d, 12, 12)).astype(np.float32)]
+  outputs = dict(coarse_logits=np.zeros((d, 7, 7), np.float32),
+                 init_logits=np.zeros((d, 3, 3), np.float32), upsampled=tuple(ups),
+                 indices=tuple(np.stack([rng.permutation(u[0].size)[:k] for _ in range(d)])
+                               for u in ups),
+                 points=tuple(np.zeros((d, k, 2), np.float32) for _ in ups),
+                 point_logits=tuple(rng.normal(size=(d, k)).astype(np.float32) for _ in ups))
   for rows in (np.array([2, 0]), np.array([], np.int64)):
     st = subdivision_stages(outputs, rows, np.zeros((len(rows), 4), np.float32))
-    assert [u.shape for u in st.upsampled] == [(len(rows), 6, 6), (len(rows), 12, 12)]
+    assert [u.shape for u in st.refined] == [(len(rows), 6, 6), (len(rows), 12, 12)]
     assert [p.shape for p in st.points] == [(len(rows), k, 2)] * 2
-  # Step 1 of row 2: x2 bilinear of its 3x3 logits, the point logits written at the indices.
-  up = resize_bilinear(init[2][..., None], (6, 6))[..., 0]
-  ref = up.reshape(-1).copy()
-  ref[outputs["indices"][2, 0]] = outputs["point_logits"][2, 0]
   st = subdivision_stages(outputs, np.array([2]), np.zeros((1, 4), np.float32))
-  np.testing.assert_array_equal(st.upsampled[0][0], up)
-  np.testing.assert_array_equal(st.refined[0][0], ref.reshape(6, 6))
+  ref = ups[1][2].reshape(-1).copy()
+  ref[outputs["indices"][1][2]] = outputs["point_logits"][1][2]
+  np.testing.assert_array_equal(st.final[0], ref.reshape(12, 12))
+  np.testing.assert_array_equal(st.upsampled[1][0], ups[1][2])
