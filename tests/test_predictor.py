@@ -289,3 +289,20 @@ def test_package_exports_the_modules():
   assert pointrend_jax.PointRendRCNN is meta_arch.PointRendRCNN
   for name in pointrend_jax.__all__:
     assert getattr(pointrend_jax, name) is not None, name
+
+
+def test_write_pictures_of_evaluation_visuals(predictor, tmp_path):
+  image = _image(np.random.default_rng(6), 60, 80)
+  Image.fromarray(image).save(tmp_path / "a.png")
+  inst, stages = predictor.predict_with_stages(image)
+  assert len(inst) > 0
+  record = {"image_id": 3, "file_name": str(tmp_path / "a.png"), "height": 60, "width": 80,
+            "annotations": [{"bbox": [10, 10, 20, 15], "category_id": 1,
+                             "segmentation": [[10, 10, 30, 10, 30, 25, 10, 25]]}]}
+  visuals = [{"record": record, "results": {"segm": inst, "segm_coarse": inst},
+              "stages": stages}]
+  paths = vis.write_pictures(visuals, predictor.class_names, str(tmp_path / "pictures"),
+                             min_score=0.0)
+  assert [p.rsplit("/", 1)[1] for p in paths] == ["000003_overlay.png", "000003_points.png"]
+  overlay = np.asarray(Image.open(paths[0]))
+  assert overlay.shape[1] > 3 * 80 * 5  # three panels at zoom 5 (long side ~400 px)
