@@ -259,7 +259,7 @@ def test_tiny_predict_compiles_once_and_handles_no_detections(tiny_cfg):
   assert s == 224
   assert {k: v.shape for k, v in out.items()} == {
       "boxes": (2, d, 4), "scores": (2, d), "classes": (2, d), "valid": (2, d),
-      "mask_probs": (2, d, s, s)}
+      "mask_probs": (2, d, s, s), "coarse_probs": (2, d, 7, 7)}
   # detectron2's init gives near-uniform class scores (1/4 > 0.05): there are detections.
   assert bool(out["valid"].all())
   boxes = np.asarray(out["boxes"])
