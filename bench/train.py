@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 
 from pointrend_jax.data import batching  # noqa: E402
 from pointrend_jax.modeling import layers  # noqa: E402
-from pointrend_jax.modeling.config import zoo_config  # noqa: E402
+from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names,  # noqa: E402
                                               load_d2_model)
 from pointrend_jax.training import mesh as mesh_lib  # noqa: E402

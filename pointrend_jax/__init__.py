@@ -17,8 +17,8 @@ _LAZY = {
     "Predictor": "pointrend_jax.inference",
     # Building models (Flax NNX modules) and their configs.
     "ModelConfig": "pointrend_jax.modeling.config",
-    "zoo_config": "pointrend_jax.modeling.config",
-    "from_detectron2_yaml": "pointrend_jax.modeling.config",
+    "zoo_config": "pointrend_jax.modeling.zoo",
+    "from_detectron2_yaml": "pointrend_jax.modeling.zoo",
     "build_model": "pointrend_jax.modeling.meta_arch",
     "load_d2_model": "pointrend_jax.modeling.meta_arch",
     "PointRendRCNN": "pointrend_jax.modeling.meta_arch",

@@ -70,7 +70,8 @@ from PIL import Image
 from pointrend_jax.data import batching
 from pointrend_jax.data.coco import read_image
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
-from pointrend_jax.modeling.config import ModelConfig, from_detectron2_yaml, zoo_config
+from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.zoo import from_detectron2_yaml, zoo_config
 
 __all__ = [
     "COCO_CLASSES",

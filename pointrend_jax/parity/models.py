@@ -43,7 +43,8 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
-from pointrend_jax.modeling.config import ConfigError, from_detectron2_yaml
+from pointrend_jax.errors import ConfigError
+from pointrend_jax.modeling.zoo import from_detectron2_yaml
 from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names, load_d2_model,
                                               postprocess_instances)
 from pointrend_jax.modeling.semantic import sem_seg_postprocess

@@ -31,8 +31,9 @@ from flax import nnx
 from pointrend_jax.checkpoint.d2_reader import (CheckpointError, MatchReport,
                                                 load_detectron2_file, match_state_dict)
 from pointrend_jax.checkpoint.orbax_io import save_converted
-from pointrend_jax.modeling.config import (ZOO_NAMES, ZOO_STEMS, ConfigError, ModelConfig,
-                                           from_detectron2_yaml, zoo_config)
+from pointrend_jax.errors import ConfigError
+from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
 from pointrend_jax.modeling.meta_arch import (abstract_model, build_model, d2_model_names,
                                               load_d2_model)
 from pointrend_jax.modeling.resnet import BLOCKS_PER_STAGE

@@ -6,7 +6,7 @@ Usage::
       [--force]
 
 Reads the run config ``launch.py`` saved in ``WORKDIR/config.json`` (the model config is built
-from it as :func:`pointrend_jax.training.loop.model_config` does, so a config given only as
+from it as :func:`pointrend_jax.modeling.zoo.model_config` does, so a config given only as
 ``overrides`` -- the synthetic ones -- is stored in full), restores the model of checkpoint
 ``--step`` (default: the newest) of ``WORKDIR/checkpoints`` and writes it in the format of
 :func:`pointrend_jax.checkpoint.orbax_io.save_converted` (``config.json`` + ``state/``), with the
@@ -63,10 +63,11 @@ def export(workdir: str, output: str, step: int | None = None, *, force: bool = 
     force: replace a non-empty ``output``.
     log: progress lines go here.
   """
+  from pointrend_jax.modeling import zoo
   from pointrend_jax.training import loop
   t0 = time.perf_counter()
   config = loop.read_workdir_config(workdir)
-  mcfg = loop.model_config(config)
+  mcfg = zoo.model_config(config.model)
   out = os.path.abspath(os.path.expanduser(output))
   if os.path.isdir(out) and os.listdir(out) and not force:
     raise _Error(f"--output {out} is not empty (use --force to replace it)")

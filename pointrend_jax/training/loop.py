@@ -67,6 +67,7 @@ from flax import nnx
 from pointrend_jax.errors import ConfigError, DataError, DatasetError
 from pointrend_jax.data import pipeline
 from pointrend_jax.modeling import config as config_lib
+from pointrend_jax.modeling import zoo
 from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer as optimizer_lib
@@ -75,7 +76,6 @@ from pointrend_jax.training.logging import MetricWriter
 
 __all__ = [
     "Split",
-    "model_config",
     "check_num_classes",
     "input_config",
     "load_split",
@@ -104,59 +104,6 @@ CLASS_NAMES_FILE = "class_names.json"
 # --------------------------------------------------------------------------------------------------
 # Config -> model config and input config.
 # --------------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-  """ConfigDicts / lists -> dicts / tuples, recursively (model configs must be hashable)."""
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  if isinstance(value, Mapping):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
-
-
-def _class_count_updates(cfg: config_lib.ModelConfig, value: Any) -> dict[str, int]:
-  heads = ("sem_seg_head", "point_head") if cfg.is_semantic else ("roi_heads", "point_head")
-  return {f"{head}.num_classes": int(value) for head in heads}
-
-
-def model_config(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
-  """``config.model.zoo`` (or ``ModelConfig()``) with ``config.model.overrides`` and
-  ``config.model.num_classes`` applied.
-
-  ``overrides`` mirrors ``ModelConfig`` (sections as dicts, top-level fields directly);
-  ``num_classes`` (in ``overrides``, or ``config.model.num_classes`` > 0, which wins) sets the
-  head class counts (ROI + point head, or sem-seg + point head).
-
-  Raises:
-    ConfigError: ``config.model.num_classes`` is negative.
-    ConfigError: an override names no ``ModelConfig`` field, or the zoo name is unknown.
-  """
-  zoo = str(config.model.get("zoo", "") or "")
-  cfg = config_lib.zoo_config(zoo) if zoo else config_lib.ModelConfig()
-  overrides = _plain(config.model.get("overrides", None) or {})
-  # Overrides may change the meta architecture, which decides the heads num_classes goes to.
-  if "meta_architecture" in overrides:
-    cfg = cfg.replace(meta_architecture=overrides["meta_architecture"])
-  updates: dict[str, Any] = {}
-  for key, value in overrides.items():
-    if key == "num_classes":
-      updates.update(_class_count_updates(cfg, value))
-    elif isinstance(value, Mapping):
-      for field, v in value.items():
-        updates[f"{key}.{field}"] = v
-    elif key != "meta_architecture":
-      updates[key] = value
-  num_classes = int(config.model.get("num_classes", 0) or 0)
-  if num_classes < 0:
-    raise ConfigError(f"config.model.num_classes must be >= 0 (0 = the zoo / overrides "
-                           f"value), got {num_classes}")
-  if num_classes:
-    # After the sections, so that it also wins over overrides.roi_heads.num_classes etc.
-    updates.update(_class_count_updates(cfg, num_classes))
-  return cfg.replace(**updates)
 
 
 def input_config(config: ml_collections.ConfigDict,
@@ -837,7 +784,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  mcfg = model_config(config)
+  mcfg = zoo.model_config(config.model)
   return mcfg, mesh_lib.make_mesh()
 
 
@@ -1054,7 +1001,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   from pointrend_jax.modeling import layers, meta_arch
   workdir = os.fspath(workdir)
-  mcfg = mcfg or model_config(config)
+  mcfg = mcfg or zoo.model_config(config.model)
   mesh = mesh or mesh_lib.make_mesh()
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(

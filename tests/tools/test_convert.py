@@ -17,7 +17,7 @@ from flax import nnx
 
 from conftest import PARITY_DIR, REPO_ROOT, SHARED_DIR
 from pointrend_jax.checkpoint.orbax_io import load_converted
-from pointrend_jax.modeling.config import zoo_config
+from pointrend_jax.modeling.zoo import zoo_config
 from pointrend_jax.modeling.meta_arch import PointRendRCNN, abstract_model, load_d2_model
 from pointrend_jax.tools import convert
 

@@ -20,6 +20,7 @@ from conftest import REPO_ROOT
 from pointrend_jax.data import synthetic
 from pointrend_jax.inference import Predictor
 from pointrend_jax.tools import export as export_tool
+from pointrend_jax.modeling import zoo
 from pointrend_jax.training import loop
 
 
@@ -78,7 +79,7 @@ def test_training_exports_final_model_for_predictor(trained):
   meta = json.loads((model_dir / "config.json").read_text())
   assert meta["source"]["step"] == 2
   # The synthetic config's model is all overrides: the stored config is the full ModelConfig.
-  assert meta["config"] == loop.model_config(config).to_dict()
+  assert meta["config"] == zoo.model_config(config.model).to_dict()
   assert meta["config"]["roi_heads"]["num_classes"] == 5
   exported = Predictor(None, str(model_dir))
   assert exported.class_names == list(synthetic.THING_CLASSES)

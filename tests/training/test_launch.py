@@ -189,6 +189,7 @@ def _load_config(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_with_required_keys(path):
+  from pointrend_jax.modeling import zoo
   from pointrend_jax.training import loop
   module = _load_config(path)
   doc = module.get_config.__doc__
@@ -205,7 +206,7 @@ def test_config_loads_with_required_keys(path):
       assert key in config.data[which], (which, key)
     assert config.data[which].source in loop.SOURCES
   assert config.train.batch_size % config.train.num_replicas_d2 == 0
-  mcfg = loop.model_config(config)
+  mcfg = zoo.model_config(config.model)
   loop.input_config(config, mcfg)
   loop._loop_config(config)  # pylint: disable=protected-access
   if not path.stem.startswith("synthetic"):
@@ -243,9 +244,10 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   import jax
   from pointrend_jax.checkpoint import orbax_io
   from pointrend_jax.modeling import meta_arch
+  from pointrend_jax.modeling import zoo
   from pointrend_jax.training import loop
   config = _load_config(REPO / "configs" / "synthetic_shapes.py").get_config()
-  mcfg = loop.model_config(config)
+  mcfg = zoo.model_config(config.model)
   model = loop.build_model(config, mcfg)
   rng = np.random.default_rng(0)
   full = {k: rng.standard_normal(s).astype(np.float32)
