@@ -77,7 +77,6 @@ from pointrend_jax.training.logging import MetricWriter
 __all__ = [
     "Split",
     "check_num_classes",
-    "input_config",
     "load_split",
     "build_model",
     "init_weights",
@@ -104,33 +103,6 @@ CLASS_NAMES_FILE = "class_names.json"
 # --------------------------------------------------------------------------------------------------
 # Config -> model config and input config.
 # --------------------------------------------------------------------------------------------------
-
-
-def input_config(config: ml_collections.ConfigDict,
-                 mcfg: config_lib.ModelConfig) -> pipeline.InputConfig:
-  """The data pipeline's settings from the model config's ``input`` section (detectron2's
-  INPUT.*) plus ``config.data`` (instance slots, grouping)."""
-  inp = mcfg.input
-  if inp.min_size_train_sampling != "choice":
-    raise NotImplementedError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING {inp.min_size_train_sampling!r} "
-                              "(only 'choice' is supported)")
-  if inp.random_flip not in ("horizontal", "none"):
-    raise NotImplementedError(f"INPUT.RANDOM_FLIP {inp.random_flip!r}")
-  crop = None
-  if inp.crop_enabled:
-    if inp.crop_type != "absolute":
-      raise NotImplementedError(f"INPUT.CROP.TYPE {inp.crop_type!r} (only 'absolute')")
-    crop = tuple(int(s) for s in inp.crop_size)
-  semantic = mcfg.is_semantic
-  return pipeline.InputConfig(
-      min_size_train=tuple(inp.min_size_train), max_size_train=inp.max_size_train,
-      min_size_test=inp.min_size_test, max_size_test=inp.max_size_test,
-      random_flip=inp.random_flip == "horizontal", crop_size=crop,
-      crop_single_category_max_area=inp.crop_single_category_max_area,
-      color_aug_ssd=inp.color_aug_ssd, instance_targets=not semantic,
-      semantic_targets=semantic, mask_format="none" if semantic else "packed",
-      max_instances=int(config.data.get("max_instances", 100)),
-      group_by=str(config.data.get("group_by", "bucket")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,9 +474,9 @@ class Evaluator:
     per_process = max(1, int(ev.get("batch_size", 1)))
     local = jax.local_device_count()
     self.batch_size = -(-per_process // local) * local  # a multiple of the local devices
-    self.input_cfg = input_config(config, mcfg)
+    self.input_cfg = pipeline.loader_config(config.data, mcfg)
     self.loader = pipeline.build_eval_loader(
-        self.records, self.batch_size, input_config=self.input_cfg,
+        self.records, self.batch_size, config=self.input_cfg,
         worker_count=int(config.data.get("num_workers", 0)),
         padding=str(config.data.get("eval_padding", "bucket")), with_targets=False)
     self.coarse = bool(ev.get("coarse_masks", True)) and not mcfg.is_semantic
@@ -825,7 +797,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ConfigError(f"train.batch_size {batch} not divisible by {procs} processes")
   it = pipeline.build_train_loader(
       train_split.records, batch_size_per_process=batch // procs, seed=int(config.seed),
-      input_config=input_config(config, mcfg),
+      config=pipeline.loader_config(config.data, mcfg),
       worker_count=int(config.data.get("num_workers", 0)))
   delay = float(config.train.get("debug_step_delay_s", 0.0) or 0.0)
   train_iter = _SlowIterator(it, delay) if delay > 0 else it

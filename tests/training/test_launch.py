@@ -189,6 +189,7 @@ def _load_config(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_with_required_keys(path):
+  from pointrend_jax.data import pipeline
   from pointrend_jax.modeling import zoo
   from pointrend_jax.training import loop
   module = _load_config(path)
@@ -207,7 +208,7 @@ def test_config_loads_with_required_keys(path):
     assert config.data[which].source in loop.SOURCES
   assert config.train.batch_size % config.train.num_replicas_d2 == 0
   mcfg = zoo.model_config(config.model)
-  loop.input_config(config, mcfg)
+  pipeline.loader_config(config.data, mcfg)
   loop._loop_config(config)  # pylint: disable=protected-access
   if not path.stem.startswith("synthetic"):
     assert config.model.zoo == path.stem  # the zoo configs use their model-zoo names
