@@ -28,12 +28,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.modeling.config import ConfigError, ModelConfig
+from pointrend_jax.errors import CheckpointError, ConfigError
+from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.meta_arch import abstract_model
 
-__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "read_converted_config",
-           "read_converted_class_names"]
+__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "load_converted_into",
+           "read_converted_config", "read_converted_class_names"]
 
 FORMAT = "pointrend-jax-converted"
 VERSION = 1
@@ -139,6 +139,22 @@ def load_converted(out_dir: str | os.PathLike[str]) -> tuple[ModelConfig, nnx.Mo
     raise CheckpointError(f"{path}: cannot restore ({' '.join(str(e).split())[:300]})") from e
   nnx.replace_by_pure_dict(state, restored)
   return cfg, nnx.merge(graphdef, state)
+
+
+def load_converted_into(model: nnx.Module, out_dir: str | os.PathLike[str]) -> None:
+  """Fills ``model`` (in place) from a converted directory whose variables have the same names
+  and shapes (e.g. the same network with other test sizes or thresholds).
+
+  Raises:
+    CheckpointError: unreadable, or the variables differ from ``model``'s.
+  """
+  _, loaded = load_converted(out_dir)
+  theirs = nnx.state(loaded)
+  shapes = lambda state: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(state))
+  if shapes(nnx.state(model)) != shapes(theirs):
+    raise CheckpointError(f"{out_dir}: the converted model's variables (names or shapes) differ "
+                          "from this config's model; use the config it was converted with")
+  nnx.update(model, theirs)
 
 
 def read_converted_class_names(out_dir: str | os.PathLike[str]) -> list[str] | None:

@@ -38,7 +38,7 @@
   ``ModelConfig`` + the variables, and the dataset's class names), which
   ``Predictor(None, "<workdir>/model")`` and ``python -m pointrend_jax.tools.predict --weights
   <workdir>/model`` load; ``python -m pointrend_jax.tools.export`` does the same for any
-  checkpoint of a workdir (:func:`restore_model`).
+  checkpoint of a workdir (:mod:`~pointrend_jax.checkpoint.workdir`).
 
 Errors a user can fix raise :class:`DataError` (a missing file), :class:`DatasetError` (a
 malformed dataset file) or :class:`ConfigError` (a bad or mismatched config value);
@@ -65,7 +65,9 @@ import tqdm
 from flax import nnx
 
 from pointrend_jax.errors import ConfigError, DataError, DatasetError
+from pointrend_jax.checkpoint import workdir as workdir_lib
 from pointrend_jax.data import pipeline
+from pointrend_jax.data.splits import Split, load_split
 from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.modeling import zoo
 from pointrend_jax.training import checkpointing
@@ -75,269 +77,20 @@ from pointrend_jax.training import train as train_lib
 from pointrend_jax.training.logging import MetricWriter
 
 __all__ = [
-    "Split",
-    "check_num_classes",
-    "load_split",
     "build_model",
     "init_weights",
     "Evaluator",
     "train_and_evaluate",
     "evaluate",
-    "restore_model",
-    "export_model",
-    "read_workdir_config",
-    "EXPORT_DIR",
 ]
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("coco", "cityscapes", "tfds", "synthetic")
-
-
-# The final model of a completed run, as a converted checkpoint (Predictor / tools.predict).
-EXPORT_DIR = "model"
-# Class names of the training data, for the export tool (written at the start of training).
-CLASS_NAMES_FILE = "class_names.json"
 
 
 # --------------------------------------------------------------------------------------------------
 # Config -> model config and input config.
 # --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# Data sources.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Split:
-  """One split's records and what its evaluation needs.
-
-  Attributes:
-    which: ``"train"`` or ``"val"`` (the config section).
-    source: ``coco`` | ``cityscapes`` | ``tfds`` | ``synthetic``.
-    records: ``coco``-format records (``sem_seg_file_name`` for semantic).
-    class_names: thing classes (instance) or semantic classes.
-    coco_gt: COCO ground truth (JSON path or parsed dict) for COCO-style evaluation.
-    cityscapes_gt: per record, the ``gtFine`` files (``instanceIds`` / ``labelIds``) for the
-      official Cityscapes metrics.
-  """
-  which: str
-  source: str
-  records: Sequence[Mapping[str, Any]]
-  class_names: tuple[str, ...]
-  coco_gt: str | Mapping[str, Any] | None = None
-  cityscapes_gt: Sequence[Any] | None = None
-
-
-def _section(config: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
-  return config.data[which]
-
-
-def _require_file(path: str, what: str, key: str, how: str) -> None:
-  if not path or not os.path.isfile(path):
-    raise DataError(f"expected {what} at {path or '(unset)'} (config.{key}); {how}")
-
-
-def _require_dir(path: str, what: str, key: str, how: str) -> None:
-  if not path or not os.path.isdir(path):
-    raise DataError(f"expected {what} at {path or '(unset)'} (config.{key}); {how}")
-
-
-def _synthetic_root(config: ml_collections.ConfigDict, which: str, workdir: str) -> str:
-  root = str(_section(config, which).get("root", "") or "")
-  return root or os.path.join(workdir, "data")
-
-
-def _coco_gt_from_records(records: Sequence[Mapping[str, Any]], names: Sequence[str],
-                          ids: Sequence[int]) -> dict[str, Any]:
-  """A COCO ground-truth dict from records (TFDS-stored COCO data has no JSON at hand)."""
-  import pycocotools.mask as mask_util
-  images, anns = [], []
-  for r in records:
-    images.append({"id": int(r["image_id"]), "height": int(r["height"]),
-                   "width": int(r["width"]), "file_name": str(r.get("file_name", ""))})
-    for a in r.get("annotations", ()):
-      x0, y0, x1, y1 = (float(v) for v in a["bbox"])
-      segm = a.get("segmentation")
-      if isinstance(segm, (list, tuple)):
-        segm = [list(map(float, p)) for p in segm]
-        rle = mask_util.merge(mask_util.frPyObjects(segm, int(r["height"]), int(r["width"])))
-      else:
-        segm = dict(segm)
-        rle = {"size": segm["size"], "counts": segm["counts"].encode()
-               if isinstance(segm["counts"], str) else segm["counts"]}
-      area = a.get("area")
-      if area is None or not np.isfinite(area):
-        area = float(mask_util.area(rle))
-      anns.append({"id": len(anns) + 1, "image_id": int(r["image_id"]),
-                   "category_id": int(ids[int(a["category_id"])]), "iscrowd": int(a["iscrowd"]),
-                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area),
-                   "segmentation": segm})
-  return {"images": images, "annotations": anns,
-          "categories": [{"id": int(i), "name": n} for i, n in zip(ids, names)]}
-
-
-def _split_origin(config: ml_collections.ConfigDict, which: str, workdir: str) -> str:
-  """Where ``config.data.<which>`` reads from, for messages (the annotations file, the root)."""
-  s = _section(config, which)
-  source = str(s.source)
-  if source == "coco":
-    return f"COCO annotations {s.annotations}"
-  if source == "cityscapes":
-    return f"Cityscapes root {s.root}"
-  if source == "synthetic":
-    return f"synthetic dataset at {_synthetic_root(config, which, workdir)}"
-  return f"TFDS data dir {s.root}"
-
-
-def check_num_classes(split: Split, mcfg: config_lib.ModelConfig, origin: str = "") -> None:
-  """Raises unless the split's category count equals the model's class count.
-
-  The data pipeline maps categories to contiguous ids ``0..C-1``; a model with fewer classes
-  would train on out-of-range labels without any error, one with more on never-seen classes.
-
-  Args:
-    split: from :func:`load_split` (``class_names``: its contiguous categories).
-    mcfg: the model config (``roi_heads.num_classes`` / ``sem_seg_head.num_classes``).
-    origin: where the split was read from (for the message).
-
-  Raises:
-    ConfigError: the counts differ; the message names ``config.model.num_classes``.
-  """
-  have = len(split.class_names)
-  if not have:
-    # TFDS datasets prepared without class metadata: nothing to compare against.
-    logger.warning("config.data.%s (%s) stores no class names; cannot check that it has %d "
-                   "classes", split.which, origin or split.source, mcfg.num_classes)
-    return
-  if have == mcfg.num_classes:
-    return
-  head = "sem_seg_head" if mcfg.is_semantic else "roi_heads"
-  what = "semantic classes" if mcfg.is_semantic else "categories"
-  if split.source == "cityscapes" and mcfg.is_semantic:
-    what = "semantic classes (Cityscapes train ids)"
-  raise ConfigError(
-      f"config.data.{split.which} ({origin or split.source}) has {have} {what} but the model "
-      f"has {mcfg.num_classes} classes ({head}.num_classes); set --config.model.num_classes="
-      f"{have} (or point config.data.{split.which} at the dataset the model is for)")
-
-
-def load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
-               mcfg: config_lib.ModelConfig) -> Split:
-  """Records of ``config.data.<which>`` (see the module docstring); errors say what is missing.
-
-  Raises:
-    DataError: a path the config names does not exist.
-    DatasetError: a dataset file is malformed (the message names the file / id).
-    ConfigError: unknown source, a source that cannot feed this model type, or a category
-      count different from the model's class count (:func:`check_num_classes`).
-  """
-  try:
-    split = _load_split(config, which, workdir, mcfg)
-  except (DataError, ConfigError):
-    raise
-  except FileNotFoundError as e:  # an image / ground-truth file of the dataset
-    raise DataError(f"{e} (config.data.{which})") from e
-  except ValueError as e:  # the loaders' malformed-file errors name the file and the id
-    raise DatasetError(f"{e} (config.data.{which})") from e
-  check_num_classes(split, mcfg, _split_origin(config, which, workdir))
-  return split
-
-
-def _load_split(config: ml_collections.ConfigDict, which: str, workdir: str,
-                mcfg: config_lib.ModelConfig) -> Split:
-  from pointrend_jax.data import cityscapes, coco
-  s = _section(config, which)
-  source = str(s.source)
-  split = str(s.split)
-  semantic = mcfg.is_semantic
-  key = f"data.{which}"
-  if source not in SOURCES:
-    raise ConfigError(f"config.{key}.source must be one of {SOURCES}, got {source!r}")
-
-  if source == "synthetic":
-    from pointrend_jax.data import synthetic
-    syn = config.data.synthetic
-    root = _synthetic_root(config, which, workdir)
-    t0 = time.perf_counter()
-    ds = synthetic.ensure_synthetic_dataset(
-        root, num_train=int(syn.num_train), num_val=int(syn.num_val),
-        image_size=tuple(int(v) for v in syn.image_size), seed=int(syn.seed))
-    logger.info("synthetic dataset at %s (%.1f s)", ds.root, time.perf_counter() - t0)
-    if split not in ds.splits:
-      raise ConfigError(f"config.{key}.split must be one of {tuple(ds.splits)}, got "
-                             f"{split!r}")
-    records = synthetic.load_synthetic_records(ds, split)
-    if semantic:
-      return Split(which, source, records, synthetic.SEM_SEG_CLASSES)
-    return Split(which, source, records, synthetic.THING_CLASSES,
-                 coco_gt=str(ds.splits[split].annotations))
-
-  if source == "coco":
-    if semantic:
-      raise ConfigError(f"config.{key}.source 'coco' provides instances; semantic models "
-                             "need 'cityscapes', 'tfds' (cityscapes_semantic) or 'synthetic'")
-    how = ("download COCO 2017 from https://cocodataset.org/#download (annotations_trainval2017"
-           ".zip and the train2017 / val2017 image zips), unzip them under "
-           "$POINTREND_DATASETS/coco (annotations/, train2017/, val2017/) or point "
-           f"--config.{key}.annotations=/path/instances_{split or '<split>'}.json and "
-           f"--config.{key}.images=/path/{split or '<split>'}")
-    _require_file(str(s.annotations), "COCO annotations", f"{key}.annotations", how)
-    _require_dir(str(s.images), "COCO images", f"{key}.images", how)
-    dataset = coco.load_coco_dataset(str(s.annotations), str(s.images))
-    return Split(which, source, dataset.records, dataset.categories.names,
-                 coco_gt=str(s.annotations))
-
-  if source == "cityscapes":
-    root = str(s.root)
-    how = ("download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-           "https://www.cityscapes-dataset.com/downloads/, unzip both under one folder and "
-           f"point --config.{key}.root=/path/to/cityscapes (or set $POINTREND_DATASETS)")
-    _require_dir(root, "the Cityscapes root (leftImg8bit/, gtFine/)", f"{key}.root", how)
-    try:
-      cityscapes.split_dirs(root, split)
-    except FileNotFoundError as e:
-      raise DataError(f"{e} (config.{key}.root / .split); {how}") from e
-    files = cityscapes.cityscapes_files(root, split)
-    if semantic:
-      records = cityscapes.load_cityscapes_semantic(root, split)
-      return Split(which, source, records, cityscapes.SEM_SEG_CLASSES, cityscapes_gt=files)
-    records = cityscapes.load_cityscapes_instances(root, split)
-    return Split(which, source, records, cityscapes.THING_CLASSES, cityscapes_gt=files)
-
-  # TFDS (array_record builders of pointrend_jax.data.tfds_builders).
-  from pointrend_jax.data import tfds_builders
-  root = str(s.root)
-  kind = str(s.get("tfds_kind", "") or "") or ("cityscapes_semantic" if semantic
-                                               else "coco_instances")
-  name = str(s.get("tfds_name", "default") or "default")
-  builder_name = (tfds_builders.SEMANTIC_BUILDER if kind == "cityscapes_semantic"
-                  else tfds_builders.INSTANCES_BUILDER)
-  builder_dir = os.path.join(root, builder_name, name)
-  how = ("prepare it with pointrend_jax.data.tfds_builders.prepare_tfds(kind, sources, "
-         f"data_dir, name=...) and point --config.{key}.root at that data_dir")
-  _require_dir(builder_dir, f"a prepared TFDS dataset ({kind}/{name})", f"{key}.root", how)
-  if semantic != (kind == "cityscapes_semantic"):
-    raise ConfigError(f"config.{key}.tfds_kind {kind!r} does not fit a "
-                           f"{'semantic' if semantic else 'instance'} model")
-  records = tfds_builders.TfdsRecords(root, kind, split, name=name)
-  import tensorflow_datasets as tfds
-  versions = sorted((d for d in os.listdir(builder_dir) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
-                    key=lambda v: tuple(int(x) for x in v.split(".")))
-  if not versions:
-    raise DataError(f"no prepared version under {builder_dir} (config.{key}.root); {how}")
-  builder = tfds.builder_from_directory(os.path.join(builder_dir, versions[-1]))
-  names, ids = tfds_builders.class_metadata(builder)
-  if which == "val":
-    records = list(records)
-    if kind == "coco_instances":
-      return Split(which, source, records, tuple(names),
-                   coco_gt=_coco_gt_from_records(records, names, ids))
-    raise ConfigError(f"config.{key}: evaluating Cityscapes needs the gtFine files the "
-                           "official metrics read; use source='cityscapes' for data.val")
-  return Split(which, source, records, tuple(names))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,14 +104,9 @@ def build_model(config: ml_collections.ConfigDict, mcfg: config_lib.ModelConfig)
   return meta_arch.build_model(mcfg, nnx.Rngs(int(config.get("seed", 0) or 0)))
 
 
-_HEAD_PREFIXES = ("proposal_generator.", "roi_heads.", "sem_seg_head.", "backbone.fpn_",
-                  "backbone.top_block")
-
-
 def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
   """Loads ``config.init.weights`` into ``model`` in place; returns a one-line description."""
-  from pointrend_jax.checkpoint import d2_reader
-  from pointrend_jax.modeling import meta_arch
+  from pointrend_jax.checkpoint.weights import load_weights
   path = str(config.init.get("weights", "") or "")
   if not path:
     return "random initialisation (config.init.weights is empty)"
@@ -367,32 +115,12 @@ def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
     raise DataError(f"config.init.weights is a URL ({path}); nothing is downloaded at run time: "
                     f"download {url} and set --config.init.weights=/local/path")
   local = os.path.expanduser(path.split("?", 1)[0])
-  if os.path.isdir(local):
-    from pointrend_jax.checkpoint import orbax_io
-    _, loaded = orbax_io.load_converted(local)
-    ours = nnx.state(model)
-    theirs = nnx.state(loaded)
-    if jax.tree.structure(nnx.to_pure_dict(ours)) != jax.tree.structure(
-        nnx.to_pure_dict(theirs)):
-      raise d2_reader.CheckpointError(
-          f"{local}: the converted model's structure differs from config.model's; use the "
-          "config the checkpoint was converted with")
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(ours)),
-                    jax.tree.leaves(nnx.to_pure_dict(theirs))):
-      if a.shape != b.shape:
-        raise d2_reader.CheckpointError(f"{local}: shape {b.shape} != model's {a.shape}")
-    nnx.update(model, theirs)
-    return f"converted orbax checkpoint {local}"
-  if not os.path.isfile(local):
+  if not os.path.exists(local):
     raise DataError(f"expected weights at {local} (config.init.weights); download the "
                     "detectron2 file (ImageNet backbones: https://dl.fbaipublicfiles.com/"
                     "detectron2/ImageNetPretrained/MSRA/R-50.pkl etc.), point "
                     "--config.init.weights at it, or set it to '' to train from scratch")
-  ckpt = d2_reader.load_detectron2_file(path)
-  full = any(k.startswith(_HEAD_PREFIXES) for k in ckpt.state)
-  report = meta_arch.load_d2_model(model, ckpt, strict=True, backbone_only=not full)
-  what = "full detectron2 model" if full else "detectron2 backbone (ImageNet) weights"
-  return f"{what} {local}: {report.format(limit=5).splitlines()[0]}"
+  return load_weights(model, local, backbone_only_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   train_split = load_split(config, "train", workdir, mcfg)
   if jax.process_index() == 0:
     # For tools.export: the exported model carries the names (Predictor labels).
-    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.CLASS_NAMES_FILE), "w") as f:
       json.dump(list(train_split.class_names), f, indent=1)
   evaluator = Evaluator(config, workdir, mcfg, mesh=mesh) if evaluate_after else None
   timings["data"] = time.time() - t
@@ -842,9 +570,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with MetricWriter(workdir) as writer:
       writer.write_scalars(step, metrics)
   t = time.time()
-  exported = export_model(state.model(), mcfg, os.path.join(workdir, EXPORT_DIR),
-                          class_names=train_split.class_names or None,
-                          source={"workdir": os.path.abspath(workdir), "step": step})
+  exported = workdir_lib.export_trained_model(
+      state.model(), mcfg, os.path.join(workdir, workdir_lib.EXPORT_DIR),
+      class_names=train_split.class_names or None,
+      source={"workdir": os.path.abspath(workdir), "step": step})
   logger.info("exported the final model to %s (Predictor(None, %r), tools.predict --weights)",
               exported, str(exported))
   timings["export"] = time.time() - t
@@ -898,108 +627,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   timings["total"] = time.time() - start_time
   _write_summary(config, workdir, metrics, step, timings, mcfg)
   return metrics
-
-
-# --------------------------------------------------------------------------------------------------
-# Export: training checkpoints -> converted checkpoints (Predictor, tools.predict).
-# --------------------------------------------------------------------------------------------------
-
-
-def export_model(model: nnx.Module, mcfg: config_lib.ModelConfig, out_dir: str | os.PathLike,
-                 *, class_names: Sequence[str] | None = None,
-                 source: Mapping[str, Any] | None = None) -> str:
-  """Writes ``model`` as a converted checkpoint (replacing ``out_dir``); every process calls it.
-
-  Args:
-    model: a concrete model (e.g. ``TrainState.model()``).
-    mcfg: its full :class:`~pointrend_jax.modeling.config.ModelConfig` (stored as JSON, so the
-      directory loads without the training config).
-    out_dir: the output directory; an existing one is replaced.
-    class_names: the dataset's class names (Predictor's labels); must match the class count.
-    source: provenance stored in ``config.json`` (workdir, step).
-
-  Returns:
-    The absolute output directory.
-  """
-  from pointrend_jax.checkpoint import orbax_io
-  return str(orbax_io.save_converted(model, mcfg, out_dir, overwrite=True,
-                                     source=dict(source or {}, kind="training checkpoint"),
-                                     class_names=class_names))
-
-
-def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The run config ``launch.py`` saved in ``workdir/config.json``.
-
-  Raises:
-    DataError: ``workdir`` or its ``config.json`` is missing.
-    ConfigError: ``config.json`` is not a JSON object.
-  """
-  workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
-    raise DataError(f"workdir not found: {workdir}")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise DataError(f"{workdir} has no config.json (not a launch.py workdir)")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except ValueError as e:
-    raise ConfigError(f"{path}: not JSON ({e})") from e
-  if not isinstance(data, dict):
-    raise ConfigError(f"{path}: expected a JSON object")
-  return ml_collections.ConfigDict(data)
-
-
-def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                  step: int | None = None, *, mcfg: config_lib.ModelConfig | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> tuple[int, nnx.Module]:
-  """The model of training checkpoint ``step`` (default: the newest) of ``workdir``.
-
-  The checkpoint's structure is built abstractly (no random initialisation), so this is fast
-  even for big models; the optimizer state is read too (orbax restores whole items).
-
-  Args:
-    config: the run config (e.g. :func:`read_workdir_config`).
-    workdir: the run's workdir (``checkpoints/<step>/``).
-    step: the checkpoint step; None: the newest.
-    mcfg: the model config (default: :func:`model_config` of ``config``).
-    mesh: where the arrays go (default: all devices, replicated).
-
-  Returns:
-    ``(step, model)``.
-
-  Raises:
-    DataError: no checkpoints, or no checkpoint ``step`` (the message lists those present).
-  """
-  from pointrend_jax.modeling import layers, meta_arch
-  workdir = os.fspath(workdir)
-  mcfg = mcfg or zoo.model_config(config.model)
-  mesh = mesh or mesh_lib.make_mesh()
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
-      ckpt_dir) else []
-  if not steps:
-    raise DataError(f"no training checkpoint in {ckpt_dir}")
-  step = steps[-1] if step is None else int(step)
-  if step not in steps:
-    raise DataError(f"no checkpoint {step} in {ckpt_dir} (available: "
-                    f"{', '.join(map(str, steps))})")
-  abstract = meta_arch.abstract_model(mcfg)
-  tx, _ = optimizer_lib.make_optimizer(_loop_config(config), abstract)
-
-  def checkpoint_tree():
-    model = meta_arch.build_model(mcfg, nnx.Rngs(0))
-    return train_lib.create_train_state(model, tx).checkpoint_tree()
-
-  replicated = mesh_lib.replicated_sharding(mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        jax.eval_shape(checkpoint_tree))
-  # The state item directly, not through a CheckpointManager: opening a manager cleans up
-  # temporary directories, i.e. would break a checkpoint that a running training is writing.
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(os.path.join(ckpt_dir, str(step), checkpointing.STATE_ITEM))
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(path, target)
-  # The same split as create_train_state: trainable params, then every other variable.
-  graphdef, _, _ = nnx.split(abstract, layers.TRAINABLE, ...)
-  return step, nnx.merge(graphdef, tree["params"], tree["model_state"])

@@ -14,7 +14,6 @@ from flax import nnx
 
 from conftest import PARITY_DIR, SHARED_DIR
 from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.errors import ConfigError
 from pointrend_jax.modeling import zoo as zoo_lib
 from pointrend_jax.modeling.config import ModelConfig

@@ -191,6 +191,7 @@ def _load_config(path):
 def test_config_loads_with_required_keys(path):
   from pointrend_jax.data import pipeline
   from pointrend_jax.modeling import zoo
+  from pointrend_jax.data import splits
   from pointrend_jax.training import loop
   module = _load_config(path)
   doc = module.get_config.__doc__
@@ -205,7 +206,7 @@ def test_config_loads_with_required_keys(path):
   for which in ("train", "val"):
     for key in ("source", "annotations", "images", "root", "split"):
       assert key in config.data[which], (which, key)
-    assert config.data[which].source in loop.SOURCES
+    assert config.data[which].source in splits.SOURCES
   assert config.train.batch_size % config.train.num_replicas_d2 == 0
   mcfg = zoo.model_config(config.model)
   pipeline.loader_config(config.data, mcfg)
@@ -246,6 +247,7 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   from pointrend_jax.checkpoint import orbax_io
   from pointrend_jax.modeling import meta_arch
   from pointrend_jax.modeling import zoo
+  from pointrend_jax.data import splits
   from pointrend_jax.training import loop
   config = _load_config(REPO / "configs" / "synthetic_shapes.py").get_config()
   mcfg = zoo.model_config(config.model)

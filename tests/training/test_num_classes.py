@@ -20,8 +20,8 @@ from conftest import REPO_ROOT
 from pointrend_jax.checkpoint.d2_reader import CheckpointError
 from pointrend_jax.data import cityscapes, synthetic
 from pointrend_jax import errors
-from pointrend_jax.modeling import config as config_lib
 from pointrend_jax.modeling import zoo
+from pointrend_jax.data import splits
 from pointrend_jax.training import loop
 
 
@@ -82,11 +82,11 @@ def _synthetic_config(tmp_path, **model):
 
 def test_synthetic_split_class_count_checked(tmp_path):
   config = _synthetic_config(tmp_path)
-  split = loop.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
+  split = splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   assert split.class_names == synthetic.THING_CLASSES
   config.model.num_classes = 3
   with pytest.raises(errors.ConfigError) as e:
-    loop.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
+    splits.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
   msg = str(e.value)
   assert "config.data.val" in msg and str(tmp_path / "data") in msg
   assert "has 5 categories but the model has 3 classes (roi_heads.num_classes)" in msg
@@ -109,13 +109,13 @@ def test_coco_split_class_count_names_annotations_file(tmp_path):
                            images=str(images), root="")),
   ))
   with pytest.raises(errors.ConfigError) as e:
-    loop.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
+    splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   msg = str(e.value)
   assert f"config.data.train (COCO annotations {ann})" in msg
   assert "3 categories but the model has 80 classes (roi_heads.num_classes)" in msg
   assert "--config.model.num_classes=3" in msg
   config.model.num_classes = 3
-  split = loop.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
+  split = splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   assert split.class_names == ("c3", "c7", "c9")
   assert split.records[0]["annotations"][0]["category_id"] == 1  # contiguous
 
@@ -123,14 +123,14 @@ def test_coco_split_class_count_names_annotations_file(tmp_path):
 def test_cityscapes_semantic_needs_19_classes():
   mcfg = zoo.zoo_config("semantic_r101_fpn_cityscapes").replace(
       **{"sem_seg_head.num_classes": 6, "point_head.num_classes": 6})
-  split = loop.Split("train", "cityscapes", [], cityscapes.SEM_SEG_CLASSES)
+  split = splits.Split("train", "cityscapes", [], cityscapes.SEM_SEG_CLASSES)
   with pytest.raises(errors.ConfigError,
                      match=r"has 19 semantic classes \(Cityscapes train ids\) but the model has "
                            r"6 classes \(sem_seg_head.num_classes\); set "
                            r"--config.model.num_classes=19"):
-    loop.check_num_classes(split, mcfg, "Cityscapes root /data/cityscapes")
-  loop.check_num_classes(split, zoo.zoo_config("semantic_r101_fpn_cityscapes"))
-  loop.check_num_classes(loop.Split("train", "cityscapes", [], cityscapes.THING_CLASSES),
+    splits.check_num_classes(split, mcfg, "Cityscapes root /data/cityscapes")
+  splits.check_num_classes(split, zoo.zoo_config("semantic_r101_fpn_cityscapes"))
+  splits.check_num_classes(splits.Split("train", "cityscapes", [], cityscapes.THING_CLASSES),
                          zoo.zoo_config("r50_fpn_1x_cityscapes"))
 
 
@@ -143,7 +143,7 @@ def test_malformed_dataset_file_is_a_dataset_error(tmp_path):
       data=dict(val=dict(source="coco", split="val", annotations=str(ann),
                          images=str(tmp_path / "images"), root=""))))
   with pytest.raises(errors.DatasetError, match=r"bad.json is not valid JSON.*config.data.val"):
-    loop.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
+    splits.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
 
 
 def test_user_errors_are_the_expected_types():
