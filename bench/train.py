@@ -139,8 +139,8 @@ def synthetic_examples(n: int, instances: int, bucket: tuple[int, int], seed: in
 
 def solver_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"solver": dict(
-      base_lr=0.02, steps=(60000, 80000), max_iter=90000, warmup_iters=1000,
-      warmup_factor=0.001, gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0)})
+      base_lr=0.02, steps=(60000, 80000), warmup_iters=1000, warmup_factor=0.001, gamma=0.1,
+      momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0), "train": {"max_steps": 90000}})
 
 
 def peak_memory() -> tuple[str, float]:

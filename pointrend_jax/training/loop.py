@@ -21,7 +21,7 @@
   elsewhere; a full detectron2 model loads strictly; a directory is a converted orbax checkpoint
   (:func:`~pointrend_jax.checkpoint.orbax_io.load_converted`).
 * **Training**: :func:`~pointrend_jax.training.train.train_loop` with the instance or semantic
-  losses (``solver.max_iter`` = ``train.max_steps``, ``train.eval_every`` = ``eval.every``).
+  losses.
 * **Evaluation** (:class:`Evaluator`): instance models run ``predict`` jitted once per input
   bucket, :func:`~pointrend_jax.modeling.meta_arch.postprocess_instances`, then COCO AP
   (:class:`~pointrend_jax.evaluation.coco_eval.COCOEvaluator`; the COCO tables are logged and
@@ -47,12 +47,9 @@ malformed dataset file) or :class:`ConfigError` (a bad or mismatched config valu
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -64,7 +61,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pointrend_jax.errors import ConfigError, DataError, DatasetError
+from pointrend_jax.errors import ConfigError, DataError
 from pointrend_jax.checkpoint import workdir as workdir_lib
 from pointrend_jax.data import pipeline
 from pointrend_jax.data.splits import Split, load_split
@@ -387,14 +384,6 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------------
 
 
-def _loop_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The keys :func:`~pointrend_jax.training.train.train_loop` reads, from ours."""
-  c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
-  c.solver.max_iter = int(config.train.max_steps)
-  c.train.eval_every = int(config.eval.get("every", 0) or 0)
-  return c
-
-
 class _SlowIterator:
   """Sleeps before each batch (``train.debug_step_delay_s``; preemption tests only)."""
 
@@ -552,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   t = time.time()
   try:
-    state = train_lib.train_loop(_loop_config(config), workdir, model, loss_fn, train_iter,
+    state = train_lib.train_loop(config, workdir, model, loss_fn, train_iter,
                                  eval_fn=eval_fn if evaluate_after else None, mesh=mesh,
                                  batch_keys=batch_keys)
   finally:
@@ -601,7 +590,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   step = 0
   restored = None
   if os.path.isdir(ckpt_dir):
-    tx, _ = optimizer_lib.make_optimizer(_loop_config(config), model)
+    tx, _ = optimizer_lib.make_optimizer(config, model)
     state = train_lib.create_train_state(model, tx, seed=int(config.seed), mesh=mesh)
     manager = checkpointing.make_checkpoint_manager(ckpt_dir, async_save=False)
     try:

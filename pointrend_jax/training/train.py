@@ -28,10 +28,10 @@ Design:
   checkpoint, so a bad state is never saved. SIGTERM makes the loop checkpoint and return.
   Resuming restores params, optimizer state, step and the data iterator's position.
 
-Config keys read (``ml_collections.ConfigDict``): ``seed``; ``solver.*`` (see
-:func:`~pointrend_jax.training.optimizer.make_optimizer`; ``solver.max_iter`` is the number of
-steps); ``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
-``train.log_every``, ``train.checkpoint_every``, ``train.eval_every`` (0: at the end only),
+Config keys read (the run config of ``configs/*.py``): ``seed``; ``solver.*`` (see
+:func:`~pointrend_jax.training.optimizer.make_optimizer`); ``train.max_steps``,
+``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
+``train.log_every``, ``train.checkpoint_every``, ``eval.every`` (0: at the end only),
 ``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``,
 ``train.compute_dtype`` (default "float32"; evaluation runs in float32 either way).
 """
@@ -67,9 +67,6 @@ __all__ = [
     "make_train_step",
     "TrainStep",
     "train_loop",
-    "tiny_semantic_config",
-    "build_semantic_model",
-    "train_semantic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -380,7 +377,7 @@ def train_loop(config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh | None = None,
                batch_keys: Sequence[str] | None = None,
                preemption: checkpointing.PreemptionGuard | None = None) -> TrainState:
-  """Trains ``model`` for ``config.solver.max_iter`` steps, resuming from ``workdir`` if possible.
+  """Trains ``model`` for ``config.train.max_steps`` steps, resuming from ``workdir`` if possible.
 
   Args:
     config: see the module docstring.
@@ -391,7 +388,7 @@ def train_loop(config: ml_collections.ConfigDict,
     loss_fn: per-virtual-replica loss, see :func:`make_train_step`.
     train_iter: yields this process's share of each global batch (numpy); ``get_state`` /
       ``set_state`` make resuming exact.
-    eval_fn: ``(model, step) -> {name: value}``, run every ``train.eval_every`` steps and at
+    eval_fn: ``(model, step) -> {name: value}``, run every ``eval.every`` steps and at
       the end; logged as ``eval/<name>``.
     mesh: device mesh (default: all devices on ``'data'``).
     batch_keys: only these batch entries are sent to the devices (default: all).
@@ -407,12 +404,12 @@ def train_loop(config: ml_collections.ConfigDict,
   """
   workdir = os.fspath(workdir)
   mesh = mesh or mesh_lib.make_mesh()
-  max_iter = int(config.solver.max_iter)
+  max_iter = int(config.train.max_steps)
   batch_size = int(config.train.batch_size)
   num_groups = int(_cfg(config, "train.num_replicas_d2", 1))
   log_every = int(_cfg(config, "train.log_every", 20))
   checkpoint_every = int(_cfg(config, "train.checkpoint_every", 5000))
-  eval_every = int(_cfg(config, "train.eval_every", 0))
+  eval_every = int(_cfg(config, "eval.every", 0))
   compute_dtype = layers.canonical_compute_dtype(_cfg(config, "train.compute_dtype", "float32"))
   if batch_size % num_groups:
     raise ValueError(f"train.batch_size {batch_size} not divisible by "
@@ -514,48 +511,3 @@ def train_loop(config: ml_collections.ConfigDict,
     if own_guard:
       guard.uninstall()
   return state
-
-
-# --------------------------------------------------------------------------------------------------
-# Semantic PointRend, end to end.
-# --------------------------------------------------------------------------------------------------
-
-
-def tiny_semantic_config() -> ml_collections.ConfigDict:
-  """A minutes-on-CPU semantic config: R18-GN FPN, 4 classes, 64x64 images, batch 4 / 2 GPUs.
-
-  ``model.*`` go to :func:`build_semantic_model`; the schedule keeps detectron2's shape
-  (warmup, one lr drop) scaled down.
-  """
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      num_classes=4, depth=18, norm="GN", freeze_at=0, input_format="BGR",
-      train_num_points=64, subdivision_steps=2, subdivision_num_points=64))
-  config.solver = ml_collections.ConfigDict(dict(
-      base_lr=0.01, steps=(80,), max_iter=100, warmup_iters=10, warmup_factor=0.001,
-      gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0))
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=4, num_replicas_d2=2, log_every=10, checkpoint_every=50, eval_every=0,
-      max_to_keep=3, async_checkpointing=True, progress_bar=True))
-  return config
-
-
-def build_semantic_model(config: ml_collections.ConfigDict, *, seed: int | None = None
-                         ) -> nnx.Module:
-  """:func:`build_pointrend_semantic_segmentor` from ``config.model`` (random init)."""
-  from pointrend_jax.modeling.semantic import build_pointrend_semantic_segmentor
-  kwargs = dict(config.model)
-  return build_pointrend_semantic_segmentor(
-      rngs=nnx.Rngs(int(_cfg(config, "seed", 0)) if seed is None else seed), **kwargs)
-
-
-def train_semantic(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                   train_iter: DataIterator, *, model: nnx.Module | None = None,
-                   eval_fn: EvalFn | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Semantic PointRend training: :func:`train_loop` with the semantic losses."""
-  from pointrend_jax.training.losses_semantic import semantic_loss_fn
-  model = model if model is not None else build_semantic_model(config)
-  return train_loop(config, workdir, model, semantic_loss_fn, train_iter, eval_fn=eval_fn,
-                    mesh=mesh, batch_keys=("image", "image_size", "sem_seg"))

@@ -16,6 +16,7 @@ from pointrend_jax.training import optimizer, train
 from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
 from _tiny_batches import instance_batch, semantic_pair
+from _tiny_models import tiny_instance_config, tiny_semantic_config, tiny_model
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
@@ -180,9 +181,9 @@ def _check_bf16_run(runs, loss_names, overfit_factor):
 
 
 def test_instance_train_step_bf16():
-  config = L.tiny_instance_config()
-  config.solver.update(base_lr=0.005, warmup_iters=0, steps=(), max_iter=100)
-  model = L.build_instance_model(config)
+  config = tiny_instance_config()
+  config.solver.update(base_lr=0.005, warmup_iters=0, steps=())
+  model = tiny_model(config)
   runs = _run_steps(model, config, L.instance_loss_fn, instance_batch(),
                     (("float32", 1), ("bfloat16", 14)))
   # Same criterion as the float32 overfitting test in test_losses_instance.py.
@@ -190,10 +191,10 @@ def test_instance_train_step_bf16():
 
 
 def test_semantic_train_step_bf16():
-  config = train.tiny_semantic_config()
-  config.model.train_num_points = 48
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
-  model = train.build_semantic_model(config)
+  config = tiny_semantic_config()
+  config.model.overrides.point_head.train_num_points = 48
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
+  model = tiny_model(config)
   runs = _run_steps(model, config, semantic_loss_fn, _semantic_batch(),
                     (("float32", 1), ("bfloat16", 6)))
   # Measured: 21.6 -> 2.5 in 6 steps (float32: 21.6 -> 3.0).
@@ -221,8 +222,8 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 
   config = ml_collections.ConfigDict({
       "seed": 0,
-      "solver": {"base_lr": 0.01, "steps": (), "max_iter": 2, "warmup_iters": 0},
-      "train": {"batch_size": 2, "num_replicas_d2": 1, "log_every": 1, "checkpoint_every": 0,
+      "solver": {"base_lr": 0.01, "steps": (), "warmup_iters": 0},
+      "train": {"max_steps": 2, "batch_size": 2, "num_replicas_d2": 1, "log_every": 1, "checkpoint_every": 0,
                 "progress_bar": False, "async_checkpointing": False,
                 "compute_dtype": "bfloat16"},
   })
@@ -245,7 +246,7 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 
 def test_instance_predict_bf16_returns_float32():
   from pointrend_jax.modeling.meta_arch import make_predict_fn
-  model = L.build_instance_model(L.tiny_instance_config())
+  model = tiny_model(tiny_instance_config())
   batch = instance_batch()
   images, sizes = jnp.asarray(batch["image"][:2]), jnp.asarray(batch["image_size"][:2])
   with layers.compute_dtype("bfloat16"):  # the context must be active while tracing
@@ -270,8 +271,8 @@ def test_instance_predict_bf16_returns_float32():
 
 
 def test_semantic_inference_bf16_returns_float32():
-  config = train.tiny_semantic_config()
-  model = train.build_semantic_model(config)
+  config = tiny_semantic_config()
+  model = tiny_model(config)
   batch = _semantic_batch()
   images, sizes = jnp.asarray(batch["image"][:1]), jnp.asarray(batch["image_size"][:1])
 

@@ -210,7 +210,6 @@ def test_config_loads_with_required_keys(path):
   assert config.train.batch_size % config.train.num_replicas_d2 == 0
   mcfg = zoo.model_config(config.model)
   pipeline.loader_config(config.data, mcfg)
-  loop._loop_config(config)  # pylint: disable=protected-access
   if not path.stem.startswith("synthetic"):
     assert config.model.zoo == path.stem  # the zoo configs use their model-zoo names
     assert config.init.weights.endswith(".pkl")
@@ -247,7 +246,6 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   from pointrend_jax.checkpoint import orbax_io
   from pointrend_jax.modeling import meta_arch
   from pointrend_jax.modeling import zoo
-  from pointrend_jax.data import splits
   from pointrend_jax.training import loop
   config = _load_config(REPO / "configs" / "synthetic_shapes.py").get_config()
   mcfg = zoo.model_config(config.model)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from _tiny_batches import semantic_pair
+from _tiny_models import tiny_semantic_config, tiny_model
 import pytest
 
 STEPS_1 = 6  # steps on the 1-device mesh (overfitting check)
@@ -27,9 +28,9 @@ def _worker(out_path):
   from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
   assert jax.device_count() == 8, jax.devices()
-  config = train.tiny_semantic_config()
-  config.model.train_num_points = 48
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
+  config = tiny_semantic_config()
+  config.model.overrides.point_head.train_num_points = 48
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
   config.train.update(batch_size=8, num_replicas_d2=4)
 
   images, labels = semantic_pair()
@@ -40,7 +41,7 @@ def _worker(out_path):
     sem_seg[i, : 2 * i] = 255
   batch = {"image": image, "image_size": np.full((8, 2), hw, np.int32), "sem_seg": sem_seg}
 
-  model = train.build_semantic_model(config)
+  model = tiny_model(config)
   tx, schedule = optimizer.make_optimizer(config, model)
   initial = jax.device_get(train.create_train_state(model, tx, seed=0))
   results = {}
@@ -87,7 +88,8 @@ def _toy_replica_per_device(jax, mesh_lib, optimizer, train):
   sem[rng.uniform(size=sem.shape) < rng.uniform(size=(16, 1, 1))] = 255
   batch = {"image": (sem[..., None] * 40 + rng.integers(0, 60, (16, 8, 8, 3))).astype(np.uint8),
            "sem_seg": sem}
-  config = ml_collections.ConfigDict({"solver": {"base_lr": 0.1, "steps": (), "max_iter": 10}})
+  config = ml_collections.ConfigDict({"solver": {"base_lr": 0.1, "steps": ()},
+                                     "train": {"max_steps": 10}})
   model = Toy(nnx.Rngs(0))
   tx, _ = optimizer.make_optimizer(config, model)
   initial = jax.device_get(train.create_train_state(model, tx))

@@ -54,10 +54,11 @@ def _batches(n=6, b=4, hw=8, nan_at=None):
 def _config(max_iter=6, checkpoint_every=3, log_every=1, eval_every=0):
   return ml_collections.ConfigDict({
       "seed": 3,
-      "solver": {"base_lr": 0.1, "steps": (4,), "max_iter": max_iter, "warmup_iters": 2},
-      "train": {"batch_size": 4, "num_replicas_d2": 2, "log_every": log_every,
-                "checkpoint_every": checkpoint_every, "eval_every": eval_every,
-                "max_to_keep": 5, "progress_bar": False},
+      "solver": {"base_lr": 0.1, "steps": (4,), "warmup_iters": 2},
+      "train": {"max_steps": max_iter, "batch_size": 4, "num_replicas_d2": 2,
+                "log_every": log_every, "checkpoint_every": checkpoint_every, "max_to_keep": 5,
+                "progress_bar": False},
+      "eval": {"every": eval_every},
   })
 
 
