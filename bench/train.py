@@ -32,13 +32,14 @@ Measured per compute dtype and precision (one row each, every dtype x every prec
   ["peak_bytes_in_use"]`` on GPU/TPU, host peak RSS (``getrusage``) on CPU. Both process peaks
   are running maxima: a later row includes the earlier rows' peak.
 
-Precision: ``--dtypes`` sets the compute dtype of :mod:`pointrend_jax.modeling.layers`
-(``layers.compute_dtype``, the ``train.compute_dtype`` config key): ``float32`` (the parity
-setting) or ``bfloat16`` (bf16 activations and conv / matmul operands; variables, gradients,
-optimizer state, head outputs and losses stay float32). Default: ``float32`` on CPU (where XLA
-has no fast bf16 convs), both elsewhere. ``--precisions`` sets the conv / matmul precision
-(``highest``: true float32, the parity setting; ``default``: the backend's fast path, TF32 on
-recent NVIDIA GPUs, bf16 passes on TPU; no effect on CPU; it is about float32 operands).
+Precision: ``--dtypes`` sets the model's compute dtype (``build_model(..., dtype=...)``, the
+``train.compute_dtype`` config key): ``float32`` (the parity setting) or ``bfloat16`` (bf16
+activations and conv / matmul operands; variables, gradients, optimizer state, head outputs and
+losses stay float32). Default: ``float32`` on CPU (where XLA has no fast bf16 convs), both
+elsewhere. ``--precisions`` sets the conv / matmul precision (``build_model(...,
+precision=...)``; ``highest``: true float32, the parity setting; ``default``: the backend's fast
+path, TF32 on recent NVIDIA GPUs, bf16 passes on TPU; no effect on CPU; it is about float32
+operands).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import _harness  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from pointrend_jax.data import batching  # noqa: E402
 from pointrend_jax.modeling import layers  # noqa: E402
@@ -167,17 +169,19 @@ def bench_precision(dtype: str, precision: str, model_state, tx, batch, mesh, nu
                     warmup: int, steps: int, log) -> dict:
   global_batch = batch["image"].shape[0]
   name = f"{dtype}, {precision}"
-  # Both are read at trace time, i.e. by lower() below.
-  with layers.compute_dtype(dtype), layers.conv_precision(precision):
-    step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
-    state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
-    t0 = time.perf_counter()
-    # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
-    lowered = step._jitted.lower(state, batch, None)  # pylint: disable=protected-access
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+  # The same variables in the model built with this dtype and precision.
+  graphdef, _, _ = nnx.split(abstract_model(zoo_config(ZOO), dtype=dtype, precision=precision),
+                             layers.TRAINABLE, ...)
+  model_state = model_state.replace(graphdef=graphdef)
+  step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
+  state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
+  t0 = time.perf_counter()
+  # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
+  lowered = step._jitted.lower(state, batch, None)  # pylint: disable=protected-access
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
   log(f"[{name}] lower {lower_s:.1f} s, compile {compile_s:.1f} s")
   times, losses = [], []
   for i in range(warmup + steps):

@@ -528,6 +528,9 @@ class Predictor:
     class_names: names of the class ids (default: those stored in a converted directory,
       else :func:`default_class_names`).
     seed: seed of the random weights when ``weights`` is None.
+    dtype: compute dtype of the model (float32 or bfloat16; see
+      :func:`~pointrend_jax.modeling.meta_arch.build_model`); None: float32, or the dtype a
+      model passed as ``weights`` was built with. Parameters stay as loaded (float32).
 
   The weights are captured when the predictor is built (``nnx.split``); in-place updates of
   ``model`` afterwards are not seen by the compiled functions.
@@ -543,9 +546,13 @@ class Predictor:
                weights: Any = None, *, buckets: str | Sequence[tuple[int, int]] | None = None,
                batch_size: int = 1, score_threshold: float | None = None,
                mask_threshold: float = 0.5, class_names: Sequence[str] | None = None,
-               seed: int = 0):
+               seed: int = 0, dtype: Any = None):
     cfg = None if config is None else load_config(config)
     self.cfg, self.model = _load_model(cfg, weights, seed)
+    if dtype is not None:  # The same variables in a model built with this compute dtype.
+      from pointrend_jax.modeling.meta_arch import abstract_model
+      graphdef, _ = nnx.split(abstract_model(self.cfg, dtype=dtype))
+      self.model = nnx.merge(graphdef, nnx.state(self.model))
     if class_names is None:
       class_names = _stored_class_names(weights, self.cfg.num_classes)
     if batch_size < 1:

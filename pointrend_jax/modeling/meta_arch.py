@@ -6,7 +6,9 @@
   input bucket (:func:`make_predict_fn` does, with a trace counter).
 * :func:`build_model` builds it, or :class:`~pointrend_jax.modeling.semantic.
   PointRendSemanticSegmentor` for ``SemanticSegmentor`` configs, from a
-  :class:`~pointrend_jax.modeling.config.ModelConfig`.
+  :class:`~pointrend_jax.modeling.config.ModelConfig`, with the model's ``dtype`` (compute),
+  ``param_dtype`` (variables) and ``precision`` (convs and matmuls), passed down as constructor
+  arguments of every module.
 * :func:`d2_model_names` / :func:`load_d2_model`: detectron2 state-dict names and strict loading
   (through :func:`pointrend_jax.checkpoint.d2_reader.match_state_dict` and the per-module
   loaders).
@@ -34,6 +36,7 @@ from pointrend_jax.checkpoint.d2_reader import (CheckpointError, Detectron2Check
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.fpn import (build_resnet_fpn_backbone, d2_backbone_names,
                                         load_d2_backbone)
+from pointrend_jax.modeling.layers import DType, canonical_compute_dtype
 from pointrend_jax.modeling.point_rend import (MASK_HEAD_PREFIX, PointRendMaskHead,
                                                d2_mask_head_names, load_d2_mask_head)
 from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
@@ -99,13 +102,17 @@ class PointRendRCNN(nnx.Module):
     proposal_generator: :class:`RPN` (``proposal_generator.*``).
     roi_heads: the box branch, :class:`StandardROIHeads` (``roi_heads.*``).
     mask_head: :class:`PointRendMaskHead` (``roi_heads.mask_head.*``).
+
+  ``dtype``, ``param_dtype`` and ``precision`` go to every layer (see :func:`build_model`).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None):
     if cfg.is_semantic:
       raise ValueError("PointRendRCNN needs a GeneralizedRCNN config; use build_model()")
     self.cfg = cfg
-    self.backbone = _build_backbone(cfg, rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.backbone = _build_backbone(cfg, **kw)
     fpn_channels = cfg.fpn.out_channels
     rpn = cfg.rpn
     self.proposal_generator = RPN(
@@ -115,7 +122,7 @@ class PointRendRCNN(nnx.Module):
         pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
         post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
         nms_thresh=rpn.nms_thresh, min_box_size=rpn.min_size,
-        box_reg_weights=rpn.bbox_reg_weights, rngs=rngs)
+        box_reg_weights=rpn.bbox_reg_weights, **kw)
     roi, box = cfg.roi_heads, cfg.box_head
     self.roi_heads = StandardROIHeads(
         roi.num_classes, fpn_channels, in_features=roi.in_features,
@@ -123,7 +130,7 @@ class PointRendRCNN(nnx.Module):
         pooler_resolution=box.pooler_resolution, pooler_sampling_ratio=box.pooler_sampling_ratio,
         num_fc=box.num_fc, fc_dim=box.fc_dim, score_thresh=roi.score_thresh_test,
         nms_thresh=roi.nms_thresh_test, detections_per_image=roi.detections_per_image,
-        box_reg_weights=box.bbox_reg_weights, rngs=rngs)
+        box_reg_weights=box.bbox_reg_weights, **kw)
     mask, point = cfg.mask_head, cfg.point_head
     self.mask_head = PointRendMaskHead(
         roi.num_classes, in_features=mask.in_features,
@@ -137,7 +144,7 @@ class PointRendRCNN(nnx.Module):
         oversample_ratio=point.oversample_ratio,
         importance_sample_ratio=point.importance_sample_ratio,
         subdivision_steps=point.subdivision_steps,
-        subdivision_num_points=point.subdivision_num_points, rngs=rngs)
+        subdivision_num_points=point.subdivision_num_points, **kw)
 
   @property
   def size_divisibility(self) -> int:
@@ -221,26 +228,45 @@ class PointRendRCNN(nnx.Module):
     return self.predict(images, image_sizes, **kwargs)
 
 
-def _build_backbone(cfg: ModelConfig, rngs: nnx.Rngs):
+def _build_backbone(cfg: ModelConfig, **kw: Any):
   r = cfg.resnets
   return build_resnet_fpn_backbone(
       depth=r.depth, num_groups=r.num_groups, width_per_group=r.width_per_group,
       stride_in_1x1=r.stride_in_1x1, norm=r.norm, freeze_at=r.freeze_at,
       out_channels=cfg.fpn.out_channels, fpn_norm=cfg.fpn.norm,
-      stem_out_channels=r.stem_out_channels, res2_out_channels=r.res2_out_channels, rngs=rngs)
+      stem_out_channels=r.stem_out_channels, res2_out_channels=r.res2_out_channels, **kw)
 
 
-def build_model(cfg: ModelConfig, rngs: nnx.Rngs
+def build_model(model_config: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
+                param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None
                 ) -> PointRendRCNN | PointRendSemanticSegmentor:
   """Builds the model a config describes (randomly initialized with detectron2's inits).
 
   For weights loaded right after, build abstractly: :func:`abstract_model`.
+
+  Args:
+    model_config: the :class:`ModelConfig` (e.g. ``zoo_config("r50_fpn_1x_coco")``).
+    rngs: initializer RNGs.
+    dtype: compute dtype of the activations and conv / matmul operands, float32 or bfloat16.
+      Norm statistics, the head outputs that feed box decoding, point selection and the losses
+      (RPN, box, mask and semantic logits), boxes and sampling coordinates stay float32.
+    param_dtype: dtype the variables are created in (float32: gradients, optimizer state and
+      checkpoints are float32 whatever ``dtype`` is).
+    precision: conv / matmul precision. None: ``Precision.HIGHEST`` when ``dtype`` is float32
+      (true float32 on GPU/TPU: detectron2's float32 numbers), the backend default otherwise.
+
+  Raises:
+    ValueError: ``dtype`` is not float32 or bfloat16.
   """
+  cfg = model_config
+  kw = dict(dtype=canonical_compute_dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+            precision=precision, rngs=rngs)
   if not cfg.is_semantic:
-    return PointRendRCNN(cfg, rngs=rngs)
+    return PointRendRCNN(cfg, **kw)
   if cfg.resnets.res5_dilation != 1:
     raise ValueError("MODEL.RESNETS.RES5_DILATION != 1 is not supported by the FPN backbone")
   sem, point = cfg.sem_seg_head, cfg.point_head
+  backbone = _build_backbone(cfg, **kw)  # first: the random init draws backbone, then head
   head = PointRendSemSegHead(
       sem.num_classes, coarse_in_features=sem.in_features,
       coarse_feature_strides=tuple(_FPN_STRIDES[f] for f in sem.in_features),
@@ -251,15 +277,18 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs
       train_num_points=point.train_num_points, oversample_ratio=point.oversample_ratio,
       importance_sample_ratio=point.importance_sample_ratio,
       subdivision_steps=point.subdivision_steps,
-      subdivision_num_points=point.subdivision_num_points, rngs=rngs)
-  return PointRendSemanticSegmentor(_build_backbone(cfg, rngs), head, pixel_mean=cfg.pixel_mean,
+      subdivision_num_points=point.subdivision_num_points, **kw)
+  return PointRendSemanticSegmentor(backbone, head, pixel_mean=cfg.pixel_mean,
                                     pixel_std=cfg.pixel_std, input_format=cfg.input.format)
 
 
-def abstract_model(cfg: ModelConfig) -> PointRendRCNN | PointRendSemanticSegmentor:
+def abstract_model(model_config: ModelConfig, *, dtype: DType = jnp.float32,
+                   param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None
+                   ) -> PointRendRCNN | PointRendSemanticSegmentor:
   """:func:`build_model` under ``nnx.eval_shape``: no memory, no random init; load weights
   with :func:`load_d2_model` (strict) before use."""
-  return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0), dtype=dtype,
+                                            param_dtype=param_dtype, precision=precision))
 
 
 def make_predict_fn(model: PointRendRCNN, **predict_kwargs: Any

@@ -148,7 +148,7 @@ def convert(weights: str, out_dir: str, config: str | None = None, *,
     raise _Error(f"{weights} does not match the model ({what}): " + ", ".join(parts))
   if backbone_only:
     # Heads keep detectron2's random initialization (seeded).
-    model = build_model(cfg, nnx.Rngs(seed))
+    model = build_model(cfg, rngs=nnx.Rngs(seed))
   report = load_d2_model(model, ckpt, strict=True, backbone_only=backbone_only)
   out = save_converted(model, cfg, out_dir, overwrite=force,
                        source={"file": os.path.abspath(weights), "format": ckpt.format,

@@ -96,9 +96,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: ml_collections.ConfigDict, mcfg: config_lib.ModelConfig) -> nnx.Module:
-  """The randomly initialised model (seed ``config.seed``)."""
+  """The randomly initialised model (seed ``config.seed``), computing in
+  ``train.compute_dtype``."""
   from pointrend_jax.modeling import meta_arch
-  return meta_arch.build_model(mcfg, nnx.Rngs(int(config.get("seed", 0) or 0)))
+  return meta_arch.build_model(mcfg, rngs=nnx.Rngs(int(config.get("seed", 0) or 0)),
+                               dtype=config.train.get("compute_dtype", "float32"))
 
 
 def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:

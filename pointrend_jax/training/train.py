@@ -17,10 +17,10 @@ Design:
   ``[G, batch_size / G, ...]``, ``loss_fn`` is ``vmap``-ed over the ``G`` virtual replicas,
   and the loss is the mean of the ``G`` replica losses. 1 or 8 devices run the same program
   on the same numbers; only the partitioning differs.
-* **Precision.** ``train.compute_dtype`` ("float32", or "bfloat16" for bf16 activations and
-  matmuls on GPU/TPU) is set (:func:`pointrend_jax.modeling.layers.compute_dtype`) while the
-  step is traced. Parameters are float32 variables cast inside the layers, so gradients,
-  optimizer state and the loss stay float32.
+* **Precision** belongs to the model: it computes in the ``dtype`` it was built with
+  (:func:`~pointrend_jax.modeling.meta_arch.build_model`, from ``train.compute_dtype``).
+  Parameters are float32 variables cast inside the layers, so gradients, optimizer state and
+  the loss stay float32.
 * **Randomness.** Step ``t`` uses ``fold_in(key(seed), t)``, split into one key per virtual
   replica, so a resumed run and any device count draw the same points.
 * **Robustness.** A non-finite loss raises :class:`FloatingPointError` naming the step and
@@ -32,8 +32,7 @@ Config keys read (the run config of ``configs/*.py``): ``seed``; ``solver.*`` (s
 :func:`~pointrend_jax.training.optimizer.make_optimizer`); ``train.max_steps``,
 ``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
 ``train.log_every``, ``train.checkpoint_every``, ``eval.every`` (0: at the end only),
-``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``,
-``train.compute_dtype`` (default "float32"; evaluation runs in float32 either way).
+``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``.
 """
 
 from __future__ import annotations
@@ -235,22 +234,17 @@ class TrainStep:
   ``grad_norm``. The input state is donated.
 
   Attributes:
-    num_traces: how many times the step was traced (one per new batch shape / dtype set).
-    compute_dtype: the layers' compute dtype while tracing, or None to use whatever
-      :func:`~pointrend_jax.modeling.layers.compute_dtype` context is active then.
+    num_traces: how many times the step was traced (one per new batch shape).
   """
 
   def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                mesh: jax.sharding.Mesh, num_groups: int = 1,
-               schedule: optax.Schedule | None = None, donate: bool = True,
-               compute_dtype: Any = None):
+               schedule: optax.Schedule | None = None, donate: bool = True):
     self.loss_fn = loss_fn
     self.tx = tx
     self.mesh = mesh
     self.num_groups = int(num_groups)
     self.schedule = schedule
-    self.compute_dtype = (None if compute_dtype is None
-                          else layers.canonical_compute_dtype(compute_dtype))
     self.num_traces = 0
     self._signatures: set[tuple[Any, ...]] = set()
     replicated = mesh_lib.replicated_sharding(mesh)
@@ -262,14 +256,6 @@ class TrainStep:
 
   def _step(self, state: TrainState, batch: Batch, key: Array | None
             ) -> tuple[TrainState, dict[str, Array]]:
-    if self.compute_dtype is None:
-      return self._traced_step(state, batch, key)
-    # The layers read the dtype while this traces; a bucket compiled later gets it too.
-    with layers.compute_dtype(self.compute_dtype):
-      return self._traced_step(state, batch, key)
-
-  def _traced_step(self, state: TrainState, batch: Batch, key: Array | None
-                   ) -> tuple[TrainState, dict[str, Array]]:
     self.num_traces += 1  # runs at trace time only
     if key is None:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -309,8 +295,7 @@ class TrainStep:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     mesh: jax.sharding.Mesh | None = None, num_groups: int = 1,
-                    schedule: optax.Schedule | None = None, donate: bool = True,
-                    compute_dtype: Any = None) -> TrainStep:
+                    schedule: optax.Schedule | None = None, donate: bool = True) -> TrainStep:
   """The jitted data-parallel train step; see :class:`TrainStep`.
 
   Args:
@@ -320,13 +305,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     num_groups: detectron2's GPU count ``G`` (virtual replicas per global batch).
     schedule: learning-rate schedule, only to report ``lr`` in the metrics.
     donate: donate the input state's buffers.
-    compute_dtype: "float32" / "bfloat16" (or a dtype): the layers' compute dtype in the step
-      (parameters, gradients and optimizer state stay float32); None: the one active when the
-      step is traced (:func:`~pointrend_jax.modeling.layers.compute_dtype`).
   """
   return TrainStep(loss_fn, optimizer, mesh=mesh or mesh_lib.make_mesh(),
-                   num_groups=num_groups, schedule=schedule, donate=donate,
-                   compute_dtype=compute_dtype)
+                   num_groups=num_groups, schedule=schedule, donate=donate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +391,6 @@ def train_loop(config: ml_collections.ConfigDict,
   log_every = int(_cfg(config, "train.log_every", 20))
   checkpoint_every = int(_cfg(config, "train.checkpoint_every", 5000))
   eval_every = int(_cfg(config, "eval.every", 0))
-  compute_dtype = layers.canonical_compute_dtype(_cfg(config, "train.compute_dtype", "float32"))
   if batch_size % num_groups:
     raise ValueError(f"train.batch_size {batch_size} not divisible by "
                      f"train.num_replicas_d2 {num_groups}")
@@ -436,10 +416,7 @@ def train_loop(config: ml_collections.ConfigDict,
 
   writer = MetricWriter(workdir, resume_step=start)
   train_step = make_train_step(loss_fn, tx, mesh=mesh, num_groups=num_groups,
-                               schedule=schedule, compute_dtype=compute_dtype)
-  if compute_dtype != jnp.dtype(jnp.float32):
-    logger.info("train step computes in %s (parameters and optimizer state float32)",
-                compute_dtype)
+                               schedule=schedule)
   guard = preemption or checkpointing.PreemptionGuard()
   own_guard = preemption is None
   bar = ProgressBar(max_iter, start, batch_size=batch_size,

@@ -50,4 +50,5 @@ def tiny_semantic_config() -> ml_collections.ConfigDict:
 def tiny_model(config: ml_collections.ConfigDict, *, seed: int | None = None, **build_kwargs):
   """The randomly initialised model of ``config.model`` (seed ``config.seed`` by default)."""
   seed = int(config.seed) if seed is None else seed
-  return meta_arch.build_model(zoo.model_config(config.model), nnx.Rngs(seed), **build_kwargs)
+  return meta_arch.build_model(zoo.model_config(config.model), rngs=nnx.Rngs(seed),
+                               **build_kwargs)

@@ -279,7 +279,7 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
       full[head])
 
   converted = orbax_io.save_converted(model, mcfg, tmp_path / "converted")
-  other = meta_arch.build_model(mcfg, nnx.Rngs(7))
+  other = meta_arch.build_model(mcfg, rngs=nnx.Rngs(7))
   config.init.weights = str(converted)
   assert "orbax" in loop.init_weights(other, config)
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))),
