@@ -42,7 +42,7 @@ def tiny_semantic_config() -> ml_collections.ConfigDict:
   """Semantic PointRend: R18-GN FPN, 4 classes, 64 training / subdivision points."""
   return _run_config(dict(zoo="", num_classes=4, overrides=dict(
       meta_architecture="SemanticSegmentor",
-      resnets=dict(depth=18, norm="GN", freeze_at=0),
+      resnets=dict(depth=18, norm="GN", freeze_at=0, res2_out_channels=64),
       point_head=dict(coarse_pred_each_layer=False, train_num_points=64, subdivision_steps=2,
                       subdivision_num_points=64))))
 
