@@ -43,10 +43,10 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
 from pointrend_jax.errors import ConfigError
+from pointrend_jax.modeling.meta_arch import abstract_model, postprocess_instances
 from pointrend_jax.modeling.zoo import from_detectron2_yaml
-from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names, load_d2_model,
-                                              postprocess_instances)
 from pointrend_jax.modeling.semantic import sem_seg_postprocess
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import Check, Row, compare

@@ -1,4 +1,4 @@
-"""Tests for pointrend_jax.checkpoint.d2_reader.
+"""Tests for pointrend_jax.checkpoint: safe_pickle, d2_reader and d2_matching.
 
 No torch: ``torch.save`` files (zip and legacy) and Python-2 style Caffe2 pickles are written by
 hand below, opcode for opcode what torch / Detectron write (the writers were checked once against
@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pointrend_jax.checkpoint import d2_reader
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.checkpoint.d2_reader import UnsafeCheckpointError
+from pointrend_jax.checkpoint import d2_matching, d2_reader
+from pointrend_jax.errors import CheckpointError, UnsafeCheckpointError
 
 _SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
 _MANIFESTS = _SHARED / "spec" / "checkpoints"
@@ -92,7 +91,7 @@ def mark(a: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, tuple[int, ...]]]:
-  return {c: d2_reader.manifest_shapes(_MANIFESTS / f"{c}.json") for c in CONFIGS}
+  return {c: d2_matching.manifest_shapes(_MANIFESTS / f"{c}.json") for c in CONFIGS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,13 +307,13 @@ def test_manifest_shapes(config, manifests):
   assert list(shapes) == [e["name"] for e in data["entries"]]
   assert len(shapes) == data["num_entries"]
   assert sum(int(np.prod(s)) for s in shapes.values()) == data["total_numel"]
-  assert d2_reader.manifest_shapes(config) == shapes  # by stem, found next to the repo
-  assert d2_reader.manifest_shapes(f"configs/InstanceSegmentation/{config}.yaml") == shapes
+  assert d2_matching.manifest_shapes(config) == shapes  # by stem, found next to the repo
+  assert d2_matching.manifest_shapes(f"configs/InstanceSegmentation/{config}.yaml") == shapes
 
 
 def test_manifest_shapes_unknown():
   with pytest.raises(FileNotFoundError, match="no state-dict manifest"):
-    d2_reader.manifest_shapes("pointrend_rcnn_R_999")
+    d2_matching.manifest_shapes("pointrend_rcnn_R_999")
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -325,7 +324,7 @@ def test_every_manifest_name_maps(config, manifests):
     state = marked_state(shapes, rename)
     canon = d2_reader.canonicalize_names(state)
     assert list(canon) == list(shapes)
-    report = d2_reader.match_state_dict(canon, shapes)  # strict
+    report = d2_matching.match_state_dict(canon, shapes)  # strict
     assert report.ok and not report.filled and not report.ignored
     assert list(report.state) == list(shapes)
     assert [mark(v) for v in report.state.values()] == list(range(len(shapes)))
@@ -345,7 +344,7 @@ def test_caffe2_imagenet_names_map_to_bottom_up(config, manifests):
   blobs["pred_b"] = np.zeros((1000,), np.float32)
   canon = d2_reader.canonicalize_names(blobs, caffe2=True)
   assert all(not n.startswith("backbone.") for n in canon)  # prefixes come from matching
-  report = d2_reader.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
+  report = d2_matching.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
   assert report.ok
   assert list(report.state) == list(backbone)
   assert [mark(v) for v in report.state.values()] == list(range(len(backbone)))
@@ -353,7 +352,7 @@ def test_caffe2_imagenet_names_map_to_bottom_up(config, manifests):
   assert report.not_loaded == [n for n in shapes if not n.startswith(BOTTOM_UP)]
   # Without the restriction the rest of the model is missing, which strict refuses.
   with pytest.raises(CheckpointError, match="missing in checkpoint"):
-    d2_reader.match_state_dict(canon, shapes, heuristics=True)
+    d2_matching.match_state_dict(canon, shapes, heuristics=True)
 
 
 @pytest.mark.parametrize("blob,converted", [
@@ -415,7 +414,7 @@ def test_model_zoo_pkl_round_trip_is_bit_exact(tmp_path, make_weights, manifests
     assert got.dtype == np.float32 and got.shape == want.shape
     assert got.tobytes() == want.tobytes(), name
   assert make_weights.checksum(ckpt.state) == make_weights.checksum(weights)
-  report = d2_reader.match_state_dict(ckpt, manifests[config])
+  report = d2_matching.match_state_dict(ckpt, manifests[config])
   assert report.ok and not report.filled and len(report.state) == 311
 
 
@@ -441,7 +440,7 @@ def test_caffe2_pkl_file(tmp_path, manifests, container):
   assert ckpt.format == "caffe2" and ckpt.matching_heuristics
   assert ckpt.metadata["dropped"] == ["conv1_w_momentum"]
   assert ckpt.metadata["renamed"]["stem.conv1.weight"] == "conv1_w"
-  report = d2_reader.match_state_dict(ckpt, shapes, strict=False, backbone_only=True)
+  report = d2_matching.match_state_dict(ckpt, shapes, strict=False, backbone_only=True)
   assert report.ignored == ["linear.weight"] and not report.unexpected
   for name in wanted:
     np.testing.assert_array_equal(report.state[name], arrays[to_c2(name)])
@@ -459,7 +458,7 @@ def test_caffe2_without_running_stats_fills_zero_one(manifests):
   blobs = {k: v for k, v in marked_state(backbone, to_c2).items()
            if not k.endswith(("_rm", "_riv"))}
   canon = d2_reader.canonicalize_names(blobs, caffe2=True)
-  report = d2_reader.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
+  report = d2_matching.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
   stats = [n for n in backbone if n.endswith(("running_mean", "running_var"))]
   assert len(stats) == 2 * 104 and sorted(report.filled) == sorted(stats)
   for n in stats:
@@ -503,7 +502,7 @@ def test_torch_zip_big_endian_and_heuristics_query(tmp_path):
   ckpt = d2_reader.load_detectron2_file(f"{path}?matching_heuristics=True")
   assert ckpt.format == "pth-state-dict" and ckpt.matching_heuristics
   np.testing.assert_array_equal(ckpt.state["res2.0.conv1.weight"], data.reshape(2, 3))
-  report = d2_reader.match_state_dict(
+  report = d2_matching.match_state_dict(
       ckpt, {"backbone.bottom_up.res2.0.conv1.weight": (2, 3)})
   assert report.sources == {"backbone.bottom_up.res2.0.conv1.weight": "res2.0.conv1.weight"}
   assert not d2_reader.load_detectron2_file(path).matching_heuristics
@@ -554,7 +553,7 @@ def test_pickled_torch_tensors_in_pkl(tmp_path):
 
 def test_full_checkpoint_with_backbone_only(manifests):
   shapes = manifests["pointrend_rcnn_R_50_FPN_3x_coco"]
-  report = d2_reader.match_state_dict(marked_state(shapes), shapes, backbone_only=True)
+  report = d2_matching.match_state_dict(marked_state(shapes), shapes, backbone_only=True)
   rest = [n for n in shapes if not n.startswith(BOTTOM_UP)]
   assert report.ok and report.not_loaded == rest and sorted(report.ignored) == sorted(rest)
   assert list(report.state) == [n for n in shapes if n.startswith(BOTTOM_UP)]
@@ -565,15 +564,15 @@ def test_frozen_bn_module_versions():
   shapes = {"res2.norm.weight": (2,), "res2.norm.bias": (2,), "res2.norm.running_mean": (2,),
             "res2.norm.running_var": (2,)}
   state = {k: np.full(s, 2.0, np.float32) for k, s in shapes.items()}
-  v2 = d2_reader.match_state_dict(state, shapes, module_versions={"res2.norm": 2})
+  v2 = d2_matching.match_state_dict(state, shapes, module_versions={"res2.norm": 2})
   assert v2.adjusted == ["res2.norm.running_var"]
   np.testing.assert_array_equal(v2.state["res2.norm.running_var"],
                                 np.float32(2.0) - np.float32(1e-5))
-  v3 = d2_reader.match_state_dict(state, shapes, module_versions={"res2.norm": 3})
+  v3 = d2_matching.match_state_dict(state, shapes, module_versions={"res2.norm": 3})
   assert not v3.adjusted and np.all(v3.state["res2.norm.running_var"] == 2.0)
   partial = {k: v for k, v in state.items() if "running" not in k}
   with pytest.raises(CheckpointError, match=r"res2\.norm\.running_mean \(2,\)"):
-    d2_reader.match_state_dict(partial, shapes, module_versions={"res2.norm": 3})
+    d2_matching.match_state_dict(partial, shapes, module_versions={"res2.norm": 3})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,15 +687,15 @@ def test_strict_report_lists_names_with_shapes():
            "z.extra": np.zeros((7, 1)), "pixel_mean": np.zeros(3),
            "proposal_generator.anchor_generator.cell_anchors.0": np.zeros((3, 4))}
   with pytest.raises(CheckpointError) as e:
-    d2_reader.match_state_dict(state, expected)
+    d2_matching.match_state_dict(state, expected)
   msg = str(e.value)
   assert "missing in checkpoint (1):\n  c.weight (5,)" in msg
   assert "unexpected in checkpoint (1):\n  z.extra (7, 1)" in msg
   assert "a.bias: (3,) vs (4,)" in msg
-  report = d2_reader.match_state_dict(state, expected, strict=False)
+  report = d2_matching.match_state_dict(state, expected, strict=False)
   assert report.missing == {"c.weight": (5,)}
   assert report.unexpected == {"z.extra": (7, 1)}
-  assert report.mismatched == [d2_reader.Mismatch("a.bias", (3,), (4,))]
+  assert report.mismatched == [d2_matching.Mismatch("a.bias", (3,), (4,))]
   assert sorted(report.ignored) == ["pixel_mean",
                                     "proposal_generator.anchor_generator.cell_anchors.0"]
   assert list(report.state) == ["a.weight", "b.weight"] and not report.ok
@@ -707,11 +706,11 @@ def test_suffix_matching_prefers_longest_and_refuses_ambiguity():
               "x.conv1.weight": (1,)}
   state = {"conv1.weight": np.zeros(1), "res2.conv1.weight": np.ones(1),
            "stem.conv1.weight": np.full(1, 2.0)}
-  report = d2_reader.match_state_dict(state, expected, heuristics=True)
+  report = d2_matching.match_state_dict(state, expected, heuristics=True)
   assert report.sources == {"backbone.bottom_up.stem.conv1.weight": "stem.conv1.weight",
                             "x.res2.conv1.weight": "res2.conv1.weight",
                             "x.conv1.weight": "conv1.weight"}
   with pytest.raises(CheckpointError, match="matches several model entries"):
-    d2_reader.match_state_dict({"conv1.weight": np.zeros(1)},
+    d2_matching.match_state_dict({"conv1.weight": np.zeros(1)},
                                {"a.conv1.weight": (1,), "b.conv1.weight": (1,)},
                                heuristics=True, strict=False)
