@@ -104,43 +104,44 @@ def load_detectron2_file(path: str | os.PathLike[str]) -> Detectron2Checkpoint:
 
 def _load(path: str, query: Mapping[str, list[str]]) -> Detectron2Checkpoint:
   obj, container, close = read_container(path)
+  metadata: dict[str, Any] = {"container": container}
   try:
     if container == "pickle":
-      return _from_pickle(path, obj, {"container": container})
-    heuristics = query.get("matching_heuristics", ["False"]) == ["True"]
-    return _from_torch(path, obj, {"container": container}, heuristics)
+      state, fmt, heuristics = _from_pickle(path, obj, metadata)
+    else:
+      state, fmt = _from_torch(path, obj, metadata)
+      heuristics = query.get("matching_heuristics", ["False"]) == ["True"]
   finally:
     if close is not None:
       close()
+  canon, metadata["renamed"] = _canonical_mapping(list(state), caffe2=fmt == "caffe2")
+  return Detectron2Checkpoint(
+      state={canon[k]: v for k, v in state.items()}, format=fmt, metadata=metadata,
+      matching_heuristics=heuristics, path=path)
 
 
-def _from_pickle(path: str, data: Any, metadata: dict[str, Any]) -> Detectron2Checkpoint:
+def _from_pickle(path: str, data: Any, metadata: dict[str, Any]
+                 ) -> tuple[dict[str, np.ndarray], str, bool]:
+  """(state, format, matching heuristics) of a model-zoo or Caffe2 pickle."""
   if not isinstance(data, dict):
     raise CheckpointError(f"{path}: pickle holds a {type(data).__name__}, not a dict")
   metadata["top_level_keys"] = [str(k) for k in data]
   if "model" in data and "__author__" in data:
     metadata["author"] = data["__author__"]
     heuristics = bool(data.get("matching_heuristics", False))
-    state = state_arrays(path, data["model"])
-    fmt, caffe2 = "d2-model-zoo", False
-  else:
-    blobs = data["blobs"] if "blobs" in data else data
-    if not isinstance(blobs, dict):
-      raise CheckpointError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
-    metadata["author"] = "Caffe2"
-    metadata["dropped"] = [k for k in blobs if str(k).endswith("_momentum")]
-    state = state_arrays(path, {k: v for k, v in blobs.items()
-                                if not str(k).endswith("_momentum")})
-    fmt, caffe2, heuristics = "caffe2", True, True
-  canon, renamed = _canonical_mapping(list(state), caffe2=caffe2)
-  metadata["renamed"] = renamed
-  return Detectron2Checkpoint(
-      state={canon[k]: v for k, v in state.items()}, format=fmt, metadata=metadata,
-      matching_heuristics=heuristics, path=path)
+    return state_arrays(path, data["model"]), "d2-model-zoo", heuristics
+  blobs = data["blobs"] if "blobs" in data else data
+  if not isinstance(blobs, dict):
+    raise CheckpointError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
+  metadata["author"] = "Caffe2"
+  metadata["dropped"] = [k for k in blobs if str(k).endswith("_momentum")]
+  state = state_arrays(path, {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")})
+  return state, "caffe2", True
 
 
-def _from_torch(path: str, obj: Any, metadata: dict[str, Any],
-                heuristics: bool) -> Detectron2Checkpoint:
+def _from_torch(path: str, obj: Any, metadata: dict[str, Any]
+                ) -> tuple[dict[str, np.ndarray], str]:
+  """(state, format) of a ``torch.save`` file."""
   if isinstance(obj, dict) and "model" in obj:
     fmt, raw_state = "pth-training", obj["model"]
     metadata["top_level_keys"] = [str(k) for k in obj]
@@ -155,15 +156,11 @@ def _from_torch(path: str, obj: Any, metadata: dict[str, Any],
   versions = _module_versions(getattr(raw_state, "_metadata", None))
   # Only the model's tensors are read; optimizer buffers etc. stay unread in the zip.
   state = state_arrays(path, raw_state)
-  canon, renamed = _canonical_mapping(list(state), caffe2=False)
   if versions is not None and _all_have_prefix(state, "module."):
     versions = {(m[len("module."):] if m.startswith("module.") else m): v
                 for m, v in versions.items()}
   metadata["module_versions"] = versions
-  metadata["renamed"] = renamed
-  return Detectron2Checkpoint(
-      state={canon[k]: v for k, v in state.items()}, format=fmt, metadata=metadata,
-      matching_heuristics=heuristics, path=path)
+  return state, fmt
 
 
 def _module_versions(meta: Any) -> dict[str, int] | None:

@@ -30,9 +30,7 @@ _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_LEGACY_PROTOCOL = 1001
 
 
-# --------------------------------------------------------------------------------------------
-# dtypes
-# --------------------------------------------------------------------------------------------
+# dtypes.
 
 
 def _ml_dtype(name: str) -> np.dtype:
@@ -67,9 +65,7 @@ def _dtype_by_name(name: str) -> np.dtype:
   return _ml_dtype(name)
 
 
-# --------------------------------------------------------------------------------------------
-# Safe stand-ins for the globals the pickles name
-# --------------------------------------------------------------------------------------------
+# Safe stand-ins for the globals the pickles name.
 
 
 class _Frozen:
@@ -340,9 +336,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     return obj
 
 
-# --------------------------------------------------------------------------------------------
-# Containers
-# --------------------------------------------------------------------------------------------
+# Containers.
 
 
 def _torch_persistent_load(store: _RawStore, storages: dict[str, _StorageRef]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pointrend_jax.data.batching import unpack_masks
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import (MIN_AGREEMENT, TIE_TOL, MATCH_IOU, Row, SetMatch,
                                           agreement_row, box_iou, close_row, exact_row, fail_row,
@@ -40,7 +41,6 @@ def _summary(a: np.ndarray) -> np.ndarray:
 
 def _nchw(a: np.ndarray) -> np.ndarray:
   return np.transpose(a, (0, 3, 1, 2))
-
 
 
 class Ctx:
@@ -549,7 +549,7 @@ def _final_masks_shape(name, mt, e, c):
 def _golden_masks(c: Ctx) -> np.ndarray:
   c.need("final_masks_packed")
   w = int(c.fx.orig_rgb.shape[1])
-  return np.unpackbits(c.g["final_masks_packed"], axis=-1, count=w).astype(bool)
+  return unpack_masks(c.g["final_masks_packed"], w)
 
 
 @rule(r"final_masks_packed",

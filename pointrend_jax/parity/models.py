@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pointrend_jax.data.batching import ceil_to
 from pointrend_jax.modeling.meta_arch import postprocess_instances
 from pointrend_jax.modeling.semantic import sem_seg_postprocess
 from pointrend_jax.parity.compare import Row, fail_row
@@ -46,8 +47,7 @@ __all__ = ["check_model_folder", "compute"]
 
 def _padded(rgb: np.ndarray, divisor: int = 32) -> tuple[np.ndarray, np.ndarray]:
   h, w = rgb.shape[:2]
-  hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-  images = np.zeros((1, hp, wp, 3), np.uint8)
+  images = np.zeros((1, ceil_to(h, divisor), ceil_to(w, divisor), 3), np.uint8)
   images[0, :h, :w] = rgb
   return images, np.array([[h, w]], np.int32)
 
