@@ -20,6 +20,7 @@ import struct
 import zipfile
 from typing import Any, Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from pointrend_jax.errors import CheckpointError, UnsafeCheckpointError
@@ -30,23 +31,9 @@ _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _TORCH_LEGACY_PROTOCOL = 1001
 
 
-# dtypes.
-
-
-def _ml_dtype(name: str) -> np.dtype:
-  try:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel  # ships with jax
-  except ImportError as e:  # pragma: no cover - jax always installs it
-    raise CheckpointError(f"reading {name} tensors needs the ml_dtypes package") from e
-  return np.dtype(getattr(ml_dtypes, name))
-
-
-_NUMPY_DTYPE_NAMES = {
-    "float32": "float32", "float64": "float64", "float16": "float16", "int64": "int64",
-    "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
-    "complex64": "complex64", "complex128": "complex128", "uint16": "uint16",
-    "uint32": "uint32", "uint64": "uint64",
-}
+# Element types by torch / numpy name; the ml_dtypes ones (bfloat16, float8) ship with jax.
+_NUMPY_DTYPE_NAMES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
+                      "bool", "complex64", "complex128", "uint16", "uint32", "uint64")
 _ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                    "float8_e5m2fnuz")
 # torch.<X>Storage (legacy typed storages, still what torch.save writes for the common dtypes).
@@ -60,9 +47,7 @@ _TORCH_STORAGE_DTYPES = {
 
 
 def _dtype_by_name(name: str) -> np.dtype:
-  if name in _NUMPY_DTYPE_NAMES:
-    return np.dtype(_NUMPY_DTYPE_NAMES[name])
-  return _ml_dtype(name)
+  return np.dtype(name if name in _NUMPY_DTYPE_NAMES else getattr(ml_dtypes, name))
 
 
 # Safe stand-ins for the globals the pickles name.
@@ -309,7 +294,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
       table[(m, n)] = _Marker("torch storage", n)
   for m in ("torch", "torch.storage"):
     table[(m, "UntypedStorage")] = _Marker("torch storage", "UntypedStorage")
-  for n in tuple(_NUMPY_DTYPE_NAMES) + _ML_DTYPE_NAMES:
+  for n in _NUMPY_DTYPE_NAMES + _ML_DTYPE_NAMES:
     table[("torch", n)] = _Marker("torch dtype", n)
   return table
 
