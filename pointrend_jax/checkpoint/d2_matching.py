@@ -26,6 +26,7 @@ __all__ = ["MatchReport", "Mismatch", "manifest_shapes", "match_state_dict"]
 # FrozenBatchNorm2d.eps in detectron2; version-<3 files stored running_var without it.
 _FROZEN_BN_EPS = 1e-5
 
+
 class Mismatch(NamedTuple):
   """A checkpoint entry whose shape differs from the model's (it is not loaded)."""
 

@@ -90,7 +90,8 @@ def compare(name: str, check: Check, expected: np.ndarray, actual: Any) -> Row:
     return Row(name, float(diff.max()), float(rel.max()), tol, ok)
   if check.kind == "exact":
     mism = int(np.sum(actual != expected))
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+    err = (float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+           if actual.size else 0.0)
     return Row(name, err, float(mism), tol, mism == 0, f"{mism} differing" if mism else "")
   if check.kind == "set":
     a2 = actual.reshape(-1, actual.shape[-1]) if actual.ndim else actual.reshape(1, 1)

@@ -36,7 +36,6 @@ class FixtureError(Exception):
   """A fixture folder cannot be used (missing file, unsupported recipe, bad config)."""
 
 
-
 @dataclasses.dataclass
 class Fixture:
   path: str
