@@ -63,9 +63,9 @@ from flax import nnx  # noqa: E402
 
 from pointrend_jax.data import batching  # noqa: E402
 from pointrend_jax.modeling import layers  # noqa: E402
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model  # noqa: E402
+from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
 from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
-from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names,  # noqa: E402
-                                              load_d2_model)
 from pointrend_jax.training import mesh as mesh_lib  # noqa: E402
 from pointrend_jax.training import optimizer as optimizer_lib  # noqa: E402
 from pointrend_jax.training import train  # noqa: E402

@@ -284,10 +284,10 @@ def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float]
     pixel_std: the config's ``PIXEL_STD`` (scales the stem).
 
   Returns:
-    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.modeling.meta_arch.
+    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.checkpoint.d2_model.
     load_d2_model`.
   """
-  from pointrend_jax.modeling.meta_arch import d2_model_names
+  from pointrend_jax.checkpoint.d2_model import d2_model_names
   rng = np.random.default_rng(seed)
   gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
            ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
@@ -313,8 +313,9 @@ def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float]
 def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
                 ) -> tuple[ModelConfig, nnx.Module]:
   """Builds the model of ``cfg`` and fills it from ``weights`` (see :class:`Predictor`)."""
+  from pointrend_jax.checkpoint.d2_model import load_d2_model
   from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
-  from pointrend_jax.modeling.meta_arch import abstract_model, load_d2_model
+  from pointrend_jax.modeling.meta_arch import abstract_model
   if isinstance(weights, nnx.Module):
     if cfg is None:
       cfg = getattr(weights, "cfg", None)

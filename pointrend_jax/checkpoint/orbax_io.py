@@ -41,10 +41,6 @@ _CONFIG = "config.json"
 _STATE = "state"
 
 
-def _checkpointer() -> ocp.StandardCheckpointer:
-  return ocp.StandardCheckpointer()
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -87,7 +83,7 @@ def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
   # No process may look at the directory while process 0 is still replacing it.
   _sync("pointrend_jax.save_converted.prepared")
-  ckpt = _checkpointer()
+  ckpt = ocp.StandardCheckpointer()
   ckpt.save(out / _STATE, nnx.to_pure_dict(nnx.state(model)))
   ckpt.wait_until_finished()
   if primary:
@@ -134,7 +130,7 @@ def load_converted(out_dir: str | os.PathLike[str]) -> tuple[ModelConfig, nnx.Mo
   if not path.is_dir():
     raise CheckpointError(f"{path.parent}: missing the {_STATE}/ directory")
   try:
-    restored = _checkpointer().restore(path, nnx.to_pure_dict(state))
+    restored = ocp.StandardCheckpointer().restore(path, nnx.to_pure_dict(state))
   except Exception as e:  # orbax raises many types; the caller wants one readable error
     raise CheckpointError(f"{path}: cannot restore ({' '.join(str(e).split())[:300]})") from e
   nnx.replace_by_pure_dict(state, restored)

@@ -38,7 +38,7 @@ def load_weights(model: nnx.Module, weights: str | os.PathLike | Mapping[str, An
     FileNotFoundError: the path does not exist.
   """
   from pointrend_jax.checkpoint import d2_reader, orbax_io
-  from pointrend_jax.modeling.meta_arch import load_d2_model
+  from pointrend_jax.checkpoint.d2_model import load_d2_model
   if isinstance(weights, Mapping):
     load_d2_model(model, weights, strict=True)
     return "detectron2 state dict"

@@ -9,9 +9,6 @@
   :class:`~pointrend_jax.modeling.config.ModelConfig`, with the model's ``dtype`` (compute),
   ``param_dtype`` (variables) and ``precision`` (convs and matmuls), passed down as constructor
   arguments of every module.
-* :func:`d2_model_names` / :func:`load_d2_model`: detectron2 state-dict names and strict loading
-  (through :func:`pointrend_jax.checkpoint.d2_reader.match_state_dict` and the per-module
-  loaders).
 * :func:`postprocess_instances`: host-side ``detector_postprocess`` + mask pasting at the
   original image size, valid rows only.
 
@@ -31,20 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import (CheckpointError, Detectron2Checkpoint,
-                                                MatchReport, match_state_dict)
 from pointrend_jax.modeling.config import ModelConfig
-from pointrend_jax.modeling.fpn import (build_resnet_fpn_backbone, d2_backbone_names,
-                                        load_d2_backbone)
+from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
 from pointrend_jax.modeling.layers import DType, canonical_compute_dtype
-from pointrend_jax.modeling.point_rend import (MASK_HEAD_PREFIX, PointRendMaskHead,
-                                               d2_mask_head_names, load_d2_mask_head)
+from pointrend_jax.modeling.point_rend import PointRendMaskHead
 from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
-from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_names,
-                                              load_d2_roi_heads)
-from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
-from pointrend_jax.modeling.semantic import (PointRendSemanticSegmentor, PointRendSemSegHead,
-                                             d2_semantic_names, load_d2_semantic)
+from pointrend_jax.modeling.roi_heads import StandardROIHeads
+from pointrend_jax.modeling.rpn import RPN
+from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor, PointRendSemSegHead
 
 Array = jax.Array
 
@@ -54,8 +45,6 @@ __all__ = [
     "build_model",
     "abstract_model",
     "make_predict_fn",
-    "d2_model_names",
-    "load_d2_model",
     "postprocess_instances",
 ]
 
@@ -286,7 +275,7 @@ def abstract_model(model_config: ModelConfig, *, dtype: DType = jnp.float32,
                    param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None
                    ) -> PointRendRCNN | PointRendSemanticSegmentor:
   """:func:`build_model` under ``nnx.eval_shape``: no memory, no random init; load weights
-  with :func:`load_d2_model` (strict) before use."""
+  with :func:`pointrend_jax.checkpoint.d2_model.load_d2_model` (strict) before use."""
   return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0), dtype=dtype,
                                             param_dtype=param_dtype, precision=precision))
 
@@ -315,68 +304,6 @@ def make_predict_fn(model: PointRendRCNN, **predict_kwargs: Any
 
   predict.num_traces = lambda: len(traces)  # type: ignore[attr-defined]
   return predict
-
-
-# --------------------------------------------------------------------------------------------------
-# detectron2 names and weights.
-# --------------------------------------------------------------------------------------------------
-
-
-def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
-                   ) -> dict[str, tuple[int, ...]]:
-  """``{detectron2 state-dict name: PyTorch shape}`` of every variable (abstract models work)."""
-  if isinstance(model, PointRendSemanticSegmentor):
-    return d2_semantic_names(model)
-  if not isinstance(model, PointRendRCNN):
-    raise TypeError(f"not a PointRend model: {type(model).__name__}")
-  return {**d2_backbone_names(model.backbone), **d2_rpn_names(model.proposal_generator),
-          **d2_roi_heads_names(model.roi_heads), **d2_mask_head_names(model.mask_head)}
-
-
-def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
-  array = np.asarray(array)
-  if array.dtype == np.float32:
-    return array
-  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-    return array.astype(np.float32)
-  raise CheckpointError(f"{name}: dtype {array.dtype} cannot be loaded into a float32 variable")
-
-
-def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
-                  state: Mapping[str, np.ndarray] | Detectron2Checkpoint,
-                  strict: bool = True, backbone_only: bool = False) -> MatchReport:
-  """Loads detectron2 weights (PyTorch layouts, canonical v2 names) into ``model`` in place.
-
-  Names are matched by :func:`~pointrend_jax.checkpoint.d2_reader.match_state_dict` (exact, or
-  detectron2's suffix heuristic for Caffe2 files) against :func:`d2_model_names`; float16 /
-  float64 / bfloat16 arrays are cast to float32; the per-module loaders transpose the layouts.
-
-  Args:
-    model: concrete, or abstract (:func:`abstract_model`) when every variable gets loaded
-      (``strict`` and not ``backbone_only``).
-    state: ``{name: array}`` or a :class:`Detectron2Checkpoint` (``load_detectron2_file``).
-    strict: refuse (``CheckpointError`` listing names and shapes) anything missing,
-      unexpected or mis-shaped.
-    backbone_only: ImageNet initialization: only ``backbone.bottom_up.*`` is loaded; the rest
-      keeps its values (see :class:`MatchReport` ``not_loaded``).
-
-  Returns:
-    The :class:`MatchReport`.
-  """
-  expected = d2_model_names(model)
-  report = match_state_dict(state, expected, strict=strict, backbone_only=backbone_only)
-  arrays = {k: _as_float32(k, v) for k, v in report.state.items()}
-  full = strict and not backbone_only
-  if backbone_only:
-    load_d2_backbone(model.backbone.bottom_up, arrays, "backbone.", strict=strict)
-  elif isinstance(model, PointRendSemanticSegmentor):
-    load_d2_semantic(model, arrays, strict=full)
-  else:
-    load_d2_backbone(model.backbone, arrays, strict=full)
-    load_d2_rpn(model.proposal_generator, arrays, strict=full)
-    load_d2_roi_heads(model.roi_heads, arrays, strict=full)
-    load_d2_mask_head(model.mask_head, arrays, MASK_HEAD_PREFIX, strict=full)
-  return report
 
 
 # --------------------------------------------------------------------------------------------------

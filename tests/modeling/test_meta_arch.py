@@ -13,13 +13,13 @@ import yaml
 from flax import nnx
 
 from conftest import PARITY_DIR, SHARED_DIR
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
+from pointrend_jax.errors import CheckpointError
 from pointrend_jax.errors import ConfigError
 from pointrend_jax.modeling import zoo as zoo_lib
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
-from pointrend_jax.modeling.meta_arch import (PointRendRCNN, abstract_model,
-                                              d2_model_names, load_d2_model, make_predict_fn,
+from pointrend_jax.modeling.meta_arch import (PointRendRCNN, abstract_model, make_predict_fn,
                                               postprocess_instances)
 from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor
 

@@ -38,7 +38,7 @@ def numpy_init(build, seed: int = 0):
   and running variances, zero biases and running means.
   """
   from flax import nnx
-  from pointrend_jax.modeling.meta_arch import d2_model_names, load_d2_model
+  from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
   model = nnx.eval_shape(build)
   rng = np.random.default_rng(seed)
   state = {}

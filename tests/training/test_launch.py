@@ -244,6 +244,7 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   from flax import nnx
   import jax
   from pointrend_jax.checkpoint import orbax_io
+  from pointrend_jax.checkpoint.d2_model import d2_model_names
   from pointrend_jax.modeling import meta_arch
   from pointrend_jax.modeling import zoo
   from pointrend_jax.training import loop
@@ -252,7 +253,7 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   model = loop.build_model(config, mcfg)
   rng = np.random.default_rng(0)
   full = {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in meta_arch.d2_model_names(model).items()}
+          for k, s in d2_model_names(model).items()}
   stem = "backbone.bottom_up.stem.conv1.weight"
 
   def kernel(m):  # OIHW, as detectron2 stores it

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from conftest import REPO_ROOT
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
+from pointrend_jax.errors import CheckpointError
 from pointrend_jax.data import cityscapes, synthetic
 from pointrend_jax import errors
 from pointrend_jax.modeling import zoo
