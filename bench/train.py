@@ -6,7 +6,7 @@ Usage::
                         [--precisions highest,default] [--dtypes float32,bfloat16]
                         [--instances 20]
 
-What runs: :func:`pointrend_jax.training.train.make_train_step` with
+What runs: :func:`pointrend_jax.training.step_lib.make_train_step` with
 :func:`pointrend_jax.training.losses_instance.instance_loss_fn` and the optimizer of the zoo
 schedule (SGD momentum 0.9, wd 1e-4) on the zoo config ``r50_fpn_1x_coco`` (FrozenBN, FREEZE_AT
 2, RPN 2000 train proposals/image, 512 ROIs/image, PointRend mask head with 14x14 points).
@@ -68,7 +68,7 @@ from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
 from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 from pointrend_jax.training import mesh as mesh_lib  # noqa: E402
 from pointrend_jax.training import optimizer as optimizer_lib  # noqa: E402
-from pointrend_jax.training import train  # noqa: E402
+from pointrend_jax.training import step as step_lib  # noqa: E402
 from pointrend_jax.training.losses_instance import (INSTANCE_BATCH_KEYS,  # noqa: E402
                                                     instance_loss_fn)
 
@@ -173,7 +173,7 @@ def bench_precision(dtype: str, precision: str, model_state, tx, batch, mesh, nu
   graphdef, _, _ = nnx.split(abstract_model(zoo_config(ZOO), dtype=dtype, precision=precision),
                              layers.TRAINABLE, ...)
   model_state = model_state.replace(graphdef=graphdef)
-  step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
+  step = step_lib.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
   state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
   t0 = time.perf_counter()
   # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
@@ -239,7 +239,7 @@ def main() -> None:
   load_d2_model(model, numpy_weights(model, cfg.pixel_std))
   tx, _ = optimizer_lib.make_optimizer(solver_config(), model)
   # Host copy of the initial state; each precision starts from it.
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))
   del model
   n_params = sum(int(np.size(v)) for v in jax.tree.leaves(initial.params))
   log(f"model {ZOO}: {n_params / 1e6:.1f} M trainable parameters, built in "

@@ -653,7 +653,7 @@ def instance_losses(model: PointRendRCNN, batch: Mapping[str, Array],
 
 def instance_loss_fn(model: PointRendRCNN, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
-  """``loss_fn`` for :func:`~pointrend_jax.training.train.make_train_step` (instance models).
+  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models).
 
   Returns:
     ``(total, terms)``: the sum of the six :data:`LOSS_NAMES` and every term (plus the logged

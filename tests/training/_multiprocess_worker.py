@@ -108,20 +108,21 @@ def run_model(name: str, args, mesh_sizes) -> dict:
   each ``n`` of ``mesh_sizes`` (0: all), each from the same initial state."""
   import jax
   from pointrend_jax.training import mesh as mesh_lib
-  from pointrend_jax.training import optimizer, train
+  from pointrend_jax.training import optimizer
+  from pointrend_jax.training import step as step_lib
   config, model, loss_fn, global_batch = SETUPS[name]()
   n = next(iter(global_batch.values())).shape[0]
   per = n // args.num_processes
   p = args.process_id
   local_batch = {k: v[p * per:(p + 1) * per] for k, v in global_batch.items()}
   tx, schedule = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))  # host copy
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))  # host copy
 
   results = {}
   for size in mesh_sizes:
     mesh = mesh_lib.make_mesh(jax.devices()[:size] if size else None)
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers: the step donates its input
-    step = train.make_train_step(loss_fn, tx, mesh=mesh,
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh,
                                  num_groups=config.train.num_replicas_d2, schedule=schedule)
     metrics = []
     for _ in range(STEPS):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pointrend_jax.modeling import layers, meta_arch
+from pointrend_jax.modeling import layers
 from pointrend_jax.training import losses_instance as L
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer, train
+from pointrend_jax.training import step as step_lib
 from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
 from _tiny_batches import instance_batch, semantic_pair
@@ -135,8 +136,8 @@ def _run_steps(models, config, loss_fn, batch, dtypes_steps):
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   out = {}
   for dtype, steps in dtypes_steps:
-    initial = jax.device_get(train.create_train_state(models[dtype], tx, seed=0))
-    step = train.make_train_step(loss_fn, tx, mesh=mesh,
+    initial = jax.device_get(step_lib.create_train_state(models[dtype], tx, seed=0))
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh,
                                  num_groups=config.train.num_replicas_d2)
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers (the step donates its input)
     metrics = []

@@ -192,7 +192,6 @@ def test_config_loads_with_required_keys(path):
   from pointrend_jax.data import pipeline
   from pointrend_jax.modeling import zoo
   from pointrend_jax.data import splits
-  from pointrend_jax.training import loop
   module = _load_config(path)
   doc = module.get_config.__doc__
   assert "python launch.py --config configs/" in doc and "Expected" in doc

@@ -24,7 +24,7 @@ def _worker(out_path):
   import jax
   from pointrend_jax.training import mesh as mesh_lib
   from pointrend_jax.training import optimizer
-  from pointrend_jax.training import train
+  from pointrend_jax.training import step as step_lib
   from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
   assert jax.device_count() == 8, jax.devices()
@@ -43,12 +43,12 @@ def _worker(out_path):
 
   model = tiny_model(config)
   tx, schedule = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))
   results = {}
   for n, steps in ((1, STEPS_1), (8, STEPS_8)):
     mesh = mesh_lib.make_mesh(jax.devices()[:n])
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers (the step donates its input)
-    step = train.make_train_step(semantic_loss_fn, tx, mesh=mesh,
+    step = step_lib.make_train_step(semantic_loss_fn, tx, mesh=mesh,
                                  num_groups=config.train.num_replicas_d2, schedule=schedule)
     metrics = []
     for _ in range(steps):
@@ -57,12 +57,12 @@ def _worker(out_path):
     results[n] = {"metrics": metrics, "num_traces": step.num_traces,
                   "num_compiled": step.num_compiled,
                   "params_sharding": str(jax.tree.leaves(state.params)[0].sharding)}
-  results["toy"] = _toy_replica_per_device(jax, mesh_lib, optimizer, train)
+  results["toy"] = _toy_replica_per_device(jax, mesh_lib, optimizer, step_lib)
   with open(out_path, "w") as f:
     json.dump(results, f)
 
 
-def _toy_replica_per_device(jax, mesh_lib, optimizer, train):
+def _toy_replica_per_device(jax, mesh_lib, optimizer, step_lib):
   """8 virtual replicas on 1 and on 8 devices (one whole replica per device)."""
   import jax.numpy as jnp
   import ml_collections
@@ -92,12 +92,12 @@ def _toy_replica_per_device(jax, mesh_lib, optimizer, train):
                                      "train": {"max_steps": 10}})
   model = Toy(nnx.Rngs(0))
   tx, _ = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx))
+  initial = jax.device_get(step_lib.create_train_state(model, tx))
   out = {}
   for n in (1, 8):
     mesh = mesh_lib.make_mesh(jax.devices()[:n])
     state = mesh_lib.replicate(initial, mesh)
-    step = train.make_train_step(loss_fn, tx, mesh=mesh, num_groups=8)
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh, num_groups=8)
     losses = []
     for _ in range(2):
       state, m = step(state, batch)
