@@ -15,6 +15,7 @@ Config keys read (the run config of ``configs/*.py``): ``seed``; ``solver.*`` (s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,13 +27,21 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from pointrend_jax.checkpoint import workdir as workdir_lib
+from pointrend_jax.data import pipeline
+from pointrend_jax.data.splits import load_split
+from pointrend_jax.errors import ConfigError, DataError
+from pointrend_jax.modeling import zoo
+from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer as optimizer_lib
 from pointrend_jax.training.logging import MetricWriter, ProgressBar
+from pointrend_jax.training.loop import Evaluator
 from pointrend_jax.training.step import LossFn, TrainState, create_train_state, make_train_step
 
-__all__ = ["DataIterator", "InMemoryIterator", "train_loop"]
+__all__ = ["DataIterator", "InMemoryIterator", "train_loop", "validate_config", "build_run_model",
+           "init_weights", "train_and_evaluate", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,3 +264,273 @@ def train_loop(config: ml_collections.ConfigDict,
     if own_guard:
       guard.uninstall()
   return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and weights.
+# --------------------------------------------------------------------------------------------------
+
+
+def build_run_model(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> nnx.Module:
+  """The randomly initialised model (seed ``config.seed``), computing in
+  ``train.compute_dtype``."""
+  from pointrend_jax.modeling import meta_arch
+  return meta_arch.build_model(mcfg, rngs=nnx.Rngs(int(config.get("seed", 0) or 0)),
+                               dtype=config.train.get("compute_dtype", "float32"))
+
+
+def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
+  """Loads ``config.init.weights`` into ``model`` in place; returns a one-line description."""
+  from pointrend_jax.checkpoint.weights import load_weights
+  path = str(config.init.get("weights", "") or "")
+  if not path:
+    return "random initialisation (config.init.weights is empty)"
+  if path.startswith(("detectron2://", "http://", "https://")):
+    url = path.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
+    raise DataError(f"config.init.weights is a URL ({path}); nothing is downloaded at run time: "
+                    f"download {url} and set --config.init.weights=/local/path")
+  local = os.path.expanduser(path.split("?", 1)[0])
+  if not os.path.exists(local):
+    raise DataError(f"expected weights at {local} (config.init.weights); download the "
+                    "detectron2 file (ImageNet backbones: https://dl.fbaipublicfiles.com/"
+                    "detectron2/ImageNetPretrained/MSRA/R-50.pkl etc.), point "
+                    "--config.init.weights at it, or set it to '' to train from scratch")
+  return load_weights(model, local, backbone_only_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training / evaluation entry points.
+# --------------------------------------------------------------------------------------------------
+
+
+class _SlowIterator:
+  """Sleeps before each batch (``train.debug_step_delay_s``; preemption tests only)."""
+
+  def __init__(self, it: Any, delay: float):
+    self._it, self._delay = it, delay
+
+  def __next__(self):
+    time.sleep(self._delay)
+    return next(self._it)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  for key in ("seed", "train.max_steps", "train.batch_size", "train.checkpoint_every",
+              "train.log_every", "eval.every", "init.weights", "data.train", "data.val",
+              "solver.base_lr", "model.zoo"):
+    node = config
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"config is missing required key {key!r} (see configs/common.py)")
+      node = node[part]
+  # Values train_loop would reject only after the data and the model are built.
+  batch = int(config.train.batch_size)
+  groups = int(config.train.get("num_replicas_d2", 1) or 1)
+  if batch < 1 or groups < 1 or batch % groups:
+    raise ConfigError(f"config.train.batch_size ({batch}) must be a positive multiple of "
+                           f"config.train.num_replicas_d2 ({groups})")
+  from pointrend_jax.modeling import layers
+  try:
+    layers.canonical_compute_dtype(config.train.get("compute_dtype", "float32"))
+  except ValueError as e:
+    raise ConfigError(f"config.train.compute_dtype: {e}") from e
+
+
+def _fmt(v: Any) -> str:
+  return "nan" if v is None or not np.isfinite(v) else f"{v:.1f}"
+
+
+def _write_summary(config: ml_collections.ConfigDict, workdir: str, metrics: Mapping[str, float],
+                   step: int, timings: Mapping[str, float], mcfg: ModelConfig) -> None:
+  if jax.process_index() != 0:
+    return
+  summary = {"step": step, "metrics": {k: (None if not np.isfinite(v) else v)
+                                       for k, v in metrics.items() if "-" not in k},
+             "seconds": dict(timings)}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  lines = [f"== summary: {workdir} (step {step}) =="]
+  if mcfg.is_semantic:
+    lines.append(f"mIoU {_fmt(metrics.get('eval/sem_seg/mIoU'))}")
+  else:
+    from pointrend_jax.modeling.point_rend import subdivision_schedule
+    side = mcfg.mask_head.output_side_resolution
+    res, steps = subdivision_schedule(side, mcfg.point_head.subdivision_steps,
+                                      mcfg.point_head.subdivision_num_points)
+    rows = [(f"mask AP, PointRend {res * 2 ** steps}x{res * 2 ** steps}", "segm"),
+            (f"mask AP, coarse {side}x{side} upsampled", "segm_coarse"), ("box AP", "bbox")]
+    width = max(len(r[0]) for r in rows)
+    for title, task in rows:
+      if f"eval/{task}/AP" in metrics:
+        lines.append(f"{title:<{width}}  " + "  ".join(
+            f"{m} {_fmt(metrics.get(f'eval/{task}/{m}'))}" for m in ("AP", "AP50", "AP75")))
+  lines.append("wall time " + ", ".join(f"{k} {v / 60:.1f} min" if v >= 60 else f"{k} {v:.0f} s"
+                                        for k, v in timings.items()))
+  print("\n".join(lines), flush=True)
+
+
+def _pictures(evaluator: Evaluator, workdir: str) -> None:
+  if not evaluator.last_visuals or jax.process_index() != 0:
+    return
+  from pointrend_jax.training import demo_pictures
+  out = os.path.join(workdir, "pictures")
+  paths = demo_pictures.write_pictures(evaluator.last_visuals, evaluator.split.class_names,
+                                       out, threshold=evaluator.threshold)
+  logger.info("wrote %d pictures to %s", len(paths), out)
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str):
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  mcfg = zoo.model_config(config.model)
+  return mcfg, mesh_lib.make_mesh()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       evaluate_after: bool = True,
+                       start_time: float | None = None) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating every
+  ``eval.every`` steps and at the end when ``evaluate_after``.
+
+  Returns:
+    The last evaluation's metrics (empty without evaluation or when stopped by SIGTERM).
+  """
+  start_time = time.time() if start_time is None else start_time
+  workdir = os.fspath(workdir)
+  mcfg, mesh = _setup(config, workdir)
+  timings: dict[str, float] = {}
+  t = time.time()
+  train_split = load_split(config, "train", workdir, mcfg)
+  if jax.process_index() == 0:
+    # For tools.export: the exported model carries the names (Predictor labels).
+    with open(os.path.join(workdir, workdir_lib.CLASS_NAMES_FILE), "w") as f:
+      json.dump(list(train_split.class_names), f, indent=1)
+  evaluator = Evaluator(config, workdir, mcfg, mesh=mesh) if evaluate_after else None
+  timings["data"] = time.time() - t
+
+  t = time.time()
+  model = build_run_model(config, mcfg)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    logger.info("init: skipped, resuming from %s", ckpt_dir)
+  else:
+    logger.info("init: %s", init_weights(model, config))
+  timings["model"] = time.time() - t
+
+  procs = jax.process_count()
+  batch = int(config.train.batch_size)
+  if batch % procs:
+    raise ConfigError(f"train.batch_size {batch} not divisible by {procs} processes")
+  it = pipeline.build_train_loader(
+      train_split.records, batch_size_per_process=batch // procs, seed=int(config.seed),
+      config=pipeline.loader_config(config.data, mcfg),
+      worker_count=int(config.data.get("num_workers", 0)))
+  delay = float(config.train.get("debug_step_delay_s", 0.0) or 0.0)
+  train_iter = _SlowIterator(it, delay) if delay > 0 else it
+
+  if mcfg.is_semantic:
+    from pointrend_jax.training.losses_semantic import semantic_loss_fn as loss_fn
+    batch_keys: tuple[str, ...] = ("image", "image_size", "sem_seg")
+  else:
+    from pointrend_jax.training.losses_instance import INSTANCE_BATCH_KEYS as batch_keys
+    from pointrend_jax.training.losses_instance import instance_loss_fn as loss_fn
+
+  max_steps = int(config.train.max_steps)
+  last: dict[str, Any] = {"metrics": {}, "step": None}
+
+  def eval_fn(m: nnx.Module, step: int) -> dict[str, float]:
+    final = step >= max_steps
+    te = time.time()
+    metrics = evaluator(m, step, final=final)
+    timings["eval" if final else f"eval@{step}"] = time.time() - te
+    last.update(metrics=metrics, step=step)
+    if final:
+      _pictures(evaluator, workdir)
+    return metrics
+
+  t = time.time()
+  try:
+    state = train_loop(config, workdir, model, loss_fn, train_iter,
+                                 eval_fn=eval_fn if evaluate_after else None, mesh=mesh,
+                                 batch_keys=batch_keys)
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  step = int(jax.device_get(state.step))
+  timings["train"] = time.time() - t - sum(v for k, v in timings.items() if k.startswith("eval"))
+  if step < max_steps:
+    logger.warning("training stopped at step %d of %d (preempted); rerun the same command to "
+                   "resume", step, max_steps)
+    return {}
+  if evaluate_after and last["step"] != step:
+    # Training was already complete (nothing ran): evaluate the final checkpoint.
+    metrics = eval_fn(state.model(), step)
+    with MetricWriter(workdir) as writer:
+      writer.write_scalars(step, metrics)
+  t = time.time()
+  exported = workdir_lib.export_trained_model(
+      state.model(), mcfg, os.path.join(workdir, workdir_lib.EXPORT_DIR),
+      class_names=train_split.class_names or None,
+      source={"workdir": os.path.abspath(workdir), "step": step})
+  logger.info("exported the final model to %s (Predictor(None, %r), tools.predict --weights)",
+              exported, str(exported))
+  timings["export"] = time.time() - t
+  timings["total"] = time.time() - start_time
+  if evaluate_after:
+    _write_summary(config, workdir, last["metrics"], step, timings, mcfg)
+  return last["metrics"]
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+             start_time: float | None = None) -> dict[str, float]:
+  """Evaluates the latest checkpoint in ``workdir`` (else ``config.init.weights``).
+
+  Metrics are appended to ``workdir/metrics.jsonl`` / TensorBoard at the checkpoint's step.
+  """
+  start_time = time.time() if start_time is None else start_time
+  workdir = os.fspath(workdir)
+  mcfg, mesh = _setup(config, workdir)
+  timings: dict[str, float] = {}
+  t = time.time()
+  evaluator = Evaluator(config, workdir, mcfg, mesh=mesh)  # data errors first, before the model
+  timings["data"] = time.time() - t
+  model = build_run_model(config, mcfg)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = 0
+  restored = None
+  if os.path.isdir(ckpt_dir):
+    tx, _ = optimizer_lib.make_optimizer(config, model)
+    state = create_train_state(model, tx, seed=int(config.seed), mesh=mesh)
+    manager = checkpointing.make_checkpoint_manager(ckpt_dir, async_save=False)
+    try:
+      restored = checkpointing.restore_latest(manager, state.checkpoint_tree(),
+                                              with_data_state=False)
+    finally:
+      manager.close()
+    if restored is not None:
+      step, tree, _ = restored
+      model = state.with_checkpoint_tree(tree).model()
+      logger.info("evaluating checkpoint %d of %s", step, ckpt_dir)
+  if restored is None:
+    if not str(config.init.get("weights", "") or ""):
+      raise DataError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and config.init.weights "
+                      "is empty (train first, or point --config.init.weights at a full model)")
+    logger.info("evaluating init weights: %s", init_weights(model, config))
+  t = time.time()
+  metrics = evaluator(model, step, final=True)
+  timings["eval"] = time.time() - t
+  _pictures(evaluator, workdir)
+  with MetricWriter(workdir) as writer:
+    writer.write_scalars(step, metrics)
+  timings["total"] = time.time() - start_time
+  _write_summary(config, workdir, metrics, step, timings, mcfg)
+  return metrics

@@ -22,7 +22,7 @@ from pointrend_jax.data import synthetic
 from pointrend_jax.inference import Predictor
 from pointrend_jax.tools import export as export_tool
 from pointrend_jax.modeling import zoo
-from pointrend_jax.training import loop
+from pointrend_jax.training import train
 
 
 def _tiny_config():
@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
   config = _tiny_config()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(workdir_lib, "export_trained_model", capture)
-    loop.train_and_evaluate(config, workdir, evaluate_after=False)
+    train.train_and_evaluate(config, workdir, evaluate_after=False)
   return workdir, config, captured
 
 

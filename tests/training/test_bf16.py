@@ -224,14 +224,13 @@ def test_train_loop_bf16_model_keeps_float32_state(tmp_path):
 
 def test_loop_builds_the_model_in_train_compute_dtype():
   from pointrend_jax.modeling import zoo
-  from pointrend_jax.training import loop
   path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "synthetic_shapes.py"
   spec = importlib.util.spec_from_file_location("_config_synthetic_shapes", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   config.train.compute_dtype = "bfloat16"
-  model = nnx.eval_shape(lambda: loop.build_model(config, zoo.model_config(config.model)))
+  model = nnx.eval_shape(lambda: train.build_run_model(config, zoo.model_config(config.model)))
   assert model.backbone.bottom_up.stem.conv1.dtype == BF16
   assert model.mask_head.point_head.predictor.dtype == BF16
   assert _float_dtypes(nnx.state(model)) == {F32}

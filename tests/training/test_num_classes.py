@@ -22,7 +22,7 @@ from pointrend_jax.data import cityscapes, synthetic
 from pointrend_jax import errors
 from pointrend_jax.modeling import zoo
 from pointrend_jax.data import splits
-from pointrend_jax.training import loop
+from pointrend_jax.training import train
 
 
 def _flags_config(*args: str) -> ml_collections.ConfigDict:
@@ -159,11 +159,11 @@ def test_config_values_rejected_before_training(tmp_path):
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.batch_size=3", "--config.train.num_replicas_d2=2")
   with pytest.raises(errors.ConfigError, match="config.train.batch_size"):
-    loop.train_and_evaluate(config, tmp_path / "a")
+    train.train_and_evaluate(config, tmp_path / "a")
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.compute_dtype=float16")
   with pytest.raises(errors.ConfigError, match="config.train.compute_dtype"):
-    loop.train_and_evaluate(config, tmp_path / "b")
+    train.train_and_evaluate(config, tmp_path / "b")
 
 
 @pytest.mark.parametrize("case", ["class_mismatch", "unknown_override"])
