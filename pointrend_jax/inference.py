@@ -62,9 +62,10 @@ from pointrend_jax.data import batching
 from pointrend_jax.data.coco import read_image
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
 from pointrend_jax.modeling import postprocess
-from pointrend_jax.modeling.config import ModelConfig, from_detectron2_yaml, zoo_config
+from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.postprocess import Instances, SubdivisionStages
 from pointrend_jax.modeling.predict import PredictProgram
+from pointrend_jax.modeling.zoo import from_detectron2_yaml, zoo_config
 
 __all__ = [
     "COCO_CLASSES",
@@ -163,10 +164,10 @@ def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float]
     pixel_std: the config's ``PIXEL_STD`` (scales the stem).
 
   Returns:
-    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.modeling.meta_arch.
+    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.checkpoint.d2_model.
     load_d2_model`.
   """
-  from pointrend_jax.modeling.meta_arch import d2_model_names
+  from pointrend_jax.checkpoint.d2_model import d2_model_names
   rng = np.random.default_rng(seed)
   gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
            ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
@@ -192,8 +193,9 @@ def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float]
 def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
                 ) -> tuple[ModelConfig, nnx.Module]:
   """Builds the model of ``cfg`` and fills it from ``weights`` (see :class:`Predictor`)."""
+  from pointrend_jax.checkpoint.d2_model import load_d2_model
   from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
-  from pointrend_jax.modeling.meta_arch import abstract_model, load_d2_model
+  from pointrend_jax.modeling.meta_arch import abstract_model
   if isinstance(weights, nnx.Module):
     if cfg is None:
       cfg = getattr(weights, "cfg", None)
@@ -313,6 +315,9 @@ class Predictor:
     class_names: names of the class ids (default: those stored in a converted directory,
       else :func:`default_class_names`).
     seed: seed of the random weights when ``weights`` is None.
+    dtype: compute dtype of the model (float32 or bfloat16; see
+      :func:`~pointrend_jax.modeling.meta_arch.build_model`); None: float32, or the dtype a
+      model passed as ``weights`` was built with. Parameters stay as loaded (float32).
 
   The weights are captured when the predictor is built; in-place updates of ``model``
   afterwards are not seen by the compiled programs.
@@ -330,9 +335,13 @@ class Predictor:
                weights: Any = None, *, buckets: str | Sequence[tuple[int, int]] | None = None,
                batch_size: int = 1, score_threshold: float | None = None,
                mask_threshold: float = 0.5, class_names: Sequence[str] | None = None,
-               seed: int = 0):
+               seed: int = 0, dtype: Any = None):
     cfg = None if config is None else load_config(config)
     self.cfg, self.model = _load_model(cfg, weights, seed)
+    if dtype is not None:  # The same variables in a model built with this compute dtype.
+      from pointrend_jax.modeling.meta_arch import abstract_model
+      graphdef, _ = nnx.split(abstract_model(self.cfg, dtype=dtype))
+      self.model = nnx.merge(graphdef, nnx.state(self.model))
     if class_names is None:
       class_names = _stored_class_names(weights, self.cfg.num_classes)
     if batch_size < 1:

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT
 from pointrend_jax import visualization as vis
 from pointrend_jax.inference import Predictor, to_rgb_uint8
 from pointrend_jax.modeling.postprocess import Instances, SemanticResult, paste_masks
-from pointrend_jax.modeling.config import from_detectron2_yaml
+from pointrend_jax.modeling.zoo import from_detectron2_yaml
 
 # ResNet-18 GN, 3 classes, test size 128: compiles in seconds.
 TINY_YAML = {

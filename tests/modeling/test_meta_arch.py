@@ -13,13 +13,14 @@ import yaml
 from flax import nnx
 
 from conftest import PARITY_DIR, SHARED_DIR
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.modeling import config as config_lib
-from pointrend_jax.modeling.config import (ConfigError, ModelConfig, ZOO_NAMES, ZOO_STEMS,
-                                           from_detectron2_yaml, zoo_config)
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
+from pointrend_jax.errors import CheckpointError
+from pointrend_jax.errors import ConfigError
 from pointrend_jax.modeling import postprocess
-from pointrend_jax.modeling.meta_arch import (PointRendRCNN, abstract_model,
-                                              d2_model_names, load_d2_model)
+from pointrend_jax.modeling import zoo as zoo_lib
+from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
+from pointrend_jax.modeling.meta_arch import PointRendRCNN, abstract_model
 from pointrend_jax.modeling.predict import PredictProgram
 from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor
 
@@ -111,7 +112,7 @@ def _write_yaml(path, data) -> None:
 
 
 def test_base_chain_from_files_and_builtin(tmp_path):
-  zoo = config_lib.zoo_yaml("r50_fpn_3x_coco")
+  zoo = zoo_lib.zoo_yaml("r50_fpn_3x_coco")
   zoo["SOLVER"]["STEPS"] = "(210000, 250000)"  # yacs-style tuple string
   zoo["INPUT"] = {"MIN_SIZE_TRAIN": "(640, 672, 704, 736, 768, 800)"}
   _write_yaml(tmp_path / "pointrend_rcnn_R_50_FPN_3x_coco.yaml", zoo)
@@ -123,8 +124,8 @@ def test_base_chain_from_files_and_builtin(tmp_path):
   proj = tmp_path / "projects" / "PointRend" / "configs" / "InstanceSegmentation"
   proj.mkdir(parents=True)
   (tmp_path / "configs").mkdir()
-  _write_yaml(tmp_path / "configs" / "Base-RCNN-FPN.yaml", config_lib._BASE_RCNN_FPN)
-  _write_yaml(proj / "Base-PointRend-RCNN-FPN.yaml", config_lib._BASE_POINTREND_RCNN_FPN)
+  _write_yaml(tmp_path / "configs" / "Base-RCNN-FPN.yaml", zoo_lib._BASE_RCNN_FPN)
+  _write_yaml(proj / "Base-PointRend-RCNN-FPN.yaml", zoo_lib._BASE_POINTREND_RCNN_FPN)
   changed = dict(zoo, MODEL=dict(zoo["MODEL"], ROI_HEADS={"NUM_CLASSES": 5},
                                  POINT_HEAD={"NUM_CLASSES": 5}))
   _write_yaml(proj / "custom.yaml", changed)
@@ -134,7 +135,7 @@ def test_base_chain_from_files_and_builtin(tmp_path):
   assert cfg == zoo_config("r50_fpn_3x_coco").replace(
       **{"roi_heads.num_classes": 5, "point_head.num_classes": 5})
   # An edited base file is honoured.
-  base = dict(config_lib._BASE_RCNN_FPN)
+  base = dict(zoo_lib._BASE_RCNN_FPN)
   base["MODEL"] = dict(base["MODEL"], RPN=dict(base["MODEL"]["RPN"], NMS_THRESH=0.6))
   _write_yaml(tmp_path / "configs" / "Base-RCNN-FPN.yaml", base)
   assert from_detectron2_yaml(proj / "custom.yaml").rpn.nms_thresh == 0.6
@@ -156,7 +157,7 @@ def test_base_chain_from_files_and_builtin(tmp_path):
     ("MODEL.RPN.PRE_NMS_TOPK_TEST", "many", r"MODEL\.RPN\.PRE_NMS_TOPK_TEST"),
 ])
 def test_unsupported_values_name_the_key(key, value, match):
-  data = config_lib.zoo_yaml("r50_fpn_1x_coco")
+  data = zoo_lib.zoo_yaml("r50_fpn_1x_coco")
   node = data
   *parents, leaf = key.split(".")
   for p in parents:

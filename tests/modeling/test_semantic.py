@@ -16,9 +16,10 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.modeling import postprocess
+from pointrend_jax.modeling.meta_arch import abstract_model
 from pointrend_jax.modeling.semantic import (PointRendSemSegHead,
-                                             build_pointrend_semantic_segmentor,
                                              d2_semantic_names, load_d2_semantic, resize_bilinear)
+from pointrend_jax.modeling.zoo import zoo_config
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -36,8 +37,9 @@ def _manifest() -> dict:
 
 def _abstract_segmentor(man: dict):
   # The manifest's pixel statistics are in the model's (BGR) channel order.
-  return nnx.eval_shape(lambda: build_pointrend_semantic_segmentor(
-      pixel_mean=man["pixel_mean"], pixel_std=man["pixel_std"], rngs=nnx.Rngs(0)))
+  cfg = zoo_config("semantic_r101_fpn_cityscapes").replace(
+      pixel_mean=tuple(man["pixel_mean"]), pixel_std=tuple(man["pixel_std"]))
+  return abstract_model(cfg)
 
 
 def _max_err(actual, expected) -> float:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from pointrend_jax.modeling.config import from_detectron2_yaml
+from pointrend_jax.modeling.zoo import from_detectron2_yaml
 from pointrend_jax.tools import predict, visualize_points
 
 TINY_YAML = {
