@@ -1,5 +1,14 @@
-"""The training loop: :func:`train_loop` runs :mod:`~pointrend_jax.training.step`'s train step
-over a data iterator with checkpoints, metrics, evaluation and preemption handling.
+"""What ``launch.py`` runs, and the training loop.
+
+* :func:`train_and_evaluate` / :func:`evaluate`: the run config (``configs/*.py``) -> model config
+  (:func:`~pointrend_jax.modeling.zoo.model_config`), splits
+  (:func:`~pointrend_jax.data.splits.load_split`), loaders, model and init weights
+  (:func:`init_weights`), then :func:`train_loop` with the instance or semantic losses and the
+  run's :class:`~pointrend_jax.training.evaluator.Evaluator`; after the final evaluation the
+  pictures (``<workdir>/pictures``), the summary (``<workdir>/summary.json``) and the exported
+  model (``<workdir>/model``, :mod:`~pointrend_jax.checkpoint.workdir`).
+* :func:`train_loop` runs :mod:`~pointrend_jax.training.step`'s train step over a data
+  iterator with checkpoints, metrics, evaluation and preemption handling.
 
 * **Robustness.** A non-finite loss raises :class:`FloatingPointError` naming the step and
   the loss terms; losses are checked (one host sync) at every log step and before every
@@ -37,7 +46,7 @@ from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer as optimizer_lib
 from pointrend_jax.training.logging import MetricWriter, ProgressBar
-from pointrend_jax.training.loop import Evaluator
+from pointrend_jax.training.evaluator import Evaluator
 from pointrend_jax.training.step import LossFn, TrainState, create_train_state, make_train_step
 
 __all__ = ["DataIterator", "InMemoryIterator", "train_loop", "validate_config", "build_run_model",
