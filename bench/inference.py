@@ -5,7 +5,7 @@ Usage::
   python bench/inference.py [--repeats 3]
 
 Weights: the parity fixtures' deterministic ``make_weights.py`` (seed 0; ``../shared`` beside
-the checkout) when present, else :func:`pointrend_jax.inference.random_d2_state`. Timing does
+the checkout) when present, else :func:`pointrend_jax.checkpoint.d2_model.random_d2_state`. Timing does
 not depend on the weights (every shape is static: the mask head always runs on
 ``DETECTIONS_PER_IMAGE`` = 100 rows), but sane weights keep the host postprocessing realistic.
 

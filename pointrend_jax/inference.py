@@ -46,7 +46,6 @@ the same either way (and no recompilation is needed to change it).
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import warnings
@@ -75,7 +74,6 @@ __all__ = [
     "load_config",
     "default_class_names",
     "to_rgb_uint8",
-    "random_d2_state",
 ]
 
 ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image]
@@ -145,56 +143,12 @@ def default_class_names(cfg: ModelConfig) -> list[str]:
   return [f"class_{i}" for i in range(n)]
 
 
-def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float] = (1., 1., 1.)
-                    ) -> dict[str, np.ndarray]:
-  """Random but well-scaled weights for every detectron2 name of ``model`` (numpy, fast).
-
-  Drawn from numpy rather than the modules' jax initializers: eager jax init compiles one small
-  program per parameter shape (minutes for a ResNet-50 on CPU). Scheme (a simplification of the
-  parity fixtures' ``make_weights.py``): kernels normal with std ``gain / sqrt(fan_in)`` and every
-  output unit centred to zero mean (otherwise ReLU features carry a common mode that makes one
-  class win every box); gain sqrt(2), except the stem (``mean(pixel_std) / 64``: raw pixel
-  contrast is ~64), the last conv of each bottleneck (0.5), FPN convs (1), class / objectness
-  logits (4), box deltas (0.5-1) and mask predictors (2). Norm scales and running variances 1,
-  biases and running means 0.
-
-  Args:
-    model: a (possibly abstract) model; only its names and shapes are read.
-    seed: numpy seed.
-    pixel_std: the config's ``PIXEL_STD`` (scales the stem).
-
-  Returns:
-    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.checkpoint.d2_model.
-    load_d2_model`.
-  """
-  from pointrend_jax.checkpoint.d2_model import d2_model_names
-  rng = np.random.default_rng(seed)
-  gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
-           ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
-           ("anchor_deltas", 0.5), ("cls_score", 4.0), ("bbox_pred", 1.0),
-           ("prediction.weight", 2.0), ("predictor.weight", 2.0))
-  state = {}
-  for name, shape in sorted(d2_model_names(model).items()):
-    if len(shape) >= 2 and ".norm." not in name:
-      fan_in = int(np.prod(shape[1:]))
-      gain = next((g for k, g in gains if k in name), math.sqrt(2.0))
-      w = rng.standard_normal((shape[0], fan_in))
-      if fan_in > 1:
-        w -= w.mean(axis=1, keepdims=True)
-      state[name] = (w * gain / math.sqrt(fan_in)).astype(np.float32).reshape(shape)
-    elif name.endswith("running_var") or (".norm." in name and name.endswith("weight")) or (
-        name.endswith(".weight") and len(shape) == 1):
-      state[name] = np.ones(shape, np.float32)
-    else:
-      state[name] = np.zeros(shape, np.float32)
-  return state
-
-
 def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
                 ) -> tuple[ModelConfig, nnx.Module]:
   """Builds the model of ``cfg`` and fills it from ``weights`` (see :class:`Predictor`)."""
-  from pointrend_jax.checkpoint.d2_model import load_d2_model
-  from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
+  from pointrend_jax.checkpoint import orbax_io
+  from pointrend_jax.checkpoint.d2_model import load_d2_model, random_d2_state
+  from pointrend_jax.checkpoint.weights import load_weights
   from pointrend_jax.modeling.meta_arch import abstract_model
   if isinstance(weights, nnx.Module):
     if cfg is None:
@@ -202,37 +156,19 @@ def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
       if cfg is None:
         raise ValueError("pass the config of this model")
     return cfg, weights
-  if isinstance(weights, (str, os.PathLike)) and pathlib.Path(
-      os.fspath(weights)).expanduser().is_dir():
-    from pointrend_jax.checkpoint.orbax_io import load_converted
-    stored_cfg, model = load_converted(weights)
-    if cfg is None or cfg == stored_cfg:
-      return stored_cfg, model
-    # Another config for the same weights (e.g. other test sizes): its variables must match.
-    target = abstract_model(cfg)
-    graphdef, target_state = nnx.split(target)
-    loaded = nnx.to_pure_dict(nnx.state(model))
-    expected = nnx.to_pure_dict(target_state)
-    got_shapes = jax.tree.map(np.shape, loaded)
-    want_shapes = jax.tree.map(np.shape, expected)
-    if got_shapes != want_shapes:
-      raise ValueError(f"converted checkpoint {weights} does not fit the given config (its "
-                       "variables differ); omit the config to use the stored one")
-    nnx.replace_by_pure_dict(target_state, loaded)
-    return cfg, nnx.merge(graphdef, target_state)
   if cfg is None:
-    raise ValueError("a config is needed unless weights is a converted checkpoint directory")
-  model = abstract_model(cfg)
-  if weights is None:
-    state = random_d2_state(model, seed, cfg.pixel_std)
-  elif isinstance(weights, Mapping):
-    state = weights
-  elif isinstance(weights, (str, os.PathLike)):
-    state = load_detectron2_file(weights)
-  else:
+    if not (isinstance(weights, (str, os.PathLike)) and
+            pathlib.Path(os.fspath(weights)).expanduser().is_dir()):
+      raise ValueError("a config is needed unless weights is a converted checkpoint directory")
+    return orbax_io.load_converted(weights)
+  if not isinstance(weights, (str, os.PathLike, Mapping, type(None))):
     raise TypeError(f"weights must be a path, a state dict, a model or None, not "
                     f"{type(weights).__name__}")
-  load_d2_model(model, state, strict=True)
+  model = abstract_model(cfg)
+  if weights is None:
+    load_d2_model(model, random_d2_state(model, seed, cfg.pixel_std), strict=True)
+  else:  # another config for a converted directory must have the same variables
+    load_weights(model, weights)
   return cfg, model
 
 
@@ -304,7 +240,7 @@ class Predictor:
     weights: detectron2 ``.pkl`` / ``.pth``; a converted (orbax) directory from
       ``tools/convert``, ``tools/export`` or a training run (``<workdir>/model``); a
       ``{detectron2 name: array}`` dict; a built model; or None for random weights
-      (:func:`random_d2_state`, for tests and benchmarks).
+      (:func:`~pointrend_jax.checkpoint.d2_model.random_d2_state`, for tests and benchmarks).
     buckets: padding canvases: None (the evaluation buckets of the config's test sizes),
       ``"exact"`` (``ceil32`` per image, detectron2 parity) or a sequence of ``(H, W)``. See
       the module docstring.

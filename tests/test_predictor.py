@@ -176,7 +176,7 @@ def test_weights_from_pkl_converted_dir_and_state_dict(predictor, tmp_path):
   import jax
   from flax import nnx
   from pointrend_jax.checkpoint.orbax_io import save_converted
-  from pointrend_jax.inference import random_d2_state
+  from pointrend_jax.checkpoint.d2_model import random_d2_state
   state = random_d2_state(predictor.model, seed=0)
   with open(tmp_path / "w.pkl", "wb") as f:
     pickle.dump({"model": state, "__author__": "test"}, f)
