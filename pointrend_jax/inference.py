@@ -58,6 +58,8 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.data import batching
+from pointrend_jax.data.cityscapes import SEM_SEG_CLASSES as CITYSCAPES_SEM_SEG_CLASSES
+from pointrend_jax.data.cityscapes import THING_CLASSES as CITYSCAPES_THING_CLASSES
 from pointrend_jax.data.coco import read_image
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
 from pointrend_jax.modeling import postprocess
@@ -66,15 +68,7 @@ from pointrend_jax.modeling.postprocess import Instances, SubdivisionStages
 from pointrend_jax.modeling.predict import PredictProgram
 from pointrend_jax.modeling.zoo import from_detectron2_yaml, zoo_config
 
-__all__ = [
-    "COCO_CLASSES",
-    "CITYSCAPES_THING_CLASSES",
-    "CITYSCAPES_SEM_SEG_CLASSES",
-    "Predictor",
-    "load_config",
-    "default_class_names",
-    "to_rgb_uint8",
-]
+__all__ = ["COCO_CLASSES", "Predictor", "load_config", "default_class_names", "to_rgb_uint8"]
 
 ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image]
 
@@ -90,20 +84,11 @@ COCO_CLASSES: tuple[str, ...] = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
-# checkpoint_format.md §7.2 / §7.3.
-CITYSCAPES_THING_CLASSES: tuple[str, ...] = (
-    "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
-CITYSCAPES_SEM_SEG_CLASSES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-# --------------------------------------------------------------------------------------------------
-# Configs, weights, images.
-# --------------------------------------------------------------------------------------------------
+# --- Configs, weights, images ---
 
 
 def load_config(spec: str | os.PathLike[str] | ModelConfig) -> ModelConfig:
@@ -225,9 +210,7 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
   return np.ascontiguousarray(a[:, :, :3])
 
 
-# --------------------------------------------------------------------------------------------------
-# The predictor.
-# --------------------------------------------------------------------------------------------------
+# --- The predictor ---
 
 
 class Predictor:

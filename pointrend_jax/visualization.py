@@ -28,18 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = [
-    "CITYSCAPES_PALETTE",
-    "instance_colors",
-    "draw_instances",
-    "draw_instance_predictions",
-    "colorize_semantic",
-    "overlay_semantic",
-    "draw_semantic_prediction",
-    "subdivision_row",
-    "subdivision_figure",
-    "write_pictures",
-]
+__all__ = ["CITYSCAPES_PALETTE", "instance_colors", "draw_instances", "draw_instance_predictions",
+           "colorize_semantic", "overlay_semantic", "draw_semantic_prediction", "subdivision_row",
+           "subdivision_figure", "write_pictures"]
 
 # Cityscapes train ids 0..18 (cityscapesScripts label colours; pointrend_jax.data.cityscapes).
 CITYSCAPES_PALETTE = np.array([
@@ -194,9 +185,7 @@ def draw_semantic_prediction(image: np.ndarray, result: Any, alpha: float = 0.6,
   return np.asarray(out)
 
 
-# --------------------------------------------------------------------------------------------------
-# Subdivision panels.
-# --------------------------------------------------------------------------------------------------
+# --- Subdivision panels ---
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -336,9 +325,7 @@ def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
   return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluation pictures.
-# --------------------------------------------------------------------------------------------------
+# --- Evaluation pictures ---
 
 
 def _ground_truth(record: Mapping[str, Any], zoom: int, class_names: Sequence[str]):

@@ -35,12 +35,7 @@ from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor, PointRen
 
 Array = jax.Array
 
-__all__ = [
-    "PointRendRCNN",
-    "normalize_images",
-    "build_model",
-    "abstract_model",
-]
+__all__ = ["PointRendRCNN", "normalize_images", "build_model", "abstract_model"]
 
 _FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 

@@ -25,17 +25,8 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = [
-    "Instances",
-    "SemanticResult",
-    "SubdivisionStages",
-    "instances",
-    "subdivision_stages",
-    "semantic_result",
-    "paste_masks",
-    "encode_rle",
-    "resize_bilinear",
-]
+__all__ = ["Instances", "SemanticResult", "SubdivisionStages", "instances", "subdivision_stages",
+           "semantic_result", "paste_masks", "encode_rle", "resize_bilinear"]
 
 
 @dataclasses.dataclass
@@ -143,9 +134,7 @@ class SubdivisionStages:
     return self.refined[-1] if self.refined else self.init
 
 
-# --------------------------------------------------------------------------------------------------
-# Instance models.
-# --------------------------------------------------------------------------------------------------
+# --- Instance models ---
 
 
 def instances(outputs: Mapping[str, np.ndarray], orig_size: Sequence[int],
@@ -284,9 +273,7 @@ def encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
   return list(rles)
 
 
-# --------------------------------------------------------------------------------------------------
-# Semantic models.
-# --------------------------------------------------------------------------------------------------
+# --- Semantic models ---
 
 
 def _linear_taps(in_size: int, out_size: int):

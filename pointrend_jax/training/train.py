@@ -95,9 +95,7 @@ class InMemoryIterator:
     self.position = int(state["position"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Loop.
-# --------------------------------------------------------------------------------------------------
+# --- Loop ---
 
 
 def _cfg(config: ml_collections.ConfigDict, dotted: str, default: Any) -> Any:
@@ -275,9 +273,7 @@ def train_loop(config: ml_collections.ConfigDict,
   return state
 
 
-# --------------------------------------------------------------------------------------------------
-# Model and weights.
-# --------------------------------------------------------------------------------------------------
+# --- Model and weights ---
 
 
 def build_run_model(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> nnx.Module:
@@ -307,9 +303,7 @@ def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
   return load_weights(model, local, backbone_only_ok=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Training / evaluation entry points.
-# --------------------------------------------------------------------------------------------------
+# --- Training / evaluation entry points ---
 
 
 class _SlowIterator:
