@@ -73,7 +73,7 @@ def main(argv):
   mesh_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto_detect=_DISTRIBUTED.value)
   from pointrend_jax.errors import USER_ERRORS, one_line
-  from pointrend_jax.training import loop
+  from pointrend_jax.training import train
   logging.getLogger().setLevel(logging.INFO)
   # orbax logs every checkpoint operation at INFO through absl; keep ours and warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -81,9 +81,9 @@ def main(argv):
   logging.getLogger("pointrend_jax.evaluation.coco_eval").setLevel(logging.WARNING)
   try:
     if _MODE.value == "eval":
-      loop.evaluate(_CONFIG.value, _WORKDIR.value, start_time=_START)
+      train.evaluate(_CONFIG.value, _WORKDIR.value, start_time=_START)
     else:
-      loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                               evaluate_after=_MODE.value == "train_and_eval",
                               start_time=_START)
   except USER_ERRORS as e:  # the message says what to fix; no traceback

@@ -6,7 +6,7 @@ Usage::
                         [--precisions highest,default] [--dtypes float32,bfloat16]
                         [--instances 20]
 
-What runs: :func:`pointrend_jax.training.train.make_train_step` with
+What runs: :func:`pointrend_jax.training.step_lib.make_train_step` with
 :func:`pointrend_jax.training.losses_instance.instance_loss_fn` and the optimizer of the zoo
 schedule (SGD momentum 0.9, wd 1e-4) on the zoo config ``r50_fpn_1x_coco`` (FrozenBN, FREEZE_AT
 2, RPN 2000 train proposals/image, 512 ROIs/image, PointRend mask head with 14x14 points).
@@ -32,13 +32,14 @@ Measured per compute dtype and precision (one row each, every dtype x every prec
   ["peak_bytes_in_use"]`` on GPU/TPU, host peak RSS (``getrusage``) on CPU. Both process peaks
   are running maxima: a later row includes the earlier rows' peak.
 
-Precision: ``--dtypes`` sets the compute dtype of :mod:`pointrend_jax.modeling.layers`
-(``layers.compute_dtype``, the ``train.compute_dtype`` config key): ``float32`` (the parity
-setting) or ``bfloat16`` (bf16 activations and conv / matmul operands; variables, gradients,
-optimizer state, head outputs and losses stay float32). Default: ``float32`` on CPU (where XLA
-has no fast bf16 convs), both elsewhere. ``--precisions`` sets the conv / matmul precision
-(``highest``: true float32, the parity setting; ``default``: the backend's fast path, TF32 on
-recent NVIDIA GPUs, bf16 passes on TPU; no effect on CPU; it is about float32 operands).
+Precision: ``--dtypes`` sets the model's compute dtype (``build_model(..., dtype=...)``, the
+``train.compute_dtype`` config key): ``float32`` (the parity setting) or ``bfloat16`` (bf16
+activations and conv / matmul operands; variables, gradients, optimizer state, head outputs and
+losses stay float32). Default: ``float32`` on CPU (where XLA has no fast bf16 convs), both
+elsewhere. ``--precisions`` sets the conv / matmul precision (``build_model(...,
+precision=...)``; ``highest``: true float32, the parity setting; ``default``: the backend's fast
+path, TF32 on recent NVIDIA GPUs, bf16 passes on TPU; no effect on CPU; it is about float32
+operands).
 """
 
 from __future__ import annotations
@@ -58,15 +59,16 @@ import _harness  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from pointrend_jax.data import batching  # noqa: E402
 from pointrend_jax.modeling import layers  # noqa: E402
-from pointrend_jax.modeling.config import zoo_config  # noqa: E402
-from pointrend_jax.modeling.meta_arch import (abstract_model, d2_model_names,  # noqa: E402
-                                              load_d2_model)
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model  # noqa: E402
+from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
+from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 from pointrend_jax.training import mesh as mesh_lib  # noqa: E402
 from pointrend_jax.training import optimizer as optimizer_lib  # noqa: E402
-from pointrend_jax.training import train  # noqa: E402
+from pointrend_jax.training import step as step_lib  # noqa: E402
 from pointrend_jax.training.losses_instance import (INSTANCE_BATCH_KEYS,  # noqa: E402
                                                     instance_loss_fn)
 
@@ -139,8 +141,8 @@ def synthetic_examples(n: int, instances: int, bucket: tuple[int, int], seed: in
 
 def solver_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"solver": dict(
-      base_lr=0.02, steps=(60000, 80000), max_iter=90000, warmup_iters=1000,
-      warmup_factor=0.001, gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0)})
+      base_lr=0.02, steps=(60000, 80000), warmup_iters=1000, warmup_factor=0.001, gamma=0.1,
+      momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0), "train": {"max_steps": 90000}})
 
 
 def peak_memory() -> tuple[str, float]:
@@ -167,17 +169,19 @@ def bench_precision(dtype: str, precision: str, model_state, tx, batch, mesh, nu
                     warmup: int, steps: int, log) -> dict:
   global_batch = batch["image"].shape[0]
   name = f"{dtype}, {precision}"
-  # Both are read at trace time, i.e. by lower() below.
-  with layers.compute_dtype(dtype), layers.conv_precision(precision):
-    step = train.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
-    state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
-    t0 = time.perf_counter()
-    # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
-    lowered = step._jitted.lower(state, batch, None)  # pylint: disable=protected-access
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+  # The same variables in the model built with this dtype and precision.
+  graphdef, _, _ = nnx.split(abstract_model(zoo_config(ZOO), dtype=dtype, precision=precision),
+                             layers.TRAINABLE, ...)
+  model_state = model_state.replace(graphdef=graphdef)
+  step = step_lib.make_train_step(instance_loss_fn, tx, mesh=mesh, num_groups=num_groups)
+  state = mesh_lib.replicate(model_state, mesh)  # fresh buffers: the step donates its input
+  t0 = time.perf_counter()
+  # The step's own jit, compiled ahead of time (TrainStep.__call__ would compile lazily).
+  lowered = step._jitted.lower(state, batch, None)  # pylint: disable=protected-access
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
   log(f"[{name}] lower {lower_s:.1f} s, compile {compile_s:.1f} s")
   times, losses = [], []
   for i in range(warmup + steps):
@@ -235,7 +239,7 @@ def main() -> None:
   load_d2_model(model, numpy_weights(model, cfg.pixel_std))
   tx, _ = optimizer_lib.make_optimizer(solver_config(), model)
   # Host copy of the initial state; each precision starts from it.
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))
   del model
   n_params = sum(int(np.size(v)) for v in jax.tree.leaves(initial.params))
   log(f"model {ZOO}: {n_params / 1e6:.1f} M trainable parameters, built in "

@@ -1,9 +1,9 @@
 """Shared base of the training configs (``ml_collections``); each config file stays short.
 
-Sections (every key is read by :mod:`pointrend_jax.training.loop`):
+Sections (``docs/architecture.md`` says which module reads each one):
 
 * ``seed``: parameter init, point sampling and the data order.
-* ``model``: ``zoo`` (a :data:`pointrend_jax.modeling.config.ZOO_NAMES` name, or "" for the
+* ``model``: ``zoo`` (a :data:`pointrend_jax.modeling.zoo.ZOO_NAMES` name, or "" for the
   R50-FPN COCO defaults of ``ModelConfig()``), ``num_classes`` (> 0: the class count of the
   heads, the dataset's number of categories; 0 keeps the zoo / ``overrides`` value; the
   command-line way, ``--config.model.num_classes=3``) and ``overrides`` mirroring

@@ -17,10 +17,10 @@ _LAZY = {
     "Predictor": "pointrend_jax.inference",
     # Building models (Flax NNX modules) and their configs.
     "ModelConfig": "pointrend_jax.modeling.config",
-    "zoo_config": "pointrend_jax.modeling.config",
-    "from_detectron2_yaml": "pointrend_jax.modeling.config",
+    "zoo_config": "pointrend_jax.modeling.zoo",
+    "from_detectron2_yaml": "pointrend_jax.modeling.zoo",
     "build_model": "pointrend_jax.modeling.meta_arch",
-    "load_d2_model": "pointrend_jax.modeling.meta_arch",
+    "load_d2_model": "pointrend_jax.checkpoint.d2_model",
     "PointRendRCNN": "pointrend_jax.modeling.meta_arch",
     "PointRendSemanticSegmentor": "pointrend_jax.modeling.semantic",
     "ResNet": "pointrend_jax.modeling.resnet",
@@ -30,7 +30,7 @@ _LAZY = {
     "PointRendMaskHead": "pointrend_jax.modeling.point_rend",
     "PointRendSemSegHead": "pointrend_jax.modeling.semantic",
     # detectron2 checkpoints.
-    "load_detectron2_file": "pointrend_jax.checkpoint",
+    "load_detectron2_file": "pointrend_jax.checkpoint.d2_reader",
     # The core primitive.
     "point_sample": "pointrend_jax.ops.point_sample",
 }

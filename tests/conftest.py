@@ -50,7 +50,7 @@ TINY_YAML = {
 @pytest.fixture(scope="session")
 def tiny_cfg():
   """The model config (frozen, so shared) of :data:`TINY_YAML`."""
-  from pointrend_jax.modeling.config import from_detectron2_yaml
+  from pointrend_jax.modeling.zoo import from_detectron2_yaml
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "built-in copy of the _BASE_ file"
     return from_detectron2_yaml(TINY_YAML)

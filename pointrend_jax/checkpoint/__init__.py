@@ -1,25 +1,8 @@
-"""Checkpoint reading: detectron2 / Caffe2 / PyTorch files to numpy state dicts (no torch)."""
+"""Checkpoints: detectron2 / Caffe2 / PyTorch files read without torch, and converted models.
 
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.checkpoint.d2_reader import Detectron2Checkpoint
-from pointrend_jax.checkpoint.d2_reader import MatchReport
-from pointrend_jax.checkpoint.d2_reader import Mismatch
-from pointrend_jax.checkpoint.d2_reader import UnsafeCheckpointError
-from pointrend_jax.checkpoint.d2_reader import canonicalize_names
-from pointrend_jax.checkpoint.d2_reader import convert_c2_names
-from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
-from pointrend_jax.checkpoint.d2_reader import manifest_shapes
-from pointrend_jax.checkpoint.d2_reader import match_state_dict
-
-__all__ = [
-    "CheckpointError",
-    "Detectron2Checkpoint",
-    "MatchReport",
-    "Mismatch",
-    "UnsafeCheckpointError",
-    "canonicalize_names",
-    "convert_c2_names",
-    "load_detectron2_file",
-    "manifest_shapes",
-    "match_state_dict",
-]
+* :mod:`~pointrend_jax.checkpoint.safe_pickle`: the restricted unpickler and torch containers;
+* :mod:`~pointrend_jax.checkpoint.d2_reader`: a file -> canonical detectron2 names -> arrays;
+* :mod:`~pointrend_jax.checkpoint.d2_matching`: names and shapes matched against a model's;
+* :mod:`~pointrend_jax.checkpoint.d2_model`: detectron2 weights into a PointRend model;
+* :mod:`~pointrend_jax.checkpoint.orbax_io`: converted checkpoints (orbax state + config JSON).
+"""

@@ -28,21 +28,17 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.modeling.config import ConfigError, ModelConfig
+from pointrend_jax.errors import CheckpointError, ConfigError
+from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.meta_arch import abstract_model
 
-__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "read_converted_config",
-           "read_converted_class_names"]
+__all__ = ["FORMAT", "VERSION", "save_converted", "load_converted", "load_converted_into",
+           "read_converted_config", "read_converted_class_names"]
 
 FORMAT = "pointrend-jax-converted"
 VERSION = 1
 _CONFIG = "config.json"
 _STATE = "state"
-
-
-def _checkpointer() -> ocp.StandardCheckpointer:
-  return ocp.StandardCheckpointer()
 
 
 def _sync(name: str) -> None:
@@ -87,7 +83,7 @@ def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
   # No process may look at the directory while process 0 is still replacing it.
   _sync("pointrend_jax.save_converted.prepared")
-  ckpt = _checkpointer()
+  ckpt = ocp.StandardCheckpointer()
   ckpt.save(out / _STATE, nnx.to_pure_dict(nnx.state(model)))
   ckpt.wait_until_finished()
   if primary:
@@ -134,11 +130,27 @@ def load_converted(out_dir: str | os.PathLike[str]) -> tuple[ModelConfig, nnx.Mo
   if not path.is_dir():
     raise CheckpointError(f"{path.parent}: missing the {_STATE}/ directory")
   try:
-    restored = _checkpointer().restore(path, nnx.to_pure_dict(state))
+    restored = ocp.StandardCheckpointer().restore(path, nnx.to_pure_dict(state))
   except Exception as e:  # orbax raises many types; the caller wants one readable error
     raise CheckpointError(f"{path}: cannot restore ({' '.join(str(e).split())[:300]})") from e
   nnx.replace_by_pure_dict(state, restored)
   return cfg, nnx.merge(graphdef, state)
+
+
+def load_converted_into(model: nnx.Module, out_dir: str | os.PathLike[str]) -> None:
+  """Fills ``model`` (in place) from a converted directory whose variables have the same names
+  and shapes (e.g. the same network with other test sizes or thresholds).
+
+  Raises:
+    CheckpointError: unreadable, or the variables differ from ``model``'s.
+  """
+  _, loaded = load_converted(out_dir)
+  theirs = nnx.state(loaded)
+  shapes = lambda state: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(state))
+  if shapes(nnx.state(model)) != shapes(theirs):
+    raise CheckpointError(f"{out_dir}: the converted model's variables (names or shapes) differ "
+                          "from this config's model; use the config it was converted with")
+  nnx.update(model, theirs)
 
 
 def read_converted_class_names(out_dir: str | os.PathLike[str]) -> list[str] | None:

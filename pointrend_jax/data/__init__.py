@@ -1,8 +1,9 @@
-"""Data sources (COCO JSON, synthetic shapes) producing numpy records."""
+"""Data: dataset records -> transformed images -> static-shape batches.
 
-from pointrend_jax.data.coco import (CocoCategories, CocoDataset, coco_categories,
-                                     decode_masks, decode_segmentation, filter_empty,
-                                     load_coco_dataset, load_coco_json, load_image,
-                                     read_image, read_label_map)
-from pointrend_jax.data.synthetic import (SyntheticConfig, SyntheticDataset,
-                                          ensure_synthetic_dataset, load_synthetic_records)
+* :mod:`~pointrend_jax.data.splits`: ``config.data.train`` / ``val`` -> records;
+* :mod:`~pointrend_jax.data.coco`, :mod:`~pointrend_jax.data.cityscapes`,
+  :mod:`~pointrend_jax.data.synthetic`, :mod:`~pointrend_jax.data.tfds_builders`: the sources;
+* :mod:`~pointrend_jax.data.transforms`: detectron2's resize / crop / flip / colour transforms;
+* :mod:`~pointrend_jax.data.batching`: the padded :data:`~pointrend_jax.data.batching.Batch`;
+* :mod:`~pointrend_jax.data.pipeline`: the grain train and eval loaders.
+"""

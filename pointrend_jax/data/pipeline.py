@@ -55,22 +55,12 @@ import numpy as np
 from pointrend_jax.data import batching
 from pointrend_jax.data import coco
 from pointrend_jax.data import transforms as T
+from pointrend_jax.modeling.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "InputConfig",
-    "COCO_INSTANCE",
-    "CITYSCAPES_INSTANCE",
-    "CITYSCAPES_SEMANTIC",
-    "train_buckets",
-    "eval_buckets",
-    "max_train_size",
-    "map_example",
-    "build_train_loader",
-    "build_eval_loader",
-    "EvalLoader",
-]
+__all__ = ["LoaderConfig", "loader_config", "train_buckets", "eval_buckets", "max_train_size",
+           "map_example", "build_train_loader", "build_eval_loader", "EvalLoader"]
 
 Record = Mapping[str, Any]
 Size = tuple[int, int]
@@ -81,8 +71,9 @@ _GROUP_BY = ("bucket", "orientation")
 
 
 @dataclasses.dataclass(frozen=True)
-class InputConfig:
-  """Input settings (detectron2's ``INPUT.*`` plus the static-shape choices).
+class LoaderConfig:
+  """The loaders' settings (detectron2's ``INPUT.*`` plus the static-shape choices), from
+  :func:`loader_config`.
 
   Attributes:
     min_size_train: short sides drawn uniformly per image ("choice" sampling).
@@ -135,18 +126,37 @@ class InputConfig:
       raise ValueError("packed masks need size_divisibility to be a multiple of 8")
 
 
-# The seed configs' input settings (spec configs.md §2).
-COCO_INSTANCE = InputConfig()
-CITYSCAPES_INSTANCE = InputConfig(min_size_train=(800, 832, 864, 896, 928, 960, 992, 1024),
-                                  max_size_train=2048, min_size_test=1024, max_size_test=2048)
-CITYSCAPES_SEMANTIC = InputConfig(min_size_train=(512, 768, 1024, 1280, 1536, 1792, 2048),
-                                  max_size_train=4096, min_size_test=1024, max_size_test=2048,
-                                  crop_size=(512, 1024), crop_single_category_max_area=0.75,
-                                  color_aug_ssd=True, instance_targets=False,
-                                  semantic_targets=True, mask_format="none")
+def loader_config(data: Mapping[str, Any], mcfg: ModelConfig) -> LoaderConfig:
+  """The loaders' settings: the model config's ``input`` section (detectron2's INPUT.*) plus the
+  run config's ``data`` section (``max_instances``, ``group_by``); the one place they are read.
+
+  Raises:
+    NotImplementedError: an INPUT option this pipeline does not implement (named).
+  """
+  inp = mcfg.input
+  if inp.min_size_train_sampling != "choice":
+    raise NotImplementedError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING {inp.min_size_train_sampling!r} "
+                              "(only 'choice' is supported)")
+  if inp.random_flip not in ("horizontal", "none"):
+    raise NotImplementedError(f"INPUT.RANDOM_FLIP {inp.random_flip!r}")
+  crop = None
+  if inp.crop_enabled:
+    if inp.crop_type != "absolute":
+      raise NotImplementedError(f"INPUT.CROP.TYPE {inp.crop_type!r} (only 'absolute')")
+    crop = tuple(int(s) for s in inp.crop_size)
+  semantic = mcfg.is_semantic
+  return LoaderConfig(
+      min_size_train=tuple(inp.min_size_train), max_size_train=inp.max_size_train,
+      min_size_test=inp.min_size_test, max_size_test=inp.max_size_test,
+      random_flip=inp.random_flip == "horizontal", crop_size=crop,
+      crop_single_category_max_area=inp.crop_single_category_max_area,
+      color_aug_ssd=inp.color_aug_ssd, instance_targets=not semantic,
+      semantic_targets=semantic, mask_format="none" if semantic else "packed",
+      max_instances=int(data.get("max_instances", 100)),
+      group_by=str(data.get("group_by", "bucket")))
 
 
-def train_buckets(cfg: InputConfig) -> tuple[Size, ...]:
+def train_buckets(cfg: LoaderConfig) -> tuple[Size, ...]:
   """Training canvases: one crop-sized bucket with a crop, else ``bucket_sizes`` (7 for COCO)."""
   d = cfg.size_divisibility
   if cfg.crop_size is not None:
@@ -154,12 +164,12 @@ def train_buckets(cfg: InputConfig) -> tuple[Size, ...]:
   return batching.bucket_sizes(cfg.min_size_train, cfg.max_size_train, d)
 
 
-def eval_buckets(cfg: InputConfig) -> tuple[Size, ...]:
+def eval_buckets(cfg: LoaderConfig) -> tuple[Size, ...]:
   """Evaluation canvases for ``padding="bucket"``."""
   return batching.bucket_sizes(cfg.min_size_test, cfg.max_size_test, cfg.size_divisibility)
 
 
-def max_train_size(height: int, width: int, cfg: InputConfig) -> Size:
+def max_train_size(height: int, width: int, cfg: LoaderConfig) -> Size:
   """Largest ``(h, w)`` the training transforms can give an ``height x width`` image."""
   sizes = [T.resize_shortest_edge_size(height, width, s, cfg.max_size_train)
            for s in cfg.min_size_train]
@@ -198,7 +208,7 @@ def _transform_mask(ann: Record, orig: Size, new: Size, flip: bool) -> np.ndarra
 
 def map_example(record: Record,
                 rng: np.random.Generator,
-                cfg: InputConfig,
+                cfg: LoaderConfig,
                 *,
                 training: bool,
                 record_index: int = -1,
@@ -428,7 +438,7 @@ class _ExampleMaker:
   mostly zeros that the consumer gets for free from ``np.zeros``.
   """
 
-  def __init__(self, store: _RecordStore, record_indices: np.ndarray, cfg: InputConfig,
+  def __init__(self, store: _RecordStore, record_indices: np.ndarray, cfg: LoaderConfig,
                seed: int, training: bool, with_targets: bool):
     self._store = store
     self._record_indices = record_indices
@@ -454,7 +464,7 @@ class _ExampleMaker:
 class _Collate:
   """grain map function (runs in the consumer): examples -> padded :data:`Batch`."""
 
-  def __init__(self, cfg: InputConfig, batch_size: int, with_targets: bool):
+  def __init__(self, cfg: LoaderConfig, batch_size: int, with_targets: bool):
     self._cfg = cfg
     self._b = batch_size
     self._with_targets = with_targets
@@ -506,7 +516,7 @@ def build_train_loader(records: Sequence[Record],
                        *,
                        batch_size_per_process: int,
                        seed: int,
-                       input_config: InputConfig = COCO_INSTANCE,
+                       config: LoaderConfig,
                        process_index: int | None = None,
                        process_count: int | None = None,
                        worker_count: int = 0,
@@ -519,7 +529,7 @@ def build_train_loader(records: Sequence[Record],
     records: dataset records (``coco`` format; ``sem_seg_file_name`` for semantic inputs).
     batch_size_per_process: images per process and step (all devices of the process).
     seed: the data seed (shuffling and augmentations); non-negative.
-    input_config: transforms and batch layout.
+    config: transforms and batch layout.
     process_index: this process (default ``jax.process_index()``).
     process_count: processes (default ``jax.process_count()``).
     worker_count: grain worker processes (0 = map in this process). Results do not depend on it.
@@ -533,7 +543,7 @@ def build_train_loader(records: Sequence[Record],
     ``it.set_state(state)`` checkpoint and restore the position; call ``it.close()`` when done
     if ``worker_count > 0``.
   """
-  cfg = input_config
+  cfg = config
   pi, pc = _process_info(process_index, process_count)
   if batch_size_per_process <= 0:
     raise ValueError(f"batch_size_per_process must be positive, got {batch_size_per_process}")
@@ -615,7 +625,7 @@ class EvalLoader:
 def build_eval_loader(records: Sequence[Record],
                       batch_size: int,
                       *,
-                      input_config: InputConfig = COCO_INSTANCE,
+                      config: LoaderConfig,
                       process_index: int | None = None,
                       process_count: int | None = None,
                       worker_count: int = 0,
@@ -629,7 +639,7 @@ def build_eval_loader(records: Sequence[Record],
   Args:
     records: dataset records, empty images included.
     batch_size: images per process and batch.
-    input_config: test sizes, batch layout.
+    config: test sizes, batch layout.
     process_index, process_count: as :func:`build_train_loader`.
     worker_count: grain worker processes.
     padding: ``"bucket"`` (canvases from :func:`eval_buckets`: few compilations) or
@@ -638,7 +648,7 @@ def build_eval_loader(records: Sequence[Record],
     with_targets: also emit the config's targets (crowd annotations dropped, no filtering).
     read_threads, prefetch_buffer_size, worker_buffer_size: as :func:`build_train_loader`.
   """
-  cfg = input_config
+  cfg = config
   pi, pc = _process_info(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")

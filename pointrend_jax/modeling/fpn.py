@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import (Conv2d, c2_xavier_fill, d2_names_of, get_norm,
+from pointrend_jax.modeling.layers import (Conv2d, DType, c2_xavier_fill, d2_names_of, get_norm,
                                            load_d2_state)
 from pointrend_jax.modeling.resnet import ResNet
 
@@ -39,6 +39,8 @@ class FPN(nnx.Module):
     in_features: bottom-up feature names, finest first.
     out_channels: FPN width.
     norm: "" (detectron2 default; convs then have bias) or a ``get_norm`` name.
+    dtype, param_dtype, precision: compute dtype, variable dtype and conv precision of the FPN
+      convs (see :class:`~pointrend_jax.modeling.layers.Conv2d`); ``bottom_up`` has its own.
     rngs: initializer RNGs (c2_xavier_fill, zero bias).
 
   Call: ``x`` (N, H, W, 3) normalized image, H and W multiples of ``size_divisibility`` ->
@@ -47,7 +49,9 @@ class FPN(nnx.Module):
 
   def __init__(self, bottom_up: ResNet, *,
                in_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
-               out_channels: int = 256, norm: str = "", rngs: nnx.Rngs):
+               out_channels: int = 256, norm: str = "", dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     self.bottom_up = bottom_up
     self.in_features = tuple(in_features)
     self.out_channels = out_channels
@@ -58,13 +62,15 @@ class FPN(nnx.Module):
       if 2 ** level != stride:
         raise ValueError(f"FPN input {f} has non power-of-2 stride {stride}")
       levels.append(level)
-      conv_kw = dict(use_bias=not norm, kernel_init=c2_xavier_fill, rngs=rngs)
+      conv_kw = dict(use_bias=not norm, kernel_init=c2_xavier_fill, dtype=dtype,
+                     param_dtype=param_dtype, precision=precision, rngs=rngs)
+      norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
       setattr(self, f"fpn_lateral{level}",
               Conv2d(bottom_up.out_feature_channels[f], out_channels, 1,
-                     norm=get_norm(norm, out_channels), **conv_kw))
+                     norm=get_norm(norm, out_channels, **norm_kw), **conv_kw))
       setattr(self, f"fpn_output{level}",
               Conv2d(out_channels, out_channels, 3, padding=1,
-                     norm=get_norm(norm, out_channels), **conv_kw))
+                     norm=get_norm(norm, out_channels, **norm_kw), **conv_kw))
     self.levels = tuple(levels)
     top = self.levels[-1]
     self.out_feature_strides = {f"p{l}": 2 ** l for l in (*self.levels, top + 1)}
@@ -110,20 +116,25 @@ def build_resnet_fpn_backbone(
     fpn_norm: str = "",
     stem_out_channels: int = 64,
     res2_out_channels: int | None = None,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    precision: jax.lax.PrecisionLike = None,
     rngs: nnx.Rngs,
 ) -> FPN:
   """detectron2 ``build_resnet_fpn_backbone`` from plain arguments (defaults: R-50 MSRA).
 
   Configs: R50/R101 (``depth``), X101-32x8d (``depth=101, num_groups=32, width_per_group=8,
   stride_in_1x1=False``); instance configs ``freeze_at=2``, the semantic config ``freeze_at=0``.
-  See :class:`ResNet` and :class:`FPN` for the arguments.
+  See :class:`ResNet` and :class:`FPN` for the arguments; ``dtype``, ``param_dtype`` and
+  ``precision`` go to both.
   """
+  kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
   bottom_up = ResNet(depth, num_groups=num_groups, width_per_group=width_per_group,
                      stride_in_1x1=stride_in_1x1, norm=norm, freeze_at=freeze_at,
                      out_features=("res2", "res3", "res4", "res5"),
                      stem_out_channels=stem_out_channels, res2_out_channels=res2_out_channels,
-                     rngs=rngs)
-  return FPN(bottom_up, out_channels=out_channels, norm=fpn_norm, rngs=rngs)
+                     **kw)
+  return FPN(bottom_up, out_channels=out_channels, norm=fpn_norm, **kw)
 
 
 def _backbone_prefix(module: nnx.Module, prefix: str) -> str:

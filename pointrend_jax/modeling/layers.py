@@ -15,14 +15,15 @@ with a type filter:
 ``Frozen`` is the common base of ``FrozenParam`` and ``FrozenStat``; ``TRAINABLE`` (= ``nnx.Param``)
 is the filter for ``nnx.Optimizer(..., wrt=TRAINABLE)``.
 
-Precision is set at trace time, model-wide: :func:`conv_precision` (HIGHEST by default: true
-float32 matmuls on GPU/TPU) and :func:`compute_dtype` (float32 by default; bfloat16 activations
-with float32 variables, see ``docs/architecture.md``, "Precision").
+Precision is set per module, as in ``nnx.Conv`` / ``nnx.Linear``: every module takes ``dtype``
+(the compute dtype of its activations and conv / matmul operands, float32 by default),
+``param_dtype`` (the dtype its variables are created in, float32 by default) and ``precision``
+(``None``: see :func:`resolve_precision`) and passes them to its children. Norm statistics are
+computed in float32 whatever ``dtype`` is (see ``docs/architecture.md``, "Precision").
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ from flax import nnx
 from pointrend_jax.ops import conv as conv_lib
 
 Array = jax.Array
+DType = jax.typing.DTypeLike
 Initializer = Callable[..., Array]
 
 
@@ -53,56 +55,19 @@ class FrozenStat(Frozen):
 TRAINABLE = nnx.Param
 
 # --------------------------------------------------------------------------------------------------
-# Convolution precision.
+# Precision: constructor arguments of every module (``dtype``, ``param_dtype``, ``precision``).
 # --------------------------------------------------------------------------------------------------
 
-# HIGHEST keeps float32 convs in true float32 on GPU/TPU (the default would use TF32 / bf16
-# passes, which breaks 1e-5 parity with detectron2's float32 reference). Lower it for speed in
-# training if wanted. Read at trace time: changing it does not retrace already-jitted functions.
-_CONV_PRECISION: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST
-
-
-def get_conv_precision() -> jax.lax.PrecisionLike:
-  """Returns the precision used by :class:`Conv2d` modules whose ``precision`` is ``None``."""
-  return _CONV_PRECISION
-
-
-def set_conv_precision(precision: jax.lax.PrecisionLike) -> None:
-  """Sets the default conv precision (e.g. ``"highest"``, ``"default"``); affects new traces."""
-  global _CONV_PRECISION
-  _CONV_PRECISION = precision
-
-
-@contextlib.contextmanager
-def conv_precision(precision: jax.lax.PrecisionLike) -> Iterator[None]:
-  """Context manager that temporarily sets the default conv precision (trace time)."""
-  old = get_conv_precision()
-  set_conv_precision(precision)
-  try:
-    yield
-  finally:
-    set_conv_precision(old)
-
-
-# --------------------------------------------------------------------------------------------------
-# Compute dtype.
-# --------------------------------------------------------------------------------------------------
-
-# dtype of the activations and of the matmul / conv operands. Variables stay float32 whatever it
-# is (so gradients and optimizer state are float32 too); Conv2d and Linear cast their input and
-# parameters to it, norms compute their statistics in float32 and return it, and every head whose
-# outputs feed box decoding, sampling or a loss casts them back to float32. float32 is the parity
-# setting (casts to the same dtype are no-ops: bit-identical to a model without this option).
-# Read at trace time, like the conv precision.
+# Compute dtypes a model may be built with. float16 would need loss scaling in training, which is
+# not implemented.
 _COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_COMPUTE_DTYPE: jnp.dtype = jnp.dtype(jnp.float32)
 
 
 def canonical_compute_dtype(dtype: Any) -> jnp.dtype:
   """``None`` / ``"float32"`` / ``"bfloat16"`` / a jnp or numpy dtype -> the numpy dtype.
 
   Raises:
-    ValueError: any other dtype (float16 would need loss scaling, which is not implemented).
+    ValueError: any other dtype.
   """
   if dtype is None:
     return jnp.dtype(jnp.float32)
@@ -115,30 +80,17 @@ def canonical_compute_dtype(dtype: Any) -> jnp.dtype:
   return canonical
 
 
-def get_compute_dtype() -> jnp.dtype:
-  """The dtype layers compute in (float32 unless set; see :func:`compute_dtype`)."""
-  return _COMPUTE_DTYPE
+def resolve_precision(dtype: DType, precision: jax.lax.PrecisionLike) -> jax.lax.PrecisionLike:
+  """The conv / matmul precision of a layer computing in ``dtype``.
 
-
-def set_compute_dtype(dtype: Any) -> None:
-  """Sets the compute dtype (None / "float32" / "bfloat16" / a dtype); affects new traces."""
-  global _COMPUTE_DTYPE
-  _COMPUTE_DTYPE = canonical_compute_dtype(dtype)
-
-
-@contextlib.contextmanager
-def compute_dtype(dtype: Any) -> Iterator[None]:
-  """Context manager that temporarily sets the compute dtype (trace time).
-
-  Wrap the *tracing* of a function (its first call under ``jit``, or ``.lower()``): an already
-  traced and cached function keeps the dtype it was traced with. Parameters stay float32.
+  ``precision=None`` means ``Precision.HIGHEST`` for float32 operands, which keeps them in true
+  float32 on GPU/TPU (the backend default would use TF32 / bf16 passes and break float32 parity
+  with detectron2; on CPU it changes nothing), and the backend default for other dtypes (bf16
+  operands need no extra passes). Any other value is used as given.
   """
-  old = get_compute_dtype()
-  set_compute_dtype(dtype)
-  try:
-    yield
-  finally:
-    set_compute_dtype(old)
+  if precision is None and jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return precision
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,25 +113,28 @@ class FrozenBatchNorm(nnx.Module):
   """detectron2 ``FrozenBatchNorm2d``: a fixed per-channel affine map, eps 1e-5.
 
   ``y = x * s + (bias - running_mean * s)``, ``s = weight * rsqrt(running_var + eps)``, all in
-  float32 like detectron2 (also under a bfloat16 compute dtype, where only the result is
-  rounded). Fresh values are the identity (running_var = 1 - eps).
+  float32 like detectron2 (also with a bfloat16 ``dtype``, where only the result is rounded).
+  Fresh values are the identity (running_var = 1 - eps).
   """
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5):
+  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32):
     self.num_features = num_features
     self.eps = eps
-    self.weight = FrozenStat(jnp.ones((num_features,), jnp.float32))
-    self.bias = FrozenStat(jnp.zeros((num_features,), jnp.float32))
-    self.running_mean = FrozenStat(jnp.zeros((num_features,), jnp.float32))
-    self.running_var = FrozenStat(jnp.full((num_features,), 1.0 - eps, jnp.float32))
+    self.dtype = dtype
+    self.weight = FrozenStat(jnp.ones((num_features,), param_dtype))
+    self.bias = FrozenStat(jnp.zeros((num_features,), param_dtype))
+    self.running_mean = FrozenStat(jnp.zeros((num_features,), param_dtype))
+    self.running_var = FrozenStat(jnp.full((num_features,), 1.0 - eps, param_dtype))
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype."""
-    scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
-    shift = self.bias[...] - self.running_mean[...] * scale
+    """x: (N, H, W, C) -> (N, H, W, C) in ``dtype``."""
+    f32 = lambda v: v.astype(jnp.float32)
+    scale = f32(self.weight[...]) * jax.lax.rsqrt(f32(self.running_var[...]) + self.eps)
+    shift = f32(self.bias[...]) - f32(self.running_mean[...]) * scale
     scale, shift = jax.lax.stop_gradient((scale, shift))
     y = x.astype(jnp.float32) * scale + shift
-    return y.astype(get_compute_dtype())
+    return y.astype(self.dtype)
 
 
 class BatchNorm(nnx.Module):
@@ -192,15 +147,17 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
-               use_running_average: bool = False):
+               use_running_average: bool = False, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32):
     self.num_features = num_features
     self.eps = eps
     self.momentum = momentum
     self.use_running_average = use_running_average
-    self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-    self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-    self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.dtype = dtype
+    self.weight = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+    self.running_var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
 
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view``."""
@@ -208,12 +165,12 @@ class BatchNorm(nnx.Module):
       self.use_running_average = use_running_average
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype (statistics in float32)."""
-    out_dtype = get_compute_dtype()
+    """x: (N, H, W, C) -> (N, H, W, C) in ``dtype`` (statistics in float32)."""
     # bf16 sums over N*H*W elements would lose the mean; the statistics need float32.
     x = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.running_mean[...], self.running_var[...]
+      mean = self.running_mean[...].astype(jnp.float32)
+      var = self.running_var[...].astype(jnp.float32)
     else:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x, axis=axes)
@@ -221,10 +178,13 @@ class BatchNorm(nnx.Module):
       n = x.size // x.shape[-1]
       unbiased = var * (n / max(n - 1, 1))
       m = self.momentum
-      self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
-      self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased)
-    scale = self.weight[...] * jax.lax.rsqrt(var + self.eps)
-    return ((x - mean) * scale + self.bias[...]).astype(out_dtype)
+      stat_dtype = self.running_mean[...].dtype
+      self.running_mean[...] = ((1 - m) * self.running_mean[...]
+                                + m * jax.lax.stop_gradient(mean)).astype(stat_dtype)
+      self.running_var[...] = ((1 - m) * self.running_var[...]
+                               + m * jax.lax.stop_gradient(unbiased)).astype(stat_dtype)
+    scale = self.weight[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+    return ((x - mean) * scale + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class GroupNorm(nnx.Module):
@@ -234,19 +194,20 @@ class GroupNorm(nnx.Module):
   """
 
   def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
-               param_type: type[nnx.Variable] = nnx.Param):
+               param_type: type[nnx.Variable] = nnx.Param, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32):
     if num_channels % num_groups:
       raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
     self.num_groups = num_groups
     self.num_channels = num_channels
     self.eps = eps
+    self.dtype = dtype
     self.frozen = issubclass(param_type, Frozen)
-    self.weight = param_type(jnp.ones((num_channels,), jnp.float32))
-    self.bias = param_type(jnp.zeros((num_channels,), jnp.float32))
+    self.weight = param_type(jnp.ones((num_channels,), param_dtype))
+    self.bias = param_type(jnp.zeros((num_channels,), param_dtype))
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, C) -> (N, H, W, C) in the compute dtype (statistics in float32)."""
-    out_dtype = get_compute_dtype()
+    """x: (N, H, W, C) -> (N, H, W, C) in ``dtype`` (statistics in float32)."""
     # Group statistics over H*W*C/G elements are too coarse in bf16; normalize in float32.
     x = x.astype(jnp.float32)
     shape = x.shape
@@ -255,13 +216,14 @@ class GroupNorm(nnx.Module):
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
     y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-    weight, bias = self.weight[...], self.bias[...]
+    weight, bias = self.weight[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
     if self.frozen:
       weight, bias = jax.lax.stop_gradient((weight, bias))
-    return (y * weight + bias).astype(out_dtype)
+    return (y * weight + bias).astype(self.dtype)
 
 
-def get_norm(norm: str | None, channels: int, *, frozen: bool = False) -> nnx.Module | None:
+def get_norm(norm: str | None, channels: int, *, frozen: bool = False, dtype: DType = jnp.float32,
+             param_dtype: DType = jnp.float32) -> nnx.Module | None:
   """detectron2 ``get_norm`` for the backbone norms.
 
   Args:
@@ -269,23 +231,25 @@ def get_norm(norm: str | None, channels: int, *, frozen: bool = False) -> nnx.Mo
     channels: number of channels C.
     frozen: the norm belongs to a frozen stage. As in detectron2's ``freeze()``, BN becomes
       FrozenBN and GN keeps its affine parameters fixed (``FrozenParam``).
+    dtype, param_dtype: output dtype and variable dtype of the norm.
 
   Returns:
     The norm module, or None.
   """
   if not norm:
     return None
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
   if norm == "FrozenBN":
-    return FrozenBatchNorm(channels)
+    return FrozenBatchNorm(channels, **kw)
   if norm in ("BN", "SyncBN"):
-    return FrozenBatchNorm(channels) if frozen else BatchNorm(channels)
+    return FrozenBatchNorm(channels, **kw) if frozen else BatchNorm(channels, **kw)
   if norm == "GN":
-    return GroupNorm(32, channels, param_type=FrozenParam if frozen else nnx.Param)
+    return GroupNorm(32, channels, param_type=FrozenParam if frozen else nnx.Param, **kw)
   raise ValueError(f"unknown norm {norm!r}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Convolution.
+# Convolution and dense layers.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -296,8 +260,9 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 class Conv2d(nnx.Module):
   """detectron2 ``Conv2d``: PyTorch conv (explicit symmetric padding, groups) + optional norm.
 
-  The conv runs in the compute dtype (:func:`compute_dtype`): input, kernel and bias are cast
-  to it, the float32 variables are left as they are.
+  The conv runs in ``dtype``: input, kernel and bias are cast to it, the variables (created in
+  ``param_dtype``) are left as they are. ``precision``: see :func:`resolve_precision` (None:
+  HIGHEST for float32).
 
   Attributes:
     kernel: (kh, kw, I/G, O) HWIO; detectron2 ``weight`` is (O, I/G, kh, kw).
@@ -320,7 +285,9 @@ class Conv2d(nnx.Module):
       kernel_init: Initializer = c2_msra_fill,
       bias_init: Initializer = jax.nn.initializers.zeros,
       param_type: type[nnx.Variable] = nnx.Param,
-      precision: jax.lax.PrecisionLike | None = None,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      precision: jax.lax.PrecisionLike = None,
       rngs: nnx.Rngs,
   ):
     if in_channels % groups or out_channels % groups:
@@ -332,22 +299,23 @@ class Conv2d(nnx.Module):
     self.padding = _pair(padding)
     self.dilation = _pair(dilation)
     self.groups = groups
+    self.dtype = dtype
     self.precision = precision
     self.frozen = issubclass(param_type, Frozen)
     self.kernel = param_type(
-        kernel_init(rngs.params(), (kh, kw, in_channels // groups, out_channels), jnp.float32))
-    self.bias = (param_type(bias_init(rngs.params(), (out_channels,), jnp.float32))
+        kernel_init(rngs.params(), (kh, kw, in_channels // groups, out_channels), param_dtype))
+    self.bias = (param_type(bias_init(rngs.params(), (out_channels,), param_dtype))
                  if use_bias else None)
     self.norm = norm
 
   def __call__(self, x: Array) -> Array:
-    """x: (N, H, W, I) -> (N, H', W', O) in the compute dtype,
+    """x: (N, H, W, I) -> (N, H', W', O) in ``dtype``,
     H' = (H + 2p - d(k-1) - 1) // s + 1 as in PyTorch."""
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     if self.frozen:
       kernel, bias = jax.lax.stop_gradient((kernel, bias))
-    dtype = get_compute_dtype()
+    dtype = self.dtype
     ph, pw = self.padding
     # ops.conv2d: XLA's own kernel gradient of a conv is 4-10x slower on CPU (see its docs).
     y = conv_lib.conv2d(
@@ -356,13 +324,40 @@ class Conv2d(nnx.Module):
         padding=((ph, ph), (pw, pw)),
         dilation=self.dilation,
         groups=self.groups,
-        precision=self.precision if self.precision is not None else get_conv_precision(),
+        precision=resolve_precision(dtype, self.precision),
     )
     if bias is not None:
       y = y + bias.astype(dtype)
     if self.norm is not None:
       y = self.norm(y)
     return y
+
+
+class Linear(nnx.Module):
+  """PyTorch ``nn.Linear`` on the last axis; ``kernel`` is ``(in, out)`` (= PyTorch weight.T).
+
+  Like :class:`Conv2d`: computes in ``dtype`` (input, kernel and bias cast), variables in
+  ``param_dtype``, ``precision`` None = HIGHEST for float32 (:func:`resolve_precision`).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               kernel_init: Initializer = c2_xavier_fill,
+               bias_init: Initializer = jax.nn.initializers.zeros,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.precision = precision
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    """x: ``[..., in]`` -> ``[..., out]`` in ``dtype``."""
+    dtype = self.dtype
+    y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype),
+                   precision=resolve_precision(dtype, self.precision))
+    return y + self.bias[...].astype(dtype)
 
 
 def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:

@@ -2,16 +2,13 @@
 
 * :class:`PointRendRCNN`: detectron2 ``GeneralizedRCNN`` with ``StandardROIHeads`` and
   ``PointRendMaskHead``: ResNet-FPN backbone, RPN, box branch, PointRend mask head.
-  :meth:`PointRendRCNN.predict` is a pure, fixed-shape function of a padded batch; jit it once per
-  input bucket (:func:`make_predict_fn` does, with a trace counter).
+  :meth:`PointRendRCNN.predict` is a pure, fixed-shape function of a padded batch
+  (:class:`~pointrend_jax.modeling.predict.PredictProgram` compiles it once per input bucket).
 * :func:`build_model` builds it, or :class:`~pointrend_jax.modeling.semantic.
   PointRendSemanticSegmentor` for ``SemanticSegmentor`` configs, from a
-  :class:`~pointrend_jax.modeling.config.ModelConfig`.
-* :func:`d2_model_names` / :func:`load_d2_model`: detectron2 state-dict names and strict loading
-  (through :func:`pointrend_jax.checkpoint.d2_reader.match_state_dict` and the per-module
-  loaders).
-* :func:`postprocess_instances`: host-side ``detector_postprocess`` + mask pasting at the
-  original image size, valid rows only.
+  :class:`~pointrend_jax.modeling.config.ModelConfig`, with the model's ``dtype`` (compute),
+  ``param_dtype`` (variables) and ``precision`` (convs and matmuls), passed down as constructor
+  arguments of every module.
 
 Module paths equal detectron2's, so the state-dict names are the paths: ``backbone.*``,
 ``proposal_generator.*`` and ``roi_heads.{box_head,box_predictor}.*``; the mask head is the
@@ -21,40 +18,24 @@ heads; here it is a sibling so that each part keeps its own loader).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import (CheckpointError, Detectron2Checkpoint,
-                                                MatchReport, match_state_dict)
 from pointrend_jax.modeling.config import ModelConfig
-from pointrend_jax.modeling.fpn import (build_resnet_fpn_backbone, d2_backbone_names,
-                                        load_d2_backbone)
-from pointrend_jax.modeling.point_rend import (MASK_HEAD_PREFIX, PointRendMaskHead,
-                                               d2_mask_head_names, load_d2_mask_head)
-from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
-from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_names,
-                                              load_d2_roi_heads)
-from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
-from pointrend_jax.modeling.semantic import (PointRendSemanticSegmentor, PointRendSemSegHead,
-                                             d2_semantic_names, load_d2_semantic)
+from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
+from pointrend_jax.modeling.layers import DType, canonical_compute_dtype
+from pointrend_jax.modeling.point_rend import PointRendMaskHead
+from pointrend_jax.modeling.roi_heads import StandardROIHeads
+from pointrend_jax.modeling.rpn import RPN
+from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor, PointRendSemSegHead
 
 Array = jax.Array
 
-__all__ = [
-    "PointRendRCNN",
-    "normalize_images",
-    "build_model",
-    "abstract_model",
-    "make_predict_fn",
-    "d2_model_names",
-    "load_d2_model",
-    "postprocess_instances",
-]
+__all__ = ["PointRendRCNN", "normalize_images", "build_model", "abstract_model"]
 
 _FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 
@@ -99,13 +80,17 @@ class PointRendRCNN(nnx.Module):
     proposal_generator: :class:`RPN` (``proposal_generator.*``).
     roi_heads: the box branch, :class:`StandardROIHeads` (``roi_heads.*``).
     mask_head: :class:`PointRendMaskHead` (``roi_heads.mask_head.*``).
+
+  ``dtype``, ``param_dtype`` and ``precision`` go to every layer (see :func:`build_model`).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None):
     if cfg.is_semantic:
       raise ValueError("PointRendRCNN needs a GeneralizedRCNN config; use build_model()")
     self.cfg = cfg
-    self.backbone = _build_backbone(cfg, rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.backbone = _build_backbone(cfg, **kw)
     fpn_channels = cfg.fpn.out_channels
     rpn = cfg.rpn
     self.proposal_generator = RPN(
@@ -115,7 +100,7 @@ class PointRendRCNN(nnx.Module):
         pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
         post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
         nms_thresh=rpn.nms_thresh, min_box_size=rpn.min_size,
-        box_reg_weights=rpn.bbox_reg_weights, rngs=rngs)
+        box_reg_weights=rpn.bbox_reg_weights, **kw)
     roi, box = cfg.roi_heads, cfg.box_head
     self.roi_heads = StandardROIHeads(
         roi.num_classes, fpn_channels, in_features=roi.in_features,
@@ -123,7 +108,7 @@ class PointRendRCNN(nnx.Module):
         pooler_resolution=box.pooler_resolution, pooler_sampling_ratio=box.pooler_sampling_ratio,
         num_fc=box.num_fc, fc_dim=box.fc_dim, score_thresh=roi.score_thresh_test,
         nms_thresh=roi.nms_thresh_test, detections_per_image=roi.detections_per_image,
-        box_reg_weights=box.bbox_reg_weights, rngs=rngs)
+        box_reg_weights=box.bbox_reg_weights, **kw)
     mask, point = cfg.mask_head, cfg.point_head
     self.mask_head = PointRendMaskHead(
         roi.num_classes, in_features=mask.in_features,
@@ -137,7 +122,7 @@ class PointRendRCNN(nnx.Module):
         oversample_ratio=point.oversample_ratio,
         importance_sample_ratio=point.importance_sample_ratio,
         subdivision_steps=point.subdivision_steps,
-        subdivision_num_points=point.subdivision_num_points, rngs=rngs)
+        subdivision_num_points=point.subdivision_num_points, **kw)
 
   @property
   def size_divisibility(self) -> int:
@@ -221,26 +206,45 @@ class PointRendRCNN(nnx.Module):
     return self.predict(images, image_sizes, **kwargs)
 
 
-def _build_backbone(cfg: ModelConfig, rngs: nnx.Rngs):
+def _build_backbone(cfg: ModelConfig, **kw: Any):
   r = cfg.resnets
   return build_resnet_fpn_backbone(
       depth=r.depth, num_groups=r.num_groups, width_per_group=r.width_per_group,
       stride_in_1x1=r.stride_in_1x1, norm=r.norm, freeze_at=r.freeze_at,
       out_channels=cfg.fpn.out_channels, fpn_norm=cfg.fpn.norm,
-      stem_out_channels=r.stem_out_channels, res2_out_channels=r.res2_out_channels, rngs=rngs)
+      stem_out_channels=r.stem_out_channels, res2_out_channels=r.res2_out_channels, **kw)
 
 
-def build_model(cfg: ModelConfig, rngs: nnx.Rngs
+def build_model(model_config: ModelConfig, *, rngs: nnx.Rngs, dtype: DType = jnp.float32,
+                param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None
                 ) -> PointRendRCNN | PointRendSemanticSegmentor:
   """Builds the model a config describes (randomly initialized with detectron2's inits).
 
   For weights loaded right after, build abstractly: :func:`abstract_model`.
+
+  Args:
+    model_config: the :class:`ModelConfig` (e.g. ``zoo_config("r50_fpn_1x_coco")``).
+    rngs: initializer RNGs.
+    dtype: compute dtype of the activations and conv / matmul operands, float32 or bfloat16.
+      Norm statistics, the head outputs that feed box decoding, point selection and the losses
+      (RPN, box, mask and semantic logits), boxes and sampling coordinates stay float32.
+    param_dtype: dtype the variables are created in (float32: gradients, optimizer state and
+      checkpoints are float32 whatever ``dtype`` is).
+    precision: conv / matmul precision. None: ``Precision.HIGHEST`` when ``dtype`` is float32
+      (true float32 on GPU/TPU: detectron2's float32 numbers), the backend default otherwise.
+
+  Raises:
+    ValueError: ``dtype`` is not float32 or bfloat16.
   """
+  cfg = model_config
+  kw = dict(dtype=canonical_compute_dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+            precision=precision, rngs=rngs)
   if not cfg.is_semantic:
-    return PointRendRCNN(cfg, rngs=rngs)
+    return PointRendRCNN(cfg, **kw)
   if cfg.resnets.res5_dilation != 1:
     raise ValueError("MODEL.RESNETS.RES5_DILATION != 1 is not supported by the FPN backbone")
   sem, point = cfg.sem_seg_head, cfg.point_head
+  backbone = _build_backbone(cfg, **kw)  # first: the random init draws backbone, then head
   head = PointRendSemSegHead(
       sem.num_classes, coarse_in_features=sem.in_features,
       coarse_feature_strides=tuple(_FPN_STRIDES[f] for f in sem.in_features),
@@ -251,149 +255,15 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs
       train_num_points=point.train_num_points, oversample_ratio=point.oversample_ratio,
       importance_sample_ratio=point.importance_sample_ratio,
       subdivision_steps=point.subdivision_steps,
-      subdivision_num_points=point.subdivision_num_points, rngs=rngs)
-  return PointRendSemanticSegmentor(_build_backbone(cfg, rngs), head, pixel_mean=cfg.pixel_mean,
+      subdivision_num_points=point.subdivision_num_points, **kw)
+  return PointRendSemanticSegmentor(backbone, head, pixel_mean=cfg.pixel_mean,
                                     pixel_std=cfg.pixel_std, input_format=cfg.input.format)
 
 
-def abstract_model(cfg: ModelConfig) -> PointRendRCNN | PointRendSemanticSegmentor:
+def abstract_model(model_config: ModelConfig, *, dtype: DType = jnp.float32,
+                   param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None
+                   ) -> PointRendRCNN | PointRendSemanticSegmentor:
   """:func:`build_model` under ``nnx.eval_shape``: no memory, no random init; load weights
-  with :func:`load_d2_model` (strict) before use."""
-  return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
-
-
-def make_predict_fn(model: PointRendRCNN, **predict_kwargs: Any
-                    ) -> Callable[[Array, Array], dict[str, Any]]:
-  """A jitted ``(images, image_sizes) -> outputs`` of ``model.predict``.
-
-  The model's current weights are read on every call (``nnx.jit``), so in-place updates take
-  effect without a retrace. XLA compiles once per input shape (bucket); the returned function's
-  ``num_traces()`` counts the traces so far.
-
-  Args:
-    model: a concrete model.
-    **predict_kwargs: static flags of :meth:`PointRendRCNN.predict`.
-  """
-  traces = []
-
-  @nnx.jit
-  def run(m, images, image_sizes):
-    traces.append(images.shape)
-    return m.predict(images, image_sizes, **predict_kwargs)
-
-  def predict(images: Array, image_sizes: Array) -> dict[str, Any]:
-    return run(model, images, image_sizes)
-
-  predict.num_traces = lambda: len(traces)  # type: ignore[attr-defined]
-  return predict
-
-
-# --------------------------------------------------------------------------------------------------
-# detectron2 names and weights.
-# --------------------------------------------------------------------------------------------------
-
-
-def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
-                   ) -> dict[str, tuple[int, ...]]:
-  """``{detectron2 state-dict name: PyTorch shape}`` of every variable (abstract models work)."""
-  if isinstance(model, PointRendSemanticSegmentor):
-    return d2_semantic_names(model)
-  if not isinstance(model, PointRendRCNN):
-    raise TypeError(f"not a PointRend model: {type(model).__name__}")
-  return {**d2_backbone_names(model.backbone), **d2_rpn_names(model.proposal_generator),
-          **d2_roi_heads_names(model.roi_heads), **d2_mask_head_names(model.mask_head)}
-
-
-def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
-  array = np.asarray(array)
-  if array.dtype == np.float32:
-    return array
-  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-    return array.astype(np.float32)
-  raise CheckpointError(f"{name}: dtype {array.dtype} cannot be loaded into a float32 variable")
-
-
-def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
-                  state: Mapping[str, np.ndarray] | Detectron2Checkpoint,
-                  strict: bool = True, backbone_only: bool = False) -> MatchReport:
-  """Loads detectron2 weights (PyTorch layouts, canonical v2 names) into ``model`` in place.
-
-  Names are matched by :func:`~pointrend_jax.checkpoint.d2_reader.match_state_dict` (exact, or
-  detectron2's suffix heuristic for Caffe2 files) against :func:`d2_model_names`; float16 /
-  float64 / bfloat16 arrays are cast to float32; the per-module loaders transpose the layouts.
-
-  Args:
-    model: concrete, or abstract (:func:`abstract_model`) when every variable gets loaded
-      (``strict`` and not ``backbone_only``).
-    state: ``{name: array}`` or a :class:`Detectron2Checkpoint` (``load_detectron2_file``).
-    strict: refuse (``CheckpointError`` listing names and shapes) anything missing,
-      unexpected or mis-shaped.
-    backbone_only: ImageNet initialization: only ``backbone.bottom_up.*`` is loaded; the rest
-      keeps its values (see :class:`MatchReport` ``not_loaded``).
-
-  Returns:
-    The :class:`MatchReport`.
-  """
-  expected = d2_model_names(model)
-  report = match_state_dict(state, expected, strict=strict, backbone_only=backbone_only)
-  arrays = {k: _as_float32(k, v) for k, v in report.state.items()}
-  full = strict and not backbone_only
-  if backbone_only:
-    load_d2_backbone(model.backbone.bottom_up, arrays, "backbone.", strict=strict)
-  elif isinstance(model, PointRendSemanticSegmentor):
-    load_d2_semantic(model, arrays, strict=full)
-  else:
-    load_d2_backbone(model.backbone, arrays, strict=full)
-    load_d2_rpn(model.proposal_generator, arrays, strict=full)
-    load_d2_roi_heads(model.roi_heads, arrays, strict=full)
-    load_d2_mask_head(model.mask_head, arrays, MASK_HEAD_PREFIX, strict=full)
-  return report
-
-
-# --------------------------------------------------------------------------------------------------
-# Host-side postprocessing.
-# --------------------------------------------------------------------------------------------------
-
-_detector_postprocess = jax.jit(detector_postprocess)
-_paste = jax.jit(lambda probs, boxes, valid, hw, threshold: paste_masks(
-    probs, boxes, valid, hw, threshold), static_argnums=(3, 4))
-
-
-def postprocess_instances(outputs: Mapping[str, Any], image_sizes: Any, orig_sizes: Any, *,
-                          mask_threshold: float = 0.5,
-                          num_images: int | None = None) -> list[dict[str, np.ndarray]]:
-  """detectron2 ``detector_postprocess`` + ``paste_masks_in_image``, per image, on host.
-
-  Boxes are scaled from the resized image to the original size, clipped, empty ones dropped;
-  mask probabilities (``mask_probs``, else sigmoid of ``mask_logits``) are pasted at the original
-  size and thresholded (``>= mask_threshold``). The paste compiles once per original size.
-
-  Args:
-    outputs: :meth:`PointRendRCNN.predict` outputs for a batch.
-    image_sizes: ``[B, 2]`` resized unpadded ``(h, w)`` (the predict input).
-    orig_sizes: ``[B, 2]`` original ``(height, width)``.
-    mask_threshold: pixel threshold on the probabilities.
-    num_images: only the first ``num_images`` images (e.g. skip batch padding).
-
-  Returns:
-    Per image, numpy arrays of the kept detections in score order: ``boxes [n, 4]`` (original
-    pixels), ``scores [n]``, ``classes [n]``, ``masks [n, height, width]`` bool, and
-    ``index [n]`` (row in the batch outputs).
-  """
-  image_sizes = np.asarray(image_sizes, np.int32)
-  orig_sizes = np.asarray(orig_sizes, np.int32)
-  boxes, valid = _detector_postprocess(outputs["boxes"], outputs["valid"], image_sizes,
-                                       orig_sizes)
-  probs = outputs.get("mask_probs")
-  if probs is None:
-    probs = jax.nn.sigmoid(jnp.asarray(outputs["mask_logits"]))
-  n = len(image_sizes) if num_images is None else int(num_images)
-  results = []
-  for i in range(n):
-    hw = (int(orig_sizes[i, 0]), int(orig_sizes[i, 1]))
-    masks = _paste(probs[i], boxes[i], valid[i], hw, float(mask_threshold))
-    d = valid.shape[1]
-    results.append(compact(dict(boxes=boxes[i], scores=outputs["scores"][i],
-                                classes=outputs["classes"][i], masks=masks,
-                                index=np.arange(d)), valid[i]))
-  return results
+  with :func:`pointrend_jax.checkpoint.d2_model.load_d2_model` (strict) before use."""
+  return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0), dtype=dtype,
+                                            param_dtype=param_dtype, precision=precision))

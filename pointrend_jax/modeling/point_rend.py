@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from pointrend_jax.modeling.layers import (Conv2d, c2_msra_fill, c2_xavier_fill, d2_names_of,
-                                           get_compute_dtype, get_conv_precision, load_d2_state)
+from pointrend_jax.modeling.layers import (Conv2d, DType, Linear, c2_msra_fill, c2_xavier_fill,
+                                           d2_names_of, load_d2_state)
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import (instance_uncertainty,
                                                point_sample_fine_grained_features,
@@ -42,7 +42,6 @@ Array = jax.Array
 Features = Array | Mapping[str, Array]
 
 __all__ = [
-    "Linear",
     "PointwiseConv1d",
     "ConvFCHead",
     "StandardPointHead",
@@ -59,30 +58,6 @@ _prediction_init = jax.nn.initializers.normal(0.001)
 # --------------------------------------------------------------------------------------------------
 # Layers.
 # --------------------------------------------------------------------------------------------------
-
-
-class Linear(nnx.Module):
-  """PyTorch ``nn.Linear`` on the last axis; ``kernel`` is ``(in, out)`` (= PyTorch weight.T).
-
-  The matmul uses the conv precision and compute dtype settings of :mod:`layers` (HIGHEST,
-  float32 by default), so dense and conv layers keep float32 parity on accelerators together and
-  switch to bfloat16 together (input, kernel and bias cast; the variables stay float32).
-  """
-
-  def __init__(self, in_features: int, out_features: int, *,
-               kernel_init: Any = c2_xavier_fill,
-               bias_init: Any = jax.nn.initializers.zeros, rngs: nnx.Rngs):
-    self.in_features = in_features
-    self.out_features = out_features
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
-    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
-
-  def __call__(self, x: Array) -> Array:
-    """x: ``[..., in]`` -> ``[..., out]`` in the compute dtype."""
-    dtype = get_compute_dtype()
-    y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype),
-                   precision=get_conv_precision())
-    return y + self.bias[...].astype(dtype)
 
 
 class PointwiseConv1d(Linear):
@@ -158,27 +133,32 @@ class ConvFCHead(nnx.Module):
     output_side: side ``S`` of the output (7).
     conv_dim: width of the convs (256).
     fc_dims: widths of ``fc1..``, (1024, 1024).
+    dtype, param_dtype, precision: compute dtype, variable dtype and conv / matmul precision of
+      every layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
     rngs: initializer RNGs (convs c2_msra_fill; fcs c2_xavier_fill; prediction N(0, 0.001)).
   """
 
   def __init__(self, in_channels: int = 256, input_side: int = 14, *, num_classes: int,
                output_side: int = 7, conv_dim: int = 256,
-               fc_dims: Sequence[int] = (1024, 1024), rngs: nnx.Rngs):
+               fc_dims: Sequence[int] = (1024, 1024), dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     if input_side % 2:
       raise ValueError(f"input_side must be even (2x2/2 conv), got {input_side}")
     self.num_classes = num_classes
     self.output_side = output_side
-    self.reduce_channel_dim_conv = (Conv2d(in_channels, conv_dim, 1, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.reduce_channel_dim_conv = (Conv2d(in_channels, conv_dim, 1, **kw)
                                     if in_channels > conv_dim else None)
     self.reduce_spatial_dim_conv = Conv2d(conv_dim if in_channels > conv_dim else in_channels,
-                                          conv_dim, 2, stride=2, rngs=rngs)
+                                          conv_dim, 2, stride=2, **kw)
     in_dim = conv_dim * (input_side // 2) ** 2
     self.num_fc = len(fc_dims)
     for k, fc_dim in enumerate(fc_dims):
-      setattr(self, f"fc{k + 1}", Linear(in_dim, fc_dim, kernel_init=c2_xavier_fill, rngs=rngs))
+      setattr(self, f"fc{k + 1}", Linear(in_dim, fc_dim, kernel_init=c2_xavier_fill, **kw))
       in_dim = fc_dim
     self.prediction = Linear(in_dim, num_classes * output_side ** 2,
-                             kernel_init=_prediction_init, rngs=rngs)
+                             kernel_init=_prediction_init, **kw)
 
   def __call__(self, x: Array) -> Array:
     """x: ``[R, s, s, in_channels]`` pooled features -> ``[R, S, S, num_classes]`` float32
@@ -209,27 +189,32 @@ class StandardPointHead(nnx.Module):
     fc_dim: hidden width (256).
     num_fc: hidden layers (3).
     coarse_pred_each_layer: True for instance, False for semantic PointRend.
+    dtype, param_dtype, precision: compute dtype, variable dtype and matmul precision of every
+      layer (see :class:`~pointrend_jax.modeling.layers.Linear`).
     rngs: initializer RNGs (fc c2_msra_fill, fan_out = fc_dim; predictor N(0, 0.001)).
   """
 
   def __init__(self, in_channels: int = 256, *, num_classes: int, fc_dim: int = 256,
-               num_fc: int = 3, coarse_pred_each_layer: bool = True, rngs: nnx.Rngs):
+               num_fc: int = 3, coarse_pred_each_layer: bool = True,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.num_classes = num_classes
     self.num_fc = num_fc
     self.coarse_pred_each_layer = coarse_pred_each_layer
+    self.dtype = dtype
     extra = num_classes if coarse_pred_each_layer else 0
     in_dim = in_channels + num_classes
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     for k in range(num_fc):
       setattr(self, f"fc{k + 1}",
-              PointwiseConv1d(in_dim, fc_dim, kernel_init=c2_msra_fill, rngs=rngs))
+              PointwiseConv1d(in_dim, fc_dim, kernel_init=c2_msra_fill, **kw))
       in_dim = fc_dim + extra
-    self.predictor = PointwiseConv1d(in_dim, num_classes, kernel_init=_prediction_init,
-                                     rngs=rngs)
+    self.predictor = PointwiseConv1d(in_dim, num_classes, kernel_init=_prediction_init, **kw)
 
   def __call__(self, fine: Array, coarse: Array) -> Array:
     """fine ``[R, P, in_channels]``, coarse ``[R, P, C]`` -> float32 point logits ``[R, P, C]``.
     """
-    dtype = get_compute_dtype()
+    dtype = self.dtype
     # One dtype per concatenation (fine features may be bf16, sampled coarse logits float32).
     coarse = coarse.astype(dtype)
     x = jnp.concatenate([fine.astype(dtype), coarse], axis=-1)
@@ -280,6 +265,8 @@ class PointRendMaskHead(nnx.Module):
     cls_agnostic_mask: one mask channel for all classes.
     train_num_points, oversample_ratio, importance_sample_ratio: training points (196, 3, .75).
     subdivision_steps, subdivision_num_points: inference (5, 784 -> effective 28 + 3 steps).
+    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
+      matmul precision; the logits leave the heads in float32).
     rngs: initializer RNGs.
   """
 
@@ -303,6 +290,9 @@ class PointRendMaskHead(nnx.Module):
       importance_sample_ratio: float = 0.75,
       subdivision_steps: int = 5,
       subdivision_num_points: int = 784,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      precision: lax.PrecisionLike = None,
       rngs: nnx.Rngs,
   ):
     if len(in_features) != len(feature_strides):
@@ -318,12 +308,13 @@ class PointRendMaskHead(nnx.Module):
     self.subdivision_num_points = subdivision_num_points
     self.subdivision_init_resolution, self.subdivision_steps = subdivision_schedule(
         output_side, subdivision_steps, subdivision_num_points)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.coarse_head = ConvFCHead(in_channels, pooler_resolution,
                                   num_classes=self.num_mask_classes, output_side=output_side,
-                                  conv_dim=conv_dim, fc_dims=fc_dims, rngs=rngs)
+                                  conv_dim=conv_dim, fc_dims=fc_dims, **kw)
     self.point_head = StandardPointHead(in_channels, num_classes=self.num_mask_classes,
                                         fc_dim=point_fc_dim, num_fc=point_num_fc,
-                                        coarse_pred_each_layer=coarse_pred_each_layer, rngs=rngs)
+                                        coarse_pred_each_layer=coarse_pred_each_layer, **kw)
 
   @property
   def output_side(self) -> int:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from pointrend_jax.modeling.layers import Conv2d, FrozenParam, get_norm, max_pool2d
+from pointrend_jax.modeling.layers import Conv2d, DType, FrozenParam, get_norm, max_pool2d
 
 Array = jax.Array
 
@@ -24,20 +25,26 @@ BLOCKS_PER_STAGE = {
 }
 
 
-def _conv(in_ch: int, out_ch: int, k: int, *, norm: str, frozen: bool, rngs: nnx.Rngs,
+def _conv(in_ch: int, out_ch: int, k: int, *, norm: str, frozen: bool, dtype: DType,
+          param_dtype: DType, precision: jax.lax.PrecisionLike, rngs: nnx.Rngs,
           **kwargs) -> Conv2d:
   """Backbone conv: no bias, norm, c2_msra_fill init; FrozenParam kernel in frozen stages."""
-  return Conv2d(in_ch, out_ch, k, use_bias=False, norm=get_norm(norm, out_ch, frozen=frozen),
-                param_type=FrozenParam if frozen else nnx.Param, rngs=rngs, **kwargs)
+  return Conv2d(in_ch, out_ch, k, use_bias=False,
+                norm=get_norm(norm, out_ch, frozen=frozen, dtype=dtype, param_dtype=param_dtype),
+                param_type=FrozenParam if frozen else nnx.Param, dtype=dtype,
+                param_dtype=param_dtype, precision=precision, rngs=rngs, **kwargs)
 
 
 class BasicStem(nnx.Module):
   """conv 7x7/2 pad 3 -> norm -> ReLU -> max-pool 3x3/2 pad 1 (output stride 4)."""
 
   def __init__(self, in_channels: int = 3, out_channels: int = 64, *, norm: str = "FrozenBN",
-               frozen: bool = False, rngs: nnx.Rngs):
+               frozen: bool = False, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     self.conv1 = _conv(in_channels, out_channels, 7, stride=2, padding=3, norm=norm,
-                       frozen=frozen, rngs=rngs)
+                       frozen=frozen, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                       rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     """x: (N, H, W, 3) -> (N, H/4, W/4, C)."""
@@ -48,8 +55,11 @@ class BasicBlock(nnx.Module):
   """ResNet-18/34 block: 3x3 (stride) -> 3x3, plus projection shortcut when in != out."""
 
   def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1,
-               norm: str = "FrozenBN", frozen: bool = False, rngs: nnx.Rngs):
-    kw = dict(norm=norm, frozen=frozen, rngs=rngs)
+               norm: str = "FrozenBN", frozen: bool = False, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
+    kw = dict(norm=norm, frozen=frozen, dtype=dtype, param_dtype=param_dtype,
+              precision=precision, rngs=rngs)
     self.shortcut = (_conv(in_channels, out_channels, 1, stride=stride, **kw)
                      if in_channels != out_channels else None)
     self.conv1 = _conv(in_channels, out_channels, 3, stride=stride, padding=1, **kw)
@@ -68,8 +78,10 @@ class BottleneckBlock(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, *, bottleneck_channels: int,
                stride: int = 1, num_groups: int = 1, stride_in_1x1: bool = True,
                dilation: int = 1, norm: str = "FrozenBN", frozen: bool = False,
-               rngs: nnx.Rngs):
-    kw = dict(norm=norm, frozen=frozen, rngs=rngs)
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+    kw = dict(norm=norm, frozen=frozen, dtype=dtype, param_dtype=param_dtype,
+              precision=precision, rngs=rngs)
     self.shortcut = (_conv(in_channels, out_channels, 1, stride=stride, **kw)
                      if in_channels != out_channels else None)
     stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -103,6 +115,8 @@ class ResNet(nnx.Module):
     in_channels, stem_out_channels, res2_out_channels: widths (detectron2 defaults 3, 64 and
       256 for bottleneck / 64 for basic-block ResNets when ``res2_out_channels`` is None).
     res5_dilation: 1 or 2 (2: res5 keeps stride 16 and uses dilated 3x3 convs).
+    dtype, param_dtype, precision: compute dtype, variable dtype and conv precision of every
+      layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
     rngs: initializer RNGs (convs: c2_msra_fill).
 
   Call: ``x`` (N, H, W, in_channels) float32 -> ``{name: (N, H/stride, W/stride, C)}``.
@@ -122,6 +136,9 @@ class ResNet(nnx.Module):
       stem_out_channels: int = 64,
       res2_out_channels: int | None = None,
       res5_dilation: int = 1,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      precision: jax.lax.PrecisionLike = None,
       rngs: nnx.Rngs,
   ):
     if depth not in BLOCKS_PER_STAGE:
@@ -139,8 +156,8 @@ class ResNet(nnx.Module):
         raise ValueError(f"unknown out feature {f!r}; expected one of {names}")
     self.out_features = tuple(out_features)
     self.freeze_at = freeze_at
-    self.stem = BasicStem(in_channels, stem_out_channels, norm=norm, frozen=freeze_at >= 1,
-                          rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.stem = BasicStem(in_channels, stem_out_channels, norm=norm, frozen=freeze_at >= 1, **kw)
     self.out_feature_strides = {"stem": 4}
     self.out_feature_channels = {"stem": stem_out_channels}
 
@@ -159,12 +176,12 @@ class ResNet(nnx.Module):
         block_stride = first_stride if i == 0 else 1
         if basic:
           blocks.append(BasicBlock(block_in, cur_out, stride=block_stride, norm=norm,
-                                   frozen=frozen, rngs=rngs))
+                                   frozen=frozen, **kw))
         else:
           blocks.append(BottleneckBlock(
               block_in, cur_out, bottleneck_channels=bottleneck, stride=block_stride,
               num_groups=num_groups, stride_in_1x1=stride_in_1x1, dilation=dilation, norm=norm,
-              frozen=frozen, rngs=rngs))
+              frozen=frozen, **kw))
       name = f"res{s}"
       setattr(self, name, nnx.List(blocks))
       stage_names.append(name)

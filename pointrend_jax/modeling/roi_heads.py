@@ -28,9 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import c2_xavier_fill, d2_names_of, load_d2_state
-# TODO(lead): move Linear to layers.py; it is shared by the box and PointRend heads.
-from pointrend_jax.modeling.point_rend import Linear
+from pointrend_jax.modeling.layers import DType, Linear, c2_xavier_fill, d2_names_of, load_d2_state
 from pointrend_jax.ops.boxes import DEFAULT_SCALE_CLAMP, clip_boxes, decode_boxes
 from pointrend_jax.ops.nms import batched_nms
 from pointrend_jax.ops.poolers import multilevel_roi_align
@@ -54,18 +52,22 @@ class FastRCNNConvFCHead(nnx.Module):
   Args:
     in_channels, resolution: pooled input ``[R, resolution, resolution, in_channels]``.
     num_fc, fc_dim: ``fc1 .. fc{num_fc}`` of width ``fc_dim`` (2 x 1024 in Base-RCNN-FPN).
+    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear`.
     rngs: initializer RNGs (c2_xavier_fill, zero bias).
   """
 
   def __init__(self, in_channels: int = 256, resolution: int = 7, *, num_fc: int = 2,
-               fc_dim: int = 1024, rngs: nnx.Rngs):
+               fc_dim: int = 1024, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     if num_fc < 1:
       raise ValueError("FastRCNNConvFCHead needs at least one FC layer (NUM_CONV is not supported)")
     self.num_fc = num_fc
     self.output_size = fc_dim
     dim = in_channels * resolution * resolution
     for i in range(1, num_fc + 1):
-      setattr(self, f"fc{i}", Linear(dim, fc_dim, kernel_init=c2_xavier_fill, rngs=rngs))
+      setattr(self, f"fc{i}", Linear(dim, fc_dim, kernel_init=c2_xavier_fill, dtype=dtype,
+                                     param_dtype=param_dtype, precision=precision, rngs=rngs))
       dim = fc_dim
 
   def __call__(self, x: Array) -> Array:
@@ -82,15 +84,20 @@ class FastRCNNOutputLayers(nnx.Module):
   Args:
     in_features: box-head width.
     num_classes: ``K`` foreground classes (80 COCO, 8 Cityscapes).
+    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear` (the
+      outputs are float32 either way).
     rngs: initializer RNGs (cls Normal(0, 0.01), box Normal(0, 0.001), zero bias).
   """
 
-  def __init__(self, in_features: int = 1024, *, num_classes: int, rngs: nnx.Rngs):
+  def __init__(self, in_features: int = 1024, *, num_classes: int, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     self.num_classes = num_classes
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.cls_score = Linear(in_features, num_classes + 1,
-                            kernel_init=jax.nn.initializers.normal(0.01), rngs=rngs)
+                            kernel_init=jax.nn.initializers.normal(0.01), **kw)
     self.bbox_pred = Linear(in_features, 4 * num_classes,
-                            kernel_init=jax.nn.initializers.normal(0.001), rngs=rngs)
+                            kernel_init=jax.nn.initializers.normal(0.001), **kw)
 
   def __call__(self, x: Array) -> tuple[Array, Array]:
     """x: ``[R, in_features]`` -> (``[R, K+1]`` class logits, ``[R, 4K]`` class-specific deltas,
@@ -201,6 +208,7 @@ class StandardROIHeads(nnx.Module):
     max_image_side: optional bound of the input size; caps the ROIAlign samples per bin at the
       exact worst case for boxes inside such an image (cost bound only; ``None`` = exact for
       every box).
+    dtype, param_dtype, precision: of the box head and predictor layers.
     rngs: initializer RNGs.
   """
 
@@ -219,6 +227,9 @@ class StandardROIHeads(nnx.Module):
                detections_per_image: int = 100,
                box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                max_image_side: float | None = None,
+               dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None,
                rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} ROI features but {len(strides)} strides")
@@ -232,9 +243,10 @@ class StandardROIHeads(nnx.Module):
     self.detections_per_image = int(detections_per_image)
     self.box_reg_weights = tuple(float(w) for w in box_reg_weights)
     self.max_image_side = max_image_side
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.box_head = FastRCNNConvFCHead(in_channels, pooler_resolution, num_fc=num_fc,
-                                       fc_dim=fc_dim, rngs=rngs)
-    self.box_predictor = FastRCNNOutputLayers(fc_dim, num_classes=num_classes, rngs=rngs)
+                                       fc_dim=fc_dim, **kw)
+    self.box_predictor = FastRCNNOutputLayers(fc_dim, num_classes=num_classes, **kw)
 
   def pool_boxes(self, features: Mapping[str, Array], boxes: Array, valid: Array) -> Array:
     """ROIAlignV2 features of per-image boxes.

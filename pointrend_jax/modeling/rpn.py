@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import Conv2d, d2_names_of, load_d2_state
+from pointrend_jax.modeling.layers import Conv2d, DType, d2_names_of, load_d2_state
 from pointrend_jax.ops import anchors as anchors_lib
 from pointrend_jax.ops.boxes import (DEFAULT_SCALE_CLAMP, clip_boxes, decode_boxes,
                                      nonempty_boxes)
@@ -56,14 +56,17 @@ class StandardRPNHead(nnx.Module):
   """detectron2 ``StandardRPNHead``, shared across levels.
 
   ``conv`` 3x3 pad 1 (+bias) + ReLU, then ``objectness_logits`` 1x1 (A channels) and
-  ``anchor_deltas`` 1x1 (A*box_dim channels).
+  ``anchor_deltas`` 1x1 (A*box_dim channels); ``dtype``, ``param_dtype``, ``precision`` as in
+  :class:`~pointrend_jax.modeling.layers.Conv2d`.
   """
 
   def __init__(self, in_channels: int = 256, num_anchors: int = 3, box_dim: int = 4, *,
-               rngs: nnx.Rngs):
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.num_anchors = num_anchors
     self.box_dim = box_dim
-    kw = dict(kernel_init=_rpn_init, rngs=rngs)
+    kw = dict(kernel_init=_rpn_init, dtype=dtype, param_dtype=param_dtype, precision=precision,
+              rngs=rngs)
     self.conv = Conv2d(in_channels, in_channels, 3, padding=1, **kw)
     self.objectness_logits = Conv2d(in_channels, num_anchors, 1, **kw)
     self.anchor_deltas = Conv2d(in_channels, num_anchors * box_dim, 1, **kw)
@@ -232,6 +235,7 @@ class RPN(nnx.Module):
     nms_thresh, min_box_size, box_reg_weights: RPN.NMS_THRESH, PROPOSAL_GENERATOR.MIN_SIZE,
       RPN.BBOX_REG_WEIGHTS.
     in_features: feature names read from the feature dict, finest first.
+    dtype, param_dtype, precision: of the head's convs (its outputs are float32 either way).
     rngs: initializer RNGs (Normal(0, 0.01), zero bias).
   """
 
@@ -248,6 +252,9 @@ class RPN(nnx.Module):
                nms_thresh: float = 0.7,
                min_box_size: float = 0.0,
                box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+               dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None,
                rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} RPN features but {len(strides)} strides")
@@ -262,7 +269,8 @@ class RPN(nnx.Module):
     self.min_box_size = float(min_box_size)
     self.box_reg_weights = tuple(float(w) for w in box_reg_weights)
     num_anchors = len(self.aspect_ratios) * len(self.sizes[0])
-    self.rpn_head = StandardRPNHead(in_channels, num_anchors, rngs=rngs)
+    self.rpn_head = StandardRPNHead(in_channels, num_anchors, dtype=dtype,
+                                    param_dtype=param_dtype, precision=precision, rngs=rngs)
 
   def anchors(self, padded_hw: tuple[int, int]) -> list[np.ndarray]:
     """Per-level anchors ``[H_l*W_l*A, 4]`` (numpy) for a padded input size ``(Hp, Wp)``."""

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.fpn import FPN, build_resnet_fpn_backbone
-from pointrend_jax.modeling.layers import Conv2d, get_norm
+from pointrend_jax.modeling.fpn import FPN
+from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
 from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import (semantic_uncertainty, uncertain_points_on_grid,
@@ -30,11 +30,9 @@ Array = jax.Array
 
 __all__ = [
     "resize_bilinear",
-    "sem_seg_postprocess",
     "SemSegFPNHead",
     "PointRendSemSegHead",
     "PointRendSemanticSegmentor",
-    "build_pointrend_semantic_segmentor",
     "d2_semantic_names",
     "load_d2_semantic",
 ]
@@ -102,25 +100,6 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   return _resize_axis(_resize_axis(x, 2, out_w), 1, out_h)
 
 
-def sem_seg_postprocess(logits: Array, image_size: tuple[int, int],
-                        output_size: tuple[int, int]) -> Array:
-  """detectron2 ``sem_seg_postprocess``: crop the padding, resize to the original image.
-
-  Args:
-    logits: ``[Hp, Wp, C]`` (or ``[N, Hp, Wp, C]``) logits of the padded input.
-    image_size: static ``(h, w)`` of the resized, unpadded input.
-    output_size: static ``(height, width)`` of the original image.
-
-  Returns:
-    ``[height, width, C]`` (or ``[N, height, width, C]``) logits; argmax over the last axis
-    gives the prediction.
-  """
-  single = logits.ndim == 3
-  x = logits[None] if single else logits
-  x = resize_bilinear(x[:, :image_size[0], :image_size[1]], output_size)
-  return x[0] if single else x
-
-
 # --------------------------------------------------------------------------------------------------
 # Coarse head.
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +123,7 @@ class SemSegFPNHead(nnx.Module):
     num_classes: 19 for Cityscapes.
     in_features, feature_strides, feature_channels: FPN levels (p2..p5, 4..32, 256).
     conv_dims: 128. common_stride: 4. norm: "GN" (32 groups) or "" (convs get a bias).
+    dtype, param_dtype, precision: of every conv and norm (the logits are float32 either way).
     rngs: initializer RNGs (all convs c2_msra_fill; GN weight 1, bias 0).
   """
 
@@ -151,20 +131,25 @@ class SemSegFPNHead(nnx.Module):
                in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
                feature_strides: Sequence[int] = (4, 8, 16, 32),
                feature_channels: int | Sequence[int] = 256, conv_dims: int = 128,
-               common_stride: int = 4, norm: str = "GN", rngs: nnx.Rngs):
+               common_stride: int = 4, norm: str = "GN", dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     if isinstance(feature_channels, int):
       feature_channels = (feature_channels,) * len(in_features)
     self.in_features = tuple(in_features)
     self.common_stride = common_stride
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     for name, stride, channels in zip(self.in_features, feature_strides, feature_channels):
       ops = []
       for k in range(max(1, int(np.log2(stride) - np.log2(common_stride)))):
         ops.append(Conv2d(channels if k == 0 else conv_dims, conv_dims, 3, padding=1,
-                          use_bias=not norm, norm=get_norm(norm, conv_dims), rngs=rngs))
+                          use_bias=not norm,
+                          norm=get_norm(norm, conv_dims, dtype=dtype, param_dtype=param_dtype),
+                          **kw))
         if stride != common_stride:
           ops.append(Upsample2x())
       setattr(self, name, nnx.List(ops))
-    self.predictor = Conv2d(conv_dims, num_classes, 1, rngs=rngs)
+    self.predictor = Conv2d(conv_dims, num_classes, 1, **kw)
 
   def fused_features(self, features: Mapping[str, Array]) -> Array:
     """``{p_l: [N, H/s_l, W/s_l, C_l]}`` -> sum of the scale heads ``[N, H/4, W/4, conv_dims]``."""
@@ -207,6 +192,8 @@ class PointRendSemSegHead(nnx.Module):
     fc_dim, num_fc, coarse_pred_each_layer: point head (256, 3, False).
     train_num_points, oversample_ratio, importance_sample_ratio: training (2048, 3, 0.75).
     subdivision_steps, subdivision_num_points: inference (2, 8192).
+    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
+      matmul precision).
     rngs: initializer RNGs.
   """
 
@@ -229,6 +216,9 @@ class PointRendSemSegHead(nnx.Module):
       importance_sample_ratio: float = 0.75,
       subdivision_steps: int = 2,
       subdivision_num_points: int = 8192,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      precision: jax.lax.PrecisionLike = None,
       rngs: nnx.Rngs,
   ):
     self.num_classes = num_classes
@@ -238,12 +228,13 @@ class PointRendSemSegHead(nnx.Module):
     self.importance_sample_ratio = importance_sample_ratio
     self.subdivision_steps = subdivision_steps
     self.subdivision_num_points = subdivision_num_points
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.coarse_sem_seg_head = SemSegFPNHead(
         num_classes, in_features=coarse_in_features, feature_strides=coarse_feature_strides,
-        feature_channels=feature_channels, conv_dims=conv_dims, norm=norm, rngs=rngs)
+        feature_channels=feature_channels, conv_dims=conv_dims, norm=norm, **kw)
     self.point_head = StandardPointHead(point_in_channels, num_classes=num_classes,
                                         fc_dim=fc_dim, num_fc=num_fc,
-                                        coarse_pred_each_layer=coarse_pred_each_layer, rngs=rngs)
+                                        coarse_pred_each_layer=coarse_pred_each_layer, **kw)
 
   def point_logits(self, features: Mapping[str, Array], coarse_logits: Array,
                    points_in_image: Array) -> Array:
@@ -314,8 +305,9 @@ class PointRendSemanticSegmentor(nnx.Module):
   Takes the padded batch the data pipeline makes (RGB, uint8 or float, ``[N, H, W, 3]`` with
   ``image_sizes [N, 2]`` valid ``(h, w)``): converts to the weights' channel order, normalizes
   and zeroes the padding (detectron2 pads *after* normalization), pads to a multiple of the
-  backbone's divisibility (32). Postprocessing to original sizes is :func:`sem_seg_postprocess`
-  (host side or a separate jit, since sizes are per image).
+  backbone's divisibility (32). Postprocessing to original sizes is
+  :func:`pointrend_jax.modeling.postprocess.semantic_result` (host side, since sizes are per
+  image).
 
   Args:
     backbone: FPN (``backbone.*``).
@@ -364,20 +356,6 @@ class PointRendSemanticSegmentor(nnx.Module):
     """Training forward: :meth:`PointRendSemSegHead.forward_train` on the preprocessed batch."""
     features = self.backbone(self.preprocess(images, image_sizes))
     return self.sem_seg_head.forward_train(features, key)
-
-
-def build_pointrend_semantic_segmentor(
-    *, num_classes: int = 19, depth: int = 101, freeze_at: int = 0, norm: str = "FrozenBN",
-    pixel_mean: Sequence[float] = PIXEL_MEAN_BGR, pixel_std: Sequence[float] = PIXEL_STD_BGR,
-    input_format: str = "BGR", rngs: nnx.Rngs, **head_kwargs) -> PointRendSemanticSegmentor:
-  """``pointrend_semantic_R_101_FPN_1x_cityscapes`` by default (R101 FrozenBN, FREEZE_AT 0).
-
-  ``head_kwargs`` go to :class:`PointRendSemSegHead`.
-  """
-  backbone = build_resnet_fpn_backbone(depth=depth, norm=norm, freeze_at=freeze_at, rngs=rngs)
-  head = PointRendSemSegHead(num_classes, rngs=rngs, **head_kwargs)
-  return PointRendSemanticSegmentor(backbone, head, pixel_mean=pixel_mean, pixel_std=pixel_std,
-                                    input_format=input_format)
 
 
 def d2_semantic_names(model: PointRendSemanticSegmentor | PointRendSemSegHead,

@@ -12,16 +12,25 @@ Comparison kinds
 ``set``       integer index arrays whose *order* is not meaningful (top-k on near-ties):
               per row (last axis) the two sets must be equal.
 ``agreement`` bool masks: the fraction of equal pixels must be >= ``min_agreement``.
+
+Model goldens add rows compared on most entries (:func:`mostly_close_row`) and box sets matched
+by IoU regardless of order (:func:`set_match`), whose rows may differ only at near-ties of a
+top-n cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 Golden = Mapping[str, np.ndarray]
+
+TIE_TOL = 1e-4          # near-tie margin of a top-k / top-n cut
+MATCH_IOU = 0.99        # proposals / detections are the same box above this
+MIN_AGREEMENT = 0.999   # refined maps / masks: fraction within tolerance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +90,8 @@ def compare(name: str, check: Check, expected: np.ndarray, actual: Any) -> Row:
     return Row(name, float(diff.max()), float(rel.max()), tol, ok)
   if check.kind == "exact":
     mism = int(np.sum(actual != expected))
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+    err = (float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+           if actual.size else 0.0)
     return Row(name, err, float(mism), tol, mism == 0, f"{mism} differing" if mism else "")
   if check.kind == "set":
     a2 = actual.reshape(-1, actual.shape[-1]) if actual.ndim else actual.reshape(1, 1)
@@ -96,3 +106,130 @@ def compare(name: str, check: Check, expected: np.ndarray, actual: Any) -> Row:
     return Row(name, float(mism), mism / n, tol, frac >= check.min_agreement,
                f"{mism} differing" if mism else "")
   raise ValueError(f"unknown comparison kind {check.kind!r} for {name}")
+
+
+def _with_note(row: Row, note: str) -> Row:
+  if not note:
+    return row
+  return dataclasses.replace(row, note="; ".join(n for n in (row.note, note) if n))
+
+
+def close_row(name: str, expected: np.ndarray, actual: Any, atol: float, rtol: float,
+              note: str = "") -> Row:
+  return _with_note(compare(name, Check(None, "allclose", atol, rtol), expected, actual), note)
+
+
+def exact_row(name: str, expected: np.ndarray, actual: Any, note: str = "") -> Row:
+  return _with_note(compare(name, Check(None, "exact"), expected, actual), note)
+
+
+def agreement_row(name: str, expected: np.ndarray, actual: Any) -> Row:
+  return compare(name, Check(None, "agreement", min_agreement=MIN_AGREEMENT), expected, actual)
+
+
+def fail_row(name: str, note: str, tol: str = "-") -> Row:
+  return Row(name, math.inf, math.inf, tol, False, note)
+
+
+def mostly_close_row(name: str, expected: np.ndarray, actual: np.ndarray, atol: float,
+                     rtol: float, strict_rows: np.ndarray | None = None) -> Row:
+  """allclose on >= MIN_AGREEMENT of the entries (all entries of ``strict_rows``)."""
+  tol = f"atol={atol:g} rtol={rtol:g} on >={MIN_AGREEMENT:.1%}"
+  e = np.asarray(expected, np.float64)
+  a = np.asarray(actual, np.float64)
+  if a.shape != e.shape:
+    return fail_row(name, f"shape {a.shape} != expected {e.shape}", tol)
+  if e.size == 0:
+    return Row(name, 0.0, 0.0, tol, True)
+  diff = np.abs(a - e)
+  bad = ~(diff <= atol + rtol * np.abs(e))
+  good = ~bad
+  max_abs = float(diff[good].max()) if good.any() else math.inf
+  rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
+  max_rel = float(rel[good].max()) if good.any() else math.inf
+  ok = bad.mean() <= 1.0 - MIN_AGREEMENT
+  note = ""
+  if bad.any():
+    note = (f"{int(bad.sum())} of {bad.size} out of tol (top-k flips), max err there "
+            f"{float(diff[bad].max()):.3g}")
+  if strict_rows is not None and bad[np.asarray(strict_rows, bool)].any():
+    ok = False
+    note += "; differences in rows without a top-k flip"
+  return Row(name, max_abs, max_rel, tol, bool(ok), note)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[N, 4] x [M, 4] -> [N, M] IoU (float64)."""
+  a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+  lt = np.maximum(a[:, None, :2], b[None, :, :2])
+  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  union = area(a)[:, None] + area(b)[None, :] - inter
+  return np.where(inter > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+@dataclasses.dataclass
+class SetMatch:
+  """Golden rows matched to ours. ``j[i]`` = our row of golden row ``i`` or -1."""
+  j: np.ndarray
+  ok: bool
+  note: str
+
+  @property
+  def m(self) -> np.ndarray:
+    return self.j >= 0
+
+
+def set_match(g_boxes: np.ndarray, g_scores: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+              capacity: int, g_classes: np.ndarray | None = None,
+              classes: np.ndarray | None = None) -> SetMatch:
+  """Matches golden and our boxes as sets (IoU > MATCH_IOU, same class if given).
+
+  Rows may stay unmatched only at a full top-n cut (``capacity`` rows on both sides) and only
+  when the scores of all unmatched rows, golden and ours, tie the golden cut (its lowest score)
+  within TIE_TOL: which of such neighbours make the cut is not meaningful.
+  """
+  iou = box_iou(g_boxes, boxes)
+  if g_classes is not None:
+    iou = np.where(np.asarray(g_classes)[:, None] == np.asarray(classes)[None, :], iou, 0.0)
+  j = np.full(len(g_boxes), -1, np.int64)
+  used = np.zeros(len(boxes), bool)
+  for i in range(len(g_boxes)):  # greedy, golden order
+    cand = np.where(used, -1.0, iou[i])
+    if cand.size and cand.max() > MATCH_IOU:
+      j[i] = int(cand.argmax())
+      used[j[i]] = True
+  problems = []
+  if len(boxes) != len(g_boxes):
+    problems.append(f"{len(boxes)} rows, golden {len(g_boxes)}")
+  full = len(g_boxes) == capacity and len(boxes) == capacity
+  g_un = np.flatnonzero(j < 0)
+  o_un = np.flatnonzero(~used)
+  if len(g_un) or len(o_un):
+    # A flip at the cut swaps rows whose scores all tie the golden cut value.
+    cut = g_scores.min() if len(g_scores) else 0.0
+    unmatched = np.concatenate([g_scores[g_un], scores[o_un]])
+    if not (full and np.all(np.abs(unmatched - cut) <= TIE_TOL)):
+      problems.append(f"{len(g_un)} golden rows unmatched, not near-ties of the cut (first: "
+                      f"{g_un[:5].tolist()})")
+  note = f"{len(g_un)} unmatched near-ties at the cut" if len(g_un) else ""
+  if problems:
+    note = "; ".join(problems)
+  return SetMatch(j, not problems, note)
+
+
+def _matched(row: Row, sm: SetMatch) -> Row:
+  row = _with_note(row, (sm.note + "; " if sm.note else "") + f"{int(sm.m.sum())} matched")
+  return dataclasses.replace(row, passed=row.passed and sm.ok)
+
+
+def matched_close_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray,
+                      atol: float, rtol: float) -> Row:
+  """allclose on the golden rows ``sm`` matched (fails when the match does)."""
+  return _matched(close_row(name, expected[sm.m], ours[sm.j[sm.m]], atol, rtol), sm)
+
+
+def matched_exact_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray) -> Row:
+  """Equality on the golden rows ``sm`` matched (fails when the match does)."""
+  return _matched(exact_row(name, expected[sm.m], ours[sm.j[sm.m]]), sm)

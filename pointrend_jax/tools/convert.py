@@ -28,13 +28,14 @@ from typing import Any
 
 from flax import nnx
 
-from pointrend_jax.checkpoint.d2_reader import (CheckpointError, MatchReport,
-                                                load_detectron2_file, match_state_dict)
+from pointrend_jax.checkpoint.d2_matching import MatchReport, match_state_dict
+from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
+from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
 from pointrend_jax.checkpoint.orbax_io import save_converted
-from pointrend_jax.modeling.config import (ZOO_NAMES, ZOO_STEMS, ConfigError, ModelConfig,
-                                           from_detectron2_yaml, zoo_config)
-from pointrend_jax.modeling.meta_arch import (abstract_model, build_model, d2_model_names,
-                                              load_d2_model)
+from pointrend_jax.errors import CheckpointError, ConfigError
+from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.meta_arch import abstract_model, build_model
+from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
 from pointrend_jax.modeling.resnet import BLOCKS_PER_STAGE
 
 __all__ = ["infer_config", "convert", "main"]
@@ -147,7 +148,7 @@ def convert(weights: str, out_dir: str, config: str | None = None, *,
     raise _Error(f"{weights} does not match the model ({what}): " + ", ".join(parts))
   if backbone_only:
     # Heads keep detectron2's random initialization (seeded).
-    model = build_model(cfg, nnx.Rngs(seed))
+    model = build_model(cfg, rngs=nnx.Rngs(seed))
   report = load_d2_model(model, ckpt, strict=True, backbone_only=backbone_only)
   out = save_converted(model, cfg, out_dir, overwrite=force,
                        source={"file": os.path.abspath(weights), "format": ckpt.format,

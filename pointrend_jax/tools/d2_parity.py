@@ -12,7 +12,7 @@ Each PATH is either
 * a model fixture folder (``config.yaml``, ``meta.json``, ``expected.npz``, ``image.png``,
   optionally ``model_input.png``, and ``make_weights.py`` in the parent folder): the model of
   ``config.yaml`` is built, loaded with the fixture's weights recipe, run once, and every golden
-  array is compared by the rule registered for its name (:mod:`pointrend_jax.parity.models`;
+  array is compared by the rule registered for its name (:mod:`pointrend_jax.parity.model_rules`;
   tolerances in ``docs/parity.md``).
 
 One row is printed per array (name, max abs error, max rel error, tolerance, PASS/FAIL), a
@@ -30,7 +30,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pointrend_jax.parity.compare import Check, Row, compare
+from pointrend_jax.parity.compare import Check, Row, compare, fail_row
 
 
 def ops_checks() -> dict[str, Check]:
@@ -56,7 +56,7 @@ def check_ops_file(golden: Mapping[str, np.ndarray],
       continue  # Inputs are read by the checks, not compared.
     check = checks.get(name)
     if check is None:
-      rows.append(Row(name, np.inf, np.inf, "-", False, "no check knows this array"))
+      rows.append(fail_row(name, "no check knows this array"))
       continue
     try:
       actual = check.compute(golden)

@@ -6,7 +6,7 @@ Usage::
       [--force]
 
 Reads the run config ``launch.py`` saved in ``WORKDIR/config.json`` (the model config is built
-from it as :func:`pointrend_jax.training.loop.model_config` does, so a config given only as
+from it as :func:`pointrend_jax.modeling.zoo.model_config` does, so a config given only as
 ``overrides`` -- the synthetic ones -- is stored in full), restores the model of checkpoint
 ``--step`` (default: the newest) of ``WORKDIR/checkpoints`` and writes it in the format of
 :func:`pointrend_jax.checkpoint.orbax_io.save_converted` (``config.json`` + ``state/``), with the
@@ -23,7 +23,6 @@ with status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,22 +33,6 @@ __all__ = ["export", "main"]
 
 class _Error(Exception):
   """A one-line error for the command line."""
-
-
-def _class_names(workdir: str, num_classes: int) -> list[str] | None:
-  from pointrend_jax.training import loop
-  path = os.path.join(workdir, loop.CLASS_NAMES_FILE)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      names = json.load(f)
-  except ValueError as e:
-    raise _Error(f"{path}: not JSON ({e})") from e
-  if not (isinstance(names, list) and len(names) == num_classes
-          and all(isinstance(n, str) for n in names)):
-    return None  # e.g. an older run with another dataset: keep the default names
-  return names
 
 
 def export(workdir: str, output: str, step: int | None = None, *, force: bool = False,
@@ -63,21 +46,23 @@ def export(workdir: str, output: str, step: int | None = None, *, force: bool = 
     force: replace a non-empty ``output``.
     log: progress lines go here.
   """
-  from pointrend_jax.training import loop
+  from pointrend_jax.checkpoint import workdir as workdir_lib
+  from pointrend_jax.modeling import zoo
   t0 = time.perf_counter()
-  config = loop.read_workdir_config(workdir)
-  mcfg = loop.model_config(config)
+  config = workdir_lib.read_run_config(workdir)
+  mcfg = zoo.model_config(config.model)
   out = os.path.abspath(os.path.expanduser(output))
   if os.path.isdir(out) and os.listdir(out) and not force:
     raise _Error(f"--output {out} is not empty (use --force to replace it)")
   if os.path.exists(out) and not os.path.isdir(out):
     raise _Error(f"--output {out} exists and is not a directory")
-  step, model = loop.restore_model(config, workdir, step, mcfg=mcfg)
+  step, model = workdir_lib.restore_trained_model(workdir, mcfg, step)
   log(f"restored checkpoint {step} of {os.path.join(workdir, 'checkpoints')} "
       f"({'semantic' if mcfg.is_semantic else 'instance'}, {mcfg.num_classes} classes; "
       f"{time.perf_counter() - t0:.1f} s)")
-  out = loop.export_model(model, mcfg, out, class_names=_class_names(workdir, mcfg.num_classes),
-                          source={"workdir": os.path.abspath(workdir), "step": step})
+  out = workdir_lib.export_trained_model(
+      model, mcfg, out, class_names=workdir_lib.read_class_names(workdir, mcfg.num_classes),
+      source={"workdir": os.path.abspath(workdir), "step": step})
   log(f"wrote {out} ({time.perf_counter() - t0:.1f} s); use it with Predictor(None, {out!r}) "
       f"or python -m pointrend_jax.tools.predict --weights {out}")
   return out
@@ -97,12 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="output directory (absent or empty unless --force)")
   parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
   args = parser.parse_args(argv)
-  from pointrend_jax.checkpoint.d2_reader import CheckpointError
-  from pointrend_jax.modeling.config import ConfigError
+  from pointrend_jax.errors import CheckpointError, ConfigError
   try:
     export(args.workdir, args.output, args.step, force=args.force)
   except (_Error, CheckpointError, ConfigError, OSError, ValueError) as e:
-    # OSError includes loop.DataError (missing workdir / step), ValueError its config errors.
+    # OSError includes DataError (missing workdir / step), ValueError bad JSON.
     print(f"export: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   except Exception as e:  # pylint: disable=broad-except  # the CLI promises one line, no trace

@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from pointrend_jax.checkpoint.workdir import DATA_ITEM, STATE_ITEM
+
 __all__ = [
     "DataIteratorHandler",
     "DataIteratorSave",
@@ -45,9 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-STATE_ITEM = "state"
-DATA_ITEM = "data_iter"
 
 
 def _json_default(value: Any) -> Any:

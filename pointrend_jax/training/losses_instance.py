@@ -30,23 +30,16 @@ GT masks are the batch's full-canvas bitmasks, bit-packed along W
   unpacking one ROI's mask at a time.
 * Point labels read the 4 bilinear taps of each point straight from the packed bytes, with
   ``grid_sample`` arithmetic on the unpadded size (taps outside the image read 0).
-
-The module also holds the instance-model training entry points (:func:`tiny_instance_config`,
-:func:`build_instance_model`, :func:`train_instance`), the counterparts of the semantic ones in
-:mod:`pointrend_jax.training.train`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import nnx
 
 from pointrend_jax.ops import roi_align as roi_align_lib
 from pointrend_jax.ops.boxes import decode_boxes, encode_boxes, nonempty_boxes, pairwise_iou
@@ -54,9 +47,7 @@ from pointrend_jax.ops.matcher import match
 from pointrend_jax.ops.sampler import sample_mask, subsample_labels
 
 if TYPE_CHECKING:
-  from pointrend_jax.modeling.config import ModelConfig
   from pointrend_jax.modeling.meta_arch import PointRendRCNN
-  from pointrend_jax.training.train import DataIterator, EvalFn, TrainState
 
 __all__ = [
     "LOSS_NAMES",
@@ -72,10 +63,6 @@ __all__ = [
     "mask_losses",
     "instance_losses",
     "instance_loss_fn",
-    "tiny_instance_config",
-    "instance_model_config",
-    "build_instance_model",
-    "train_instance",
 ]
 
 Array = jax.Array
@@ -666,7 +653,7 @@ def instance_losses(model: PointRendRCNN, batch: Mapping[str, Array],
 
 def instance_loss_fn(model: PointRendRCNN, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
-  """``loss_fn`` for :func:`~pointrend_jax.training.train.make_train_step` (instance models).
+  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models).
 
   Returns:
     ``(total, terms)``: the sum of the six :data:`LOSS_NAMES` and every term (plus the logged
@@ -675,106 +662,3 @@ def instance_loss_fn(model: PointRendRCNN, batch: Mapping[str, Array], key: Arra
   terms = instance_losses(model, batch, key)
   total = sum(terms[k] for k in LOSS_NAMES)
   return total, terms
-
-
-# --------------------------------------------------------------------------------------------------
-# Model building and training entry points.
-# --------------------------------------------------------------------------------------------------
-
-
-def tiny_instance_config() -> ml_collections.ConfigDict:
-  """A minutes-on-CPU instance config: R18-GN FPN-64, 3 classes, small images and ROI counts.
-
-  ``config.model`` overrides :class:`~pointrend_jax.modeling.config.ModelConfig` (see
-  :func:`instance_model_config`); anchors are 4x smaller than COCO's for ~64 px images. Solver
-  and train sections as :func:`~pointrend_jax.training.train.tiny_semantic_config`
-  (batch 4 on 2 virtual detectron2 GPUs).
-  """
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      num_classes=3,
-      resnets=dict(depth=18, norm="GN", freeze_at=0, res2_out_channels=64),
-      fpn=dict(out_channels=64),
-      anchors=dict(sizes=((8.0,), (16.0,), (32.0,), (64.0,), (128.0,))),
-      rpn=dict(pre_nms_topk_train=200, post_nms_topk_train=64, pre_nms_topk_test=200,
-               post_nms_topk_test=64, batch_size_per_image=64),
-      roi_heads=dict(batch_size_per_image=64, detections_per_image=16),
-      box_head=dict(fc_dim=128),
-      mask_head=dict(conv_dim=64, fc_dim=128),
-      point_head=dict(fc_dim=64, train_num_points=196, subdivision_steps=3,
-                      subdivision_num_points=196),
-  ))
-  config.solver = ml_collections.ConfigDict(dict(
-      base_lr=0.01, steps=(80,), max_iter=100, warmup_iters=10, warmup_factor=0.001,
-      gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0))
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=4, num_replicas_d2=2, log_every=10, checkpoint_every=50, eval_every=0,
-      max_to_keep=3, async_checkpointing=True, progress_bar=True))
-  return config
-
-
-def _tuples(value: Any) -> Any:
-  """Lists (and ConfigDict-held sequences) -> tuples, recursively: configs must be hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def instance_model_config(model_config: Mapping[str, Any] | None) -> ModelConfig:
-  """A :class:`~pointrend_jax.modeling.config.ModelConfig` from ``config.model`` overrides.
-
-  ``model_config`` mirrors ``ModelConfig``'s sections (``{"rpn": {"batch_size_per_image": 64},
-  ...}``, top-level fields such as ``pixel_mean`` directly); ``num_classes`` sets both
-  ``roi_heads.num_classes`` and ``point_head.num_classes``. Defaults are ``ModelConfig()``'s
-  (the R50 COCO PointRend config).
-  """
-  from pointrend_jax.modeling import config as config_lib
-  cfg = config_lib.ModelConfig()
-  updates: dict[str, Any] = {}
-  for key, value in (model_config or {}).items():
-    if key == "num_classes":
-      updates["roi_heads.num_classes"] = int(value)
-      updates["point_head.num_classes"] = int(value)
-    elif isinstance(value, Mapping) or hasattr(value, "items"):  # dict or ConfigDict
-      for field, v in value.items():
-        updates[f"{key}.{field}"] = _tuples(v)
-    else:
-      updates[key] = _tuples(value)
-  return cfg.replace(**updates)
-
-
-def build_instance_model(config: ml_collections.ConfigDict, *,
-                         seed: int | None = None) -> PointRendRCNN:
-  """:class:`~pointrend_jax.modeling.meta_arch.PointRendRCNN` from ``config.model`` (random
-  init with detectron2's initialisers)."""
-  from pointrend_jax.modeling import meta_arch
-  cfg = instance_model_config(config.get("model"))
-  if seed is None:
-    seed = int(config.get("seed", 0) or 0)
-  return meta_arch.PointRendRCNN(cfg, rngs=nnx.Rngs(seed))
-
-
-def train_instance(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                   train_iter: DataIterator, *, model: nnx.Module | None = None,
-                   eval_fn: EvalFn | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Instance PointRend training: :func:`~pointrend_jax.training.train.train_loop` with
-  :func:`instance_loss_fn`.
-
-  Args:
-    config: see :func:`tiny_instance_config` (``model``, ``solver``, ``train``, ``seed``).
-    workdir: checkpoints and metrics.
-    train_iter: yields instance :data:`~pointrend_jax.data.batching.Batch` es with
-      ``gt_masks_packed`` (``mask_format="packed"``).
-    model: an initialised model (e.g. ImageNet backbone loaded); default
-      :func:`build_instance_model`.
-    eval_fn, mesh: as ``train_loop``.
-
-  Returns:
-    The final :class:`~pointrend_jax.training.train.TrainState`.
-  """
-  from pointrend_jax.training.train import train_loop
-  model = model if model is not None else build_instance_model(config)
-  return train_loop(config, workdir, model, instance_loss_fn, train_iter, eval_fn=eval_fn,
-                    mesh=mesh, batch_keys=INSTANCE_BATCH_KEYS)

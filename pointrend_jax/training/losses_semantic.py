@@ -100,7 +100,7 @@ def semantic_losses(outputs: Mapping[str, Array], sem_seg_targets: Array,
 
 def semantic_loss_fn(model, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
-  """``loss_fn`` for :func:`pointrend_jax.training.train.make_train_step` (semantic models).
+  """``loss_fn`` for :func:`pointrend_jax.training.step.make_train_step` (semantic models).
 
   Args:
     model: a :class:`PointRendSemanticSegmentor`.

@@ -138,12 +138,11 @@ def weight_decay_tree(model: nnx.Module, weight_decay: float,
 
 
 def _solver(config: Any) -> Mapping[str, Any]:
-  solver = config.solver if hasattr(config, "solver") else config
-  get = solver.get if hasattr(solver, "get") else (lambda k, d=None: getattr(solver, k, d))
+  get = config.solver.get
   return {
       "base_lr": float(get("base_lr")),
       "steps": tuple(get("steps", ())),
-      "max_iter": get("max_iter", None),
+      "max_iter": int(config.train.max_steps),
       "warmup_iters": int(get("warmup_iters", 1000)),
       "warmup_factor": float(get("warmup_factor", 0.001)),
       "gamma": float(get("gamma", 0.1)),
@@ -160,8 +159,8 @@ def make_optimizer(config: Any, model: nnx.Module
   """detectron2 ``build_optimizer`` + ``build_lr_scheduler`` for the trainable params of ``model``.
 
   Args:
-    config: a ConfigDict with a ``solver`` section (or the section itself) holding ``base_lr``,
-      ``steps``, ``max_iter``, and optionally ``warmup_iters`` (1000), ``warmup_factor``
+    config: the run config: ``train.max_steps`` (detectron2's MAX_ITER) and a ``solver`` section
+      holding ``base_lr``, ``steps``, and optionally ``warmup_iters`` (1000), ``warmup_factor``
       (0.001), ``gamma`` (0.1), ``momentum`` (0.9), ``nesterov`` (False), ``weight_decay``
       (1e-4), ``weight_decay_norm`` (0.0), ``weight_decay_bias`` (None = weight_decay).
     model: the model (concrete or abstract); only its structure is used: the transformation
@@ -175,7 +174,7 @@ def make_optimizer(config: Any, model: nnx.Module
   schedule = warmup_multistep_schedule(
       s["base_lr"], s["steps"], warmup_iters=s["warmup_iters"],
       warmup_factor=s["warmup_factor"], gamma=s["gamma"],
-      max_iter=None if s["max_iter"] is None else int(s["max_iter"]))
+      max_iter=s["max_iter"])
   wd = weight_decay_tree(model, s["weight_decay"], s["weight_decay_norm"],
                          None if s["weight_decay_bias"] is None
                          else float(s["weight_decay_bias"]))

@@ -1,43 +1,30 @@
-"""Model-agnostic training: train state, the data-parallel train step, the training loop.
+"""What ``launch.py`` runs, and the training loop.
 
-Design:
+* :func:`train_and_evaluate` / :func:`evaluate`: the run config (``configs/*.py``) -> model config
+  (:func:`~pointrend_jax.modeling.zoo.model_config`), splits
+  (:func:`~pointrend_jax.data.splits.load_split`), loaders, model and init weights
+  (:func:`init_weights`), then :func:`train_loop` with the instance or semantic losses and the
+  run's :class:`~pointrend_jax.training.evaluator.Evaluator`; after the final evaluation the
+  pictures (``<workdir>/pictures``), the summary (``<workdir>/summary.json``) and the exported
+  model (``<workdir>/model``, :mod:`~pointrend_jax.checkpoint.workdir`).
+* :func:`train_loop` runs :mod:`~pointrend_jax.training.step`'s train step over a data
+  iterator with checkpoints, metrics, evaluation and preemption handling.
 
-* **State.** The NNX model is split once (``nnx.split``) into a static ``GraphDef``, the
-  trainable ``nnx.Param`` values and every other variable (frozen parameters, FrozenBN
-  buffers). Both value trees are kept as pure nested dicts (``nnx.to_pure_dict``), so the
-  :class:`TrainState` is a plain pytree of arrays that optax, ``jax.jit`` shardings and orbax
-  handle without NNX types; the model is rebuilt inside traced code with
-  ``nnx.merge(graphdef, params, model_state, copy=True)``.
-* **Data parallelism.** ``jax.jit`` over global arrays: the batch is split over the mesh axis
-  ``'data'``, the state is replicated, XLA inserts the gradient all-reduce.
-* **detectron2's per-GPU normalisation** (spec ``mask_rcnn_fpn.md`` §15.3). detectron2 trains
-  on ``G`` GPUs (``config.train.num_replicas_d2``, 8 in the model zoo); each computes losses
-  normalised over *its own* ``batch_size / G`` images and DDP averages the gradients. The step
-  reproduces that independently of the real device count: the global batch is reshaped to
-  ``[G, batch_size / G, ...]``, ``loss_fn`` is ``vmap``-ed over the ``G`` virtual replicas,
-  and the loss is the mean of the ``G`` replica losses. 1 or 8 devices run the same program
-  on the same numbers; only the partitioning differs.
-* **Precision.** ``train.compute_dtype`` ("float32", or "bfloat16" for bf16 activations and
-  matmuls on GPU/TPU) is set (:func:`pointrend_jax.modeling.layers.compute_dtype`) while the
-  step is traced. Parameters are float32 variables cast inside the layers, so gradients,
-  optimizer state and the loss stay float32.
-* **Randomness.** Step ``t`` uses ``fold_in(key(seed), t)``, split into one key per virtual
-  replica, so a resumed run and any device count draw the same points.
 * **Robustness.** A non-finite loss raises :class:`FloatingPointError` naming the step and
   the loss terms; losses are checked (one host sync) at every log step and before every
   checkpoint, so a bad state is never saved. SIGTERM makes the loop checkpoint and return.
   Resuming restores params, optimizer state, step and the data iterator's position.
 
-Config keys read (``ml_collections.ConfigDict``): ``seed``; ``solver.*`` (see
-:func:`~pointrend_jax.training.optimizer.make_optimizer`; ``solver.max_iter`` is the number of
-steps); ``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
-``train.log_every``, ``train.checkpoint_every``, ``train.eval_every`` (0: at the end only),
-``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``,
-``train.compute_dtype`` (default "float32"; evaluation runs in float32 either way).
+Config keys read (the run config of ``configs/*.py``): ``seed``; ``solver.*`` (see
+:func:`~pointrend_jax.training.optimizer.make_optimizer`); ``train.max_steps``,
+``train.batch_size`` (global images per step), ``train.num_replicas_d2``,
+``train.log_every``, ``train.checkpoint_every``, ``eval.every`` (0: at the end only),
+``train.max_to_keep``, ``train.async_checkpointing``, ``train.progress_bar``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -45,39 +32,29 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx, struct
+from flax import nnx
 
-from pointrend_jax.modeling import layers
+from pointrend_jax.checkpoint import workdir as workdir_lib
+from pointrend_jax.data import pipeline
+from pointrend_jax.data.splits import load_split
+from pointrend_jax.errors import ConfigError, DataError
+from pointrend_jax.modeling import zoo
+from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer as optimizer_lib
 from pointrend_jax.training.logging import MetricWriter, ProgressBar
+from pointrend_jax.training.evaluator import Evaluator
+from pointrend_jax.training.step import LossFn, TrainState, create_train_state, make_train_step
 
-__all__ = [
-    "TrainState",
-    "LossFn",
-    "DataIterator",
-    "InMemoryIterator",
-    "create_train_state",
-    "replica_mean_loss",
-    "make_train_step",
-    "TrainStep",
-    "train_loop",
-    "tiny_semantic_config",
-    "build_semantic_model",
-    "train_semantic",
-]
+__all__ = ["DataIterator", "InMemoryIterator", "train_loop", "validate_config", "build_run_model",
+           "init_weights", "train_and_evaluate", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
 Array = jax.Array
-Batch = Mapping[str, Array]
-# loss_fn(model, batch_of_one_virtual_replica, key) -> (total loss, {term name: scalar}).
-LossFn = Callable[[nnx.Module, Batch, Array], tuple[Array, Mapping[str, Array]]]
 EvalFn = Callable[[nnx.Module, int], Mapping[str, float]]
 
 
@@ -118,223 +95,7 @@ class InMemoryIterator:
     self.position = int(state["position"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Train state.
-# --------------------------------------------------------------------------------------------------
-
-
-class TrainState(struct.PyTreeNode):
-  """Everything that changes during training, as a pytree of arrays.
-
-  Attributes:
-    step: int32 scalar, iterations done (the next iteration's 0-based index).
-    params: pure nested dict of the ``nnx.Param`` values (trained).
-    opt_state: optax state for ``params``.
-    model_state: pure nested dict of all other variables (frozen parameters, FrozenBN
-      buffers); constant during training.
-    rng: uint32 ``[2]`` raw data of the base PRNG key (stored raw so it checkpoints as an array).
-    graphdef: static structure of the model.
-  """
-
-  step: Array
-  params: Any
-  opt_state: Any
-  model_state: Any
-  rng: Array
-  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
-
-  def model(self) -> nnx.Module:
-    """A fresh module holding (copies of references to) the current values."""
-    return nnx.merge(self.graphdef, self.params, self.model_state, copy=True)
-
-  def checkpoint_tree(self) -> dict[str, Any]:
-    """The checkpointed pytree (no static parts)."""
-    return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
-            "model_state": self.model_state, "rng": self.rng}
-
-  def with_checkpoint_tree(self, tree: Mapping[str, Any]) -> "TrainState":
-    return self.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                        model_state=tree["model_state"], rng=tree["rng"])
-
-
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
-                       seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Splits ``model`` once and builds the initial state, replicated over ``mesh``."""
-  graphdef, params, rest = nnx.split(model, layers.TRAINABLE, ...)
-  if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
-    # The vmap over virtual replicas treats non-trainable variables as constants.
-    raise NotImplementedError("models with trainable BatchNorm statistics are not supported; "
-                              "detectron2's configs use FrozenBN or GN")
-  params = nnx.to_pure_dict(params)
-  rest = nnx.to_pure_dict(rest)
-  rng = jax.random.key_data(jax.random.key(seed))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     model_state=rest, rng=rng, graphdef=graphdef)
-  if mesh is not None:
-    state = mesh_lib.replicate(state, mesh)
-  return state
-
-
-# --------------------------------------------------------------------------------------------------
-# Train step.
-# --------------------------------------------------------------------------------------------------
-
-
-def _split_replicas(batch: Batch, num_groups: int, mesh: jax.sharding.Mesh | None) -> Batch:
-  def split(x):
-    if x.shape[0] % num_groups:
-      raise ValueError(f"batch of {x.shape[0]} not divisible into {num_groups} replicas")
-    y = x.reshape((num_groups, x.shape[0] // num_groups) + x.shape[1:])
-    if mesh is not None and num_groups % mesh.devices.size == 0:
-      # Whole replicas per device: the per-replica work never crosses devices.
-      y = jax.lax.with_sharding_constraint(y, mesh_lib.data_sharding(mesh))
-    return y
-  return jax.tree.map(split, dict(batch))
-
-
-# Canvas size (H * W) from which one device runs the virtual replicas by lax.map instead of vmap:
-# 2.2x faster for 800x1344 R50 steps, 25% slower for the demo's 128x128 steps (small maps batch
-# better and their loop carries are small). See docs/performance.md.
-SEQUENTIAL_REPLICAS_MIN_PIXELS = 256 * 256
-
-
-def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
-                      batch: Batch, key: Array, num_groups: int,
-                      mesh: jax.sharding.Mesh | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
-  """Mean over ``num_groups`` virtual replicas of ``loss_fn`` on each replica's images.
-
-  Returns:
-    ``(loss, terms)``: the mean total loss and the mean of each loss term.
-  """
-  grouped = _split_replicas(batch, num_groups, mesh)
-  keys = jax.random.split(key, num_groups)
-
-  def one_replica(replica_batch, replica_key):
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    loss, terms = loss_fn(model, replica_batch, replica_key)
-    return loss, dict(terms)
-
-  image = batch.get("image")
-  pixels = 0 if image is None else int(np.prod(image.shape[1:3]))
-  if (mesh is None or mesh.devices.size == 1) and pixels >= SEQUENTIAL_REPLICAS_MIN_PIXELS:
-    # One device, large images: replicas one after the other. Under vmap every data-dependent
-    # loop of the model (ROIAlign's tap slots and its backward scatter, NMS) gets a batched
-    # trip count, and JAX then selects the whole loop carry on each iteration: for ROIAlign's
-    # [maps, 256] gradient buffer that cost 10 s of a 42 s R50 step (docs/performance.md).
-    losses, terms = jax.lax.map(lambda args: one_replica(*args), (grouped, keys))
-  else:
-    losses, terms = jax.vmap(one_replica)(grouped, keys)
-  return jnp.mean(losses), {k: jnp.mean(v) for k, v in terms.items()}
-
-
-class TrainStep:
-  """Jitted ``(state, batch, key=None) -> (state, metrics)`` with compile tracking.
-
-  ``batch`` holds global arrays split over ``'data'`` (see
-  :func:`~pointrend_jax.training.mesh.shard_batch`; host numpy batches are sharded on the
-  way in). With ``key=None`` the step's key is ``fold_in(key(state.rng), state.step)``.
-  ``metrics`` (replicated scalars): ``loss``, each loss term, ``lr`` (of this step) and
-  ``grad_norm``. The input state is donated.
-
-  Attributes:
-    num_traces: how many times the step was traced (one per new batch shape / dtype set).
-    compute_dtype: the layers' compute dtype while tracing, or None to use whatever
-      :func:`~pointrend_jax.modeling.layers.compute_dtype` context is active then.
-  """
-
-  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
-               mesh: jax.sharding.Mesh, num_groups: int = 1,
-               schedule: optax.Schedule | None = None, donate: bool = True,
-               compute_dtype: Any = None):
-    self.loss_fn = loss_fn
-    self.tx = tx
-    self.mesh = mesh
-    self.num_groups = int(num_groups)
-    self.schedule = schedule
-    self.compute_dtype = (None if compute_dtype is None
-                          else layers.canonical_compute_dtype(compute_dtype))
-    self.num_traces = 0
-    self._signatures: set[tuple[Any, ...]] = set()
-    replicated = mesh_lib.replicated_sharding(mesh)
-    self._jitted = jax.jit(
-        self._step,
-        in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,) if donate else ())
-
-  def _step(self, state: TrainState, batch: Batch, key: Array | None
-            ) -> tuple[TrainState, dict[str, Array]]:
-    if self.compute_dtype is None:
-      return self._traced_step(state, batch, key)
-    # The layers read the dtype while this traces; a bucket compiled later gets it too.
-    with layers.compute_dtype(self.compute_dtype):
-      return self._traced_step(state, batch, key)
-
-  def _traced_step(self, state: TrainState, batch: Batch, key: Array | None
-                   ) -> tuple[TrainState, dict[str, Array]]:
-    self.num_traces += 1  # runs at trace time only
-    if key is None:
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-    def loss_of(params):
-      return replica_mean_loss(self.loss_fn, state.graphdef, params, state.model_state, batch,
-                               key, self.num_groups, self.mesh)
-
-    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
-    if self.schedule is not None:
-      metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  def __call__(self, state: TrainState, batch: Mapping[str, Any], key: Array | None = None
-               ) -> tuple[TrainState, dict[str, Array]]:
-    if any(not isinstance(v, jax.Array) for v in batch.values()):
-      batch = mesh_lib.shard_batch(batch, self.mesh)
-    signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
-    if signature not in self._signatures:
-      self._signatures.add(signature)
-      image = batch.get("image")
-      bucket = (f"{image.shape[1]}x{image.shape[2]}" if image is not None and image.ndim >= 3
-                else "?")
-      logger.info("compiling train step for bucket %s (global batch %d, %d virtual replicas, "
-                   "%d devices)", bucket, next(iter(batch.values())).shape[0], self.num_groups,
-                   self.mesh.devices.size)
-    return self._jitted(state, batch, key)
-
-  @property
-  def num_compiled(self) -> int:
-    """Entries in the jit cache (compiled shape signatures)."""
-    return self._jitted._cache_size()  # pylint: disable=protected-access
-
-
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    mesh: jax.sharding.Mesh | None = None, num_groups: int = 1,
-                    schedule: optax.Schedule | None = None, donate: bool = True,
-                    compute_dtype: Any = None) -> TrainStep:
-  """The jitted data-parallel train step; see :class:`TrainStep`.
-
-  Args:
-    loss_fn: ``(model, replica_batch, key) -> (loss, terms)`` on one virtual replica's images.
-    optimizer: from :func:`~pointrend_jax.training.optimizer.make_optimizer`.
-    mesh: device mesh (default: all devices).
-    num_groups: detectron2's GPU count ``G`` (virtual replicas per global batch).
-    schedule: learning-rate schedule, only to report ``lr`` in the metrics.
-    donate: donate the input state's buffers.
-    compute_dtype: "float32" / "bfloat16" (or a dtype): the layers' compute dtype in the step
-      (parameters, gradients and optimizer state stay float32); None: the one active when the
-      step is traced (:func:`~pointrend_jax.modeling.layers.compute_dtype`).
-  """
-  return TrainStep(loss_fn, optimizer, mesh=mesh or mesh_lib.make_mesh(),
-                   num_groups=num_groups, schedule=schedule, donate=donate,
-                   compute_dtype=compute_dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loop.
-# --------------------------------------------------------------------------------------------------
+# --- Loop ---
 
 
 def _cfg(config: ml_collections.ConfigDict, dotted: str, default: Any) -> Any:
@@ -380,7 +141,7 @@ def train_loop(config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh | None = None,
                batch_keys: Sequence[str] | None = None,
                preemption: checkpointing.PreemptionGuard | None = None) -> TrainState:
-  """Trains ``model`` for ``config.solver.max_iter`` steps, resuming from ``workdir`` if possible.
+  """Trains ``model`` for ``config.train.max_steps`` steps, resuming from ``workdir`` if possible.
 
   Args:
     config: see the module docstring.
@@ -391,7 +152,7 @@ def train_loop(config: ml_collections.ConfigDict,
     loss_fn: per-virtual-replica loss, see :func:`make_train_step`.
     train_iter: yields this process's share of each global batch (numpy); ``get_state`` /
       ``set_state`` make resuming exact.
-    eval_fn: ``(model, step) -> {name: value}``, run every ``train.eval_every`` steps and at
+    eval_fn: ``(model, step) -> {name: value}``, run every ``eval.every`` steps and at
       the end; logged as ``eval/<name>``.
     mesh: device mesh (default: all devices on ``'data'``).
     batch_keys: only these batch entries are sent to the devices (default: all).
@@ -407,13 +168,12 @@ def train_loop(config: ml_collections.ConfigDict,
   """
   workdir = os.fspath(workdir)
   mesh = mesh or mesh_lib.make_mesh()
-  max_iter = int(config.solver.max_iter)
+  max_iter = int(config.train.max_steps)
   batch_size = int(config.train.batch_size)
   num_groups = int(_cfg(config, "train.num_replicas_d2", 1))
   log_every = int(_cfg(config, "train.log_every", 20))
   checkpoint_every = int(_cfg(config, "train.checkpoint_every", 5000))
-  eval_every = int(_cfg(config, "train.eval_every", 0))
-  compute_dtype = layers.canonical_compute_dtype(_cfg(config, "train.compute_dtype", "float32"))
+  eval_every = int(_cfg(config, "eval.every", 0))
   if batch_size % num_groups:
     raise ValueError(f"train.batch_size {batch_size} not divisible by "
                      f"train.num_replicas_d2 {num_groups}")
@@ -439,10 +199,7 @@ def train_loop(config: ml_collections.ConfigDict,
 
   writer = MetricWriter(workdir, resume_step=start)
   train_step = make_train_step(loss_fn, tx, mesh=mesh, num_groups=num_groups,
-                               schedule=schedule, compute_dtype=compute_dtype)
-  if compute_dtype != jnp.dtype(jnp.float32):
-    logger.info("train step computes in %s (parameters and optimizer state float32)",
-                compute_dtype)
+                               schedule=schedule)
   guard = preemption or checkpointing.PreemptionGuard()
   own_guard = preemption is None
   bar = ProgressBar(max_iter, start, batch_size=batch_size,
@@ -516,46 +273,267 @@ def train_loop(config: ml_collections.ConfigDict,
   return state
 
 
-# --------------------------------------------------------------------------------------------------
-# Semantic PointRend, end to end.
-# --------------------------------------------------------------------------------------------------
+# --- Model and weights ---
 
 
-def tiny_semantic_config() -> ml_collections.ConfigDict:
-  """A minutes-on-CPU semantic config: R18-GN FPN, 4 classes, 64x64 images, batch 4 / 2 GPUs.
+def build_run_model(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> nnx.Module:
+  """The randomly initialised model (seed ``config.seed``), computing in
+  ``train.compute_dtype``."""
+  from pointrend_jax.modeling import meta_arch
+  return meta_arch.build_model(mcfg, rngs=nnx.Rngs(int(config.get("seed", 0) or 0)),
+                               dtype=config.train.get("compute_dtype", "float32"))
 
-  ``model.*`` go to :func:`build_semantic_model`; the schedule keeps detectron2's shape
-  (warmup, one lr drop) scaled down.
+
+def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
+  """Loads ``config.init.weights`` into ``model`` in place; returns a one-line description."""
+  from pointrend_jax.checkpoint.weights import load_weights
+  path = str(config.init.get("weights", "") or "")
+  if not path:
+    return "random initialisation (config.init.weights is empty)"
+  if path.startswith(("detectron2://", "http://", "https://")):
+    url = path.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
+    raise DataError(f"config.init.weights is a URL ({path}); nothing is downloaded at run time: "
+                    f"download {url} and set --config.init.weights=/local/path")
+  local = os.path.expanduser(path.split("?", 1)[0])
+  if not os.path.exists(local):
+    raise DataError(f"expected weights at {local} (config.init.weights); download the "
+                    "detectron2 file (ImageNet backbones: https://dl.fbaipublicfiles.com/"
+                    "detectron2/ImageNetPretrained/MSRA/R-50.pkl etc.), point "
+                    "--config.init.weights at it, or set it to '' to train from scratch")
+  return load_weights(model, local, backbone_only_ok=True)
+
+
+# --- Training / evaluation entry points ---
+
+
+class _SlowIterator:
+  """Sleeps before each batch (``train.debug_step_delay_s``; preemption tests only)."""
+
+  def __init__(self, it: Any, delay: float):
+    self._it, self._delay = it, delay
+
+  def __next__(self):
+    time.sleep(self._delay)
+    return next(self._it)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  for key in ("seed", "train.max_steps", "train.batch_size", "train.checkpoint_every",
+              "train.log_every", "eval.every", "init.weights", "data.train", "data.val",
+              "solver.base_lr", "model.zoo"):
+    node = config
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"config is missing required key {key!r} (see configs/common.py)")
+      node = node[part]
+  # Values train_loop would reject only after the data and the model are built.
+  batch = int(config.train.batch_size)
+  groups = int(config.train.get("num_replicas_d2", 1) or 1)
+  if batch < 1 or groups < 1 or batch % groups:
+    raise ConfigError(f"config.train.batch_size ({batch}) must be a positive multiple of "
+                           f"config.train.num_replicas_d2 ({groups})")
+  from pointrend_jax.modeling import layers
+  try:
+    layers.canonical_compute_dtype(config.train.get("compute_dtype", "float32"))
+  except ValueError as e:
+    raise ConfigError(f"config.train.compute_dtype: {e}") from e
+
+
+def _fmt(v: Any) -> str:
+  return "nan" if v is None or not np.isfinite(v) else f"{v:.1f}"
+
+
+def _write_summary(config: ml_collections.ConfigDict, workdir: str, metrics: Mapping[str, float],
+                   step: int, timings: Mapping[str, float], mcfg: ModelConfig) -> None:
+  if jax.process_index() != 0:
+    return
+  summary = {"step": step, "metrics": {k: (None if not np.isfinite(v) else v)
+                                       for k, v in metrics.items() if "-" not in k},
+             "seconds": dict(timings)}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  lines = [f"== summary: {workdir} (step {step}) =="]
+  if mcfg.is_semantic:
+    lines.append(f"mIoU {_fmt(metrics.get('eval/sem_seg/mIoU'))}")
+  else:
+    from pointrend_jax.modeling.point_rend import subdivision_schedule
+    side = mcfg.mask_head.output_side_resolution
+    res, steps = subdivision_schedule(side, mcfg.point_head.subdivision_steps,
+                                      mcfg.point_head.subdivision_num_points)
+    rows = [(f"mask AP, PointRend {res * 2 ** steps}x{res * 2 ** steps}", "segm"),
+            (f"mask AP, coarse {side}x{side} upsampled", "segm_coarse"), ("box AP", "bbox")]
+    width = max(len(r[0]) for r in rows)
+    for title, task in rows:
+      if f"eval/{task}/AP" in metrics:
+        lines.append(f"{title:<{width}}  " + "  ".join(
+            f"{m} {_fmt(metrics.get(f'eval/{task}/{m}'))}" for m in ("AP", "AP50", "AP75")))
+  lines.append("wall time " + ", ".join(f"{k} {v / 60:.1f} min" if v >= 60 else f"{k} {v:.0f} s"
+                                        for k, v in timings.items()))
+  print("\n".join(lines), flush=True)
+
+
+def _pictures(evaluator: Evaluator, workdir: str) -> None:
+  if not evaluator.last_visuals or jax.process_index() != 0:
+    return
+  from pointrend_jax import visualization
+  out = os.path.join(workdir, "pictures")
+  paths = visualization.write_pictures(evaluator.last_visuals, evaluator.split.class_names,
+                                       out, mask_threshold=evaluator.threshold)
+  logger.info("wrote %d pictures to %s", len(paths), out)
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str):
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  mcfg = zoo.model_config(config.model)
+  return mcfg, mesh_lib.make_mesh()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       evaluate_after: bool = True,
+                       start_time: float | None = None) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating every
+  ``eval.every`` steps and at the end when ``evaluate_after``.
+
+  Returns:
+    The last evaluation's metrics (empty without evaluation or when stopped by SIGTERM).
   """
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      num_classes=4, depth=18, norm="GN", freeze_at=0, input_format="BGR",
-      train_num_points=64, subdivision_steps=2, subdivision_num_points=64))
-  config.solver = ml_collections.ConfigDict(dict(
-      base_lr=0.01, steps=(80,), max_iter=100, warmup_iters=10, warmup_factor=0.001,
-      gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0))
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=4, num_replicas_d2=2, log_every=10, checkpoint_every=50, eval_every=0,
-      max_to_keep=3, async_checkpointing=True, progress_bar=True))
-  return config
+  start_time = time.time() if start_time is None else start_time
+  workdir = os.fspath(workdir)
+  mcfg, mesh = _setup(config, workdir)
+  timings: dict[str, float] = {}
+  t = time.time()
+  train_split = load_split(config, "train", workdir, mcfg)
+  if jax.process_index() == 0:
+    # For tools.export: the exported model carries the names (Predictor labels).
+    with open(os.path.join(workdir, workdir_lib.CLASS_NAMES_FILE), "w") as f:
+      json.dump(list(train_split.class_names), f, indent=1)
+  evaluator = Evaluator(config, workdir, mcfg, mesh=mesh) if evaluate_after else None
+  timings["data"] = time.time() - t
+
+  t = time.time()
+  model = build_run_model(config, mcfg)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    logger.info("init: skipped, resuming from %s", ckpt_dir)
+  else:
+    logger.info("init: %s", init_weights(model, config))
+  timings["model"] = time.time() - t
+
+  procs = jax.process_count()
+  batch = int(config.train.batch_size)
+  if batch % procs:
+    raise ConfigError(f"train.batch_size {batch} not divisible by {procs} processes")
+  it = pipeline.build_train_loader(
+      train_split.records, batch_size_per_process=batch // procs, seed=int(config.seed),
+      config=pipeline.loader_config(config.data, mcfg),
+      worker_count=int(config.data.get("num_workers", 0)))
+  delay = float(config.train.get("debug_step_delay_s", 0.0) or 0.0)
+  train_iter = _SlowIterator(it, delay) if delay > 0 else it
+
+  if mcfg.is_semantic:
+    from pointrend_jax.training.losses_semantic import semantic_loss_fn as loss_fn
+    batch_keys: tuple[str, ...] = ("image", "image_size", "sem_seg")
+  else:
+    from pointrend_jax.training.losses_instance import INSTANCE_BATCH_KEYS as batch_keys
+    from pointrend_jax.training.losses_instance import instance_loss_fn as loss_fn
+
+  max_steps = int(config.train.max_steps)
+  last: dict[str, Any] = {"metrics": {}, "step": None}
+
+  def eval_fn(m: nnx.Module, step: int) -> dict[str, float]:
+    final = step >= max_steps
+    te = time.time()
+    metrics = evaluator(m, step, final=final)
+    timings["eval" if final else f"eval@{step}"] = time.time() - te
+    last.update(metrics=metrics, step=step)
+    if final:
+      _pictures(evaluator, workdir)
+    return metrics
+
+  t = time.time()
+  try:
+    state = train_loop(config, workdir, model, loss_fn, train_iter,
+                                 eval_fn=eval_fn if evaluate_after else None, mesh=mesh,
+                                 batch_keys=batch_keys)
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  step = int(jax.device_get(state.step))
+  timings["train"] = time.time() - t - sum(v for k, v in timings.items() if k.startswith("eval"))
+  if step < max_steps:
+    logger.warning("training stopped at step %d of %d (preempted); rerun the same command to "
+                   "resume", step, max_steps)
+    return {}
+  if evaluate_after and last["step"] != step:
+    # Training was already complete (nothing ran): evaluate the final checkpoint.
+    metrics = eval_fn(state.model(), step)
+    with MetricWriter(workdir) as writer:
+      writer.write_scalars(step, metrics)
+  t = time.time()
+  exported = workdir_lib.export_trained_model(
+      state.model(), mcfg, os.path.join(workdir, workdir_lib.EXPORT_DIR),
+      class_names=train_split.class_names or None,
+      source={"workdir": os.path.abspath(workdir), "step": step})
+  logger.info("exported the final model to %s (Predictor(None, %r), tools.predict --weights)",
+              exported, str(exported))
+  timings["export"] = time.time() - t
+  timings["total"] = time.time() - start_time
+  if evaluate_after:
+    _write_summary(config, workdir, last["metrics"], step, timings, mcfg)
+  return last["metrics"]
 
 
-def build_semantic_model(config: ml_collections.ConfigDict, *, seed: int | None = None
-                         ) -> nnx.Module:
-  """:func:`build_pointrend_semantic_segmentor` from ``config.model`` (random init)."""
-  from pointrend_jax.modeling.semantic import build_pointrend_semantic_segmentor
-  kwargs = dict(config.model)
-  return build_pointrend_semantic_segmentor(
-      rngs=nnx.Rngs(int(_cfg(config, "seed", 0)) if seed is None else seed), **kwargs)
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+             start_time: float | None = None) -> dict[str, float]:
+  """Evaluates the latest checkpoint in ``workdir`` (else ``config.init.weights``).
 
-
-def train_semantic(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                   train_iter: DataIterator, *, model: nnx.Module | None = None,
-                   eval_fn: EvalFn | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Semantic PointRend training: :func:`train_loop` with the semantic losses."""
-  from pointrend_jax.training.losses_semantic import semantic_loss_fn
-  model = model if model is not None else build_semantic_model(config)
-  return train_loop(config, workdir, model, semantic_loss_fn, train_iter, eval_fn=eval_fn,
-                    mesh=mesh, batch_keys=("image", "image_size", "sem_seg"))
+  Metrics are appended to ``workdir/metrics.jsonl`` / TensorBoard at the checkpoint's step.
+  """
+  start_time = time.time() if start_time is None else start_time
+  workdir = os.fspath(workdir)
+  mcfg, mesh = _setup(config, workdir)
+  timings: dict[str, float] = {}
+  t = time.time()
+  evaluator = Evaluator(config, workdir, mcfg, mesh=mesh)  # data errors first, before the model
+  timings["data"] = time.time() - t
+  model = build_run_model(config, mcfg)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = 0
+  restored = None
+  if os.path.isdir(ckpt_dir):
+    tx, _ = optimizer_lib.make_optimizer(config, model)
+    state = create_train_state(model, tx, seed=int(config.seed), mesh=mesh)
+    manager = checkpointing.make_checkpoint_manager(ckpt_dir, async_save=False)
+    try:
+      restored = checkpointing.restore_latest(manager, state.checkpoint_tree(),
+                                              with_data_state=False)
+    finally:
+      manager.close()
+    if restored is not None:
+      step, tree, _ = restored
+      model = state.with_checkpoint_tree(tree).model()
+      logger.info("evaluating checkpoint %d of %s", step, ckpt_dir)
+  if restored is None:
+    if not str(config.init.get("weights", "") or ""):
+      raise DataError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and config.init.weights "
+                      "is empty (train first, or point --config.init.weights at a full model)")
+    logger.info("evaluating init weights: %s", init_weights(model, config))
+  t = time.time()
+  metrics = evaluator(model, step, final=True)
+  timings["eval"] = time.time() - t
+  _pictures(evaluator, workdir)
+  with MetricWriter(workdir) as writer:
+    writer.write_scalars(step, metrics)
+  timings["total"] = time.time() - start_time
+  _write_summary(config, workdir, metrics, step, timings, mcfg)
+  return metrics

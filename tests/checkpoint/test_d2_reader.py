@@ -1,4 +1,4 @@
-"""Tests for pointrend_jax.checkpoint.d2_reader.
+"""Tests for pointrend_jax.checkpoint.d2_reader and .safe_pickle: files, containers, refusals.
 
 No torch: ``torch.save`` files (zip and legacy) and Python-2 style Caffe2 pickles are written by
 hand below, opcode for opcode what torch / Detectron write (the writers were checked once against
@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import importlib.util
 import io
-import json
 import os
 import pathlib
 import pickle
@@ -24,75 +23,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pointrend_jax.checkpoint import d2_reader
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
-from pointrend_jax.checkpoint.d2_reader import UnsafeCheckpointError
+from _d2_names import BOTTOM_UP, MANIFESTS, SHARED, load_manifests, to_c2
+from pointrend_jax.checkpoint import d2_matching, d2_reader
+from pointrend_jax.errors import CheckpointError, UnsafeCheckpointError
 
-_SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
-_MANIFESTS = _SHARED / "spec" / "checkpoints"
-_MAKE_WEIGHTS = _SHARED / "fixtures" / "detectron2_parity" / "make_weights.py"
-CONFIGS = (
-    "pointrend_rcnn_R_50_FPN_1x_coco",
-    "pointrend_rcnn_R_50_FPN_3x_coco",
-    "pointrend_rcnn_R_101_FPN_3x_coco",
-    "pointrend_rcnn_X_101_32x8d_FPN_3x_coco",
-    "pointrend_rcnn_R_50_FPN_1x_cityscapes",
-    "pointrend_semantic_R_101_FPN_1x_cityscapes",
-)
-BOTTOM_UP = "backbone.bottom_up."
-
-# ---------------------------------------------------------------------------------------------
-# Inverse renamings (spec §3, §4.1), written independently of the reader.
-# ---------------------------------------------------------------------------------------------
-
-
-def to_v1(name: str) -> str:
-  """Current (v2) PointRend name -> v1 (Nov 2020 - Apr 2021, CoarseMaskHead)."""
-  return re.sub(r"^roi_heads\.mask_head\.coarse_head\.fc(\d)\.",
-                r"roi_heads.mask_head.coarse_head.coarse_mask_fc\1.", name)
-
-
-def to_v0(name: str) -> str:
-  """Current (v2) PointRend name -> v0 (PointRendROIHeads, Jan - Nov 2020)."""
-  name = to_v1(name)
-  name = name.replace("roi_heads.mask_head.coarse_head.", "roi_heads.mask_coarse_head.")
-  return name.replace("roi_heads.mask_head.point_head.", "roi_heads.mask_point_head.")
-
-
-_C2_NORM = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
-_C2_BRANCH = {"shortcut": "branch1", "conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}
-
-
-def to_c2(name: str) -> str:
-  """``backbone.bottom_up.*`` name -> the Caffe2 ImageNet blob name (MSRA / FAIR pickles)."""
-  assert name.startswith(BOTTOM_UP), name
-  rest = name[len(BOTTOM_UP):]
-  if rest == "stem.conv1.weight":
-    return "conv1_w"
-  m = re.fullmatch(r"stem\.conv1\.norm\.(\w+)", rest)
-  if m:
-    return "res_conv1_bn_" + _C2_NORM[m.group(1)]
-  m = re.fullmatch(r"res(\d)\.(\d+)\.(\w+)\.weight", rest)
-  if m:
-    return f"res{m.group(1)}_{m.group(2)}_{_C2_BRANCH[m.group(3)]}_w"
-  m = re.fullmatch(r"res(\d)\.(\d+)\.(\w+)\.norm\.(\w+)", rest)
-  assert m, name
-  return f"res{m.group(1)}_{m.group(2)}_{_C2_BRANCH[m.group(3)]}_bn_{_C2_NORM[m.group(4)]}"
-
-
-def marked_state(names_shapes, rename=lambda n: n) -> dict[str, np.ndarray]:
-  """Entry i is a zero-memory array of the right shape, every element equal to i."""
-  return {rename(n): np.broadcast_to(np.float32(i), s) for i, (n, s) in
-          enumerate(names_shapes.items())}
-
-
-def mark(a: np.ndarray) -> float:
-  return float(a.reshape(-1)[0])
+_MAKE_WEIGHTS = SHARED / "fixtures" / "detectron2_parity" / "make_weights.py"
 
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, tuple[int, ...]]]:
-  return {c: d2_reader.manifest_shapes(_MANIFESTS / f"{c}.json") for c in CONFIGS}
+  return load_manifests()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,63 +237,8 @@ def _training_checkpoint() -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifests and names
+# Names
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_manifest_shapes(config, manifests):
-  data = json.loads((_MANIFESTS / f"{config}.json").read_text())
-  shapes = manifests[config]
-  assert list(shapes) == [e["name"] for e in data["entries"]]
-  assert len(shapes) == data["num_entries"]
-  assert sum(int(np.prod(s)) for s in shapes.values()) == data["total_numel"]
-  assert d2_reader.manifest_shapes(config) == shapes  # by stem, found next to the repo
-  assert d2_reader.manifest_shapes(f"configs/InstanceSegmentation/{config}.yaml") == shapes
-
-
-def test_manifest_shapes_unknown():
-  with pytest.raises(FileNotFoundError, match="no state-dict manifest"):
-    d2_reader.manifest_shapes("pointrend_rcnn_R_999")
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_every_manifest_name_maps(config, manifests):
-  """Current, v1, v0 and DDP-prefixed names all load every entry, each from the right key."""
-  shapes = manifests[config]
-  for rename in (lambda n: n, to_v1, to_v0, lambda n: "module." + to_v0(n)):
-    state = marked_state(shapes, rename)
-    canon = d2_reader.canonicalize_names(state)
-    assert list(canon) == list(shapes)
-    report = d2_reader.match_state_dict(canon, shapes)  # strict
-    assert report.ok and not report.filled and not report.ignored
-    assert list(report.state) == list(shapes)
-    assert [mark(v) for v in report.state.values()] == list(range(len(shapes)))
-  if "rcnn" in config:  # the old generations really differ for the instance models
-    assert sum(to_v0(n) != n for n in shapes) == 16
-    assert sum(to_v1(n) != to_v0(n) for n in shapes) == 16
-    assert sum(to_v1(n) != n for n in shapes) == 4
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_caffe2_imagenet_names_map_to_bottom_up(config, manifests):
-  """Caffe2 blobs of the ImageNet backbone (R-50 / R-101 / X-101-32x8d) -> backbone.bottom_up.*."""
-  shapes = manifests[config]
-  backbone = {n: s for n, s in shapes.items() if n.startswith(BOTTOM_UP)}
-  blobs = marked_state(backbone, to_c2)
-  blobs["pred_w"] = np.zeros((1000, 2048), np.float32)
-  blobs["pred_b"] = np.zeros((1000,), np.float32)
-  canon = d2_reader.canonicalize_names(blobs, caffe2=True)
-  assert all(not n.startswith("backbone.") for n in canon)  # prefixes come from matching
-  report = d2_reader.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
-  assert report.ok
-  assert list(report.state) == list(backbone)
-  assert [mark(v) for v in report.state.values()] == list(range(len(backbone)))
-  assert sorted(report.ignored) == ["linear.bias", "linear.weight"]
-  assert report.not_loaded == [n for n in shapes if not n.startswith(BOTTOM_UP)]
-  # Without the restriction the rest of the model is missing, which strict refuses.
-  with pytest.raises(CheckpointError, match="missing in checkpoint"):
-    d2_reader.match_state_dict(canon, shapes, heuristics=True)
 
 
 @pytest.mark.parametrize("blob,converted", [
@@ -403,7 +288,7 @@ def make_weights():
 
 def test_model_zoo_pkl_round_trip_is_bit_exact(tmp_path, make_weights, manifests):
   config = "pointrend_rcnn_R_50_FPN_1x_coco"
-  weights = make_weights.state_dict_from_manifest(str(_MANIFESTS / f"{config}.json"), seed=0)
+  weights = make_weights.state_dict_from_manifest(str(MANIFESTS / f"{config}.json"), seed=0)
   path = tmp_path / "model_final.pkl"
   make_weights.write_pkl(weights, str(path), seed=0)
   ckpt = d2_reader.load_detectron2_file(path)
@@ -415,7 +300,7 @@ def test_model_zoo_pkl_round_trip_is_bit_exact(tmp_path, make_weights, manifests
     assert got.dtype == np.float32 and got.shape == want.shape
     assert got.tobytes() == want.tobytes(), name
   assert make_weights.checksum(ckpt.state) == make_weights.checksum(weights)
-  report = d2_reader.match_state_dict(ckpt, manifests[config])
+  report = d2_matching.match_state_dict(ckpt, manifests[config])
   assert report.ok and not report.filled and len(report.state) == 311
 
 
@@ -441,7 +326,7 @@ def test_caffe2_pkl_file(tmp_path, manifests, container):
   assert ckpt.format == "caffe2" and ckpt.matching_heuristics
   assert ckpt.metadata["dropped"] == ["conv1_w_momentum"]
   assert ckpt.metadata["renamed"]["stem.conv1.weight"] == "conv1_w"
-  report = d2_reader.match_state_dict(ckpt, shapes, strict=False, backbone_only=True)
+  report = d2_matching.match_state_dict(ckpt, shapes, strict=False, backbone_only=True)
   assert report.ignored == ["linear.weight"] and not report.unexpected
   for name in wanted:
     np.testing.assert_array_equal(report.state[name], arrays[to_c2(name)])
@@ -450,22 +335,6 @@ def test_caffe2_pkl_file(tmp_path, manifests, container):
   absent = {n for n in shapes if n.startswith(BOTTOM_UP)} - set(wanted)
   assert set(report.filled) == {n for n in absent if ".running_" in n}
   assert set(report.missing) == {n for n in absent if ".running_" not in n}
-
-
-def test_caffe2_without_running_stats_fills_zero_one(manifests):
-  """§4.2: FrozenBN stats absent from a version-less checkpoint are mean 0 / var 1."""
-  shapes = manifests["pointrend_rcnn_R_101_FPN_3x_coco"]
-  backbone = {n: s for n, s in shapes.items() if n.startswith(BOTTOM_UP)}
-  blobs = {k: v for k, v in marked_state(backbone, to_c2).items()
-           if not k.endswith(("_rm", "_riv"))}
-  canon = d2_reader.canonicalize_names(blobs, caffe2=True)
-  report = d2_reader.match_state_dict(canon, shapes, backbone_only=True, heuristics=True)
-  stats = [n for n in backbone if n.endswith(("running_mean", "running_var"))]
-  assert len(stats) == 2 * 104 and sorted(report.filled) == sorted(stats)
-  for n in stats:
-    assert report.state[n].dtype == np.float32
-    assert np.all(report.state[n] == (0.0 if n.endswith("mean") else 1.0))
-  assert list(report.state) == list(backbone)
 
 
 def test_torch_zip_pth(tmp_path):
@@ -503,7 +372,7 @@ def test_torch_zip_big_endian_and_heuristics_query(tmp_path):
   ckpt = d2_reader.load_detectron2_file(f"{path}?matching_heuristics=True")
   assert ckpt.format == "pth-state-dict" and ckpt.matching_heuristics
   np.testing.assert_array_equal(ckpt.state["res2.0.conv1.weight"], data.reshape(2, 3))
-  report = d2_reader.match_state_dict(
+  report = d2_matching.match_state_dict(
       ckpt, {"backbone.bottom_up.res2.0.conv1.weight": (2, 3)})
   assert report.sources == {"backbone.bottom_up.res2.0.conv1.weight": "res2.0.conv1.weight"}
   assert not d2_reader.load_detectron2_file(path).matching_heuristics
@@ -550,30 +419,6 @@ def test_pickled_torch_tensors_in_pkl(tmp_path):
   assert ckpt.format == "d2-model-zoo"
   np.testing.assert_array_equal(ckpt.state["a"], data[2:8].reshape(3, 2).T)
   np.testing.assert_array_equal(ckpt.state["b"], data[:4])
-
-
-def test_full_checkpoint_with_backbone_only(manifests):
-  shapes = manifests["pointrend_rcnn_R_50_FPN_3x_coco"]
-  report = d2_reader.match_state_dict(marked_state(shapes), shapes, backbone_only=True)
-  rest = [n for n in shapes if not n.startswith(BOTTOM_UP)]
-  assert report.ok and report.not_loaded == rest and sorted(report.ignored) == sorted(rest)
-  assert list(report.state) == [n for n in shapes if n.startswith(BOTTOM_UP)]
-
-
-def test_frozen_bn_module_versions():
-  """FrozenBatchNorm2d: version < 3 stored running_var without eps; >= 3 is used as is."""
-  shapes = {"res2.norm.weight": (2,), "res2.norm.bias": (2,), "res2.norm.running_mean": (2,),
-            "res2.norm.running_var": (2,)}
-  state = {k: np.full(s, 2.0, np.float32) for k, s in shapes.items()}
-  v2 = d2_reader.match_state_dict(state, shapes, module_versions={"res2.norm": 2})
-  assert v2.adjusted == ["res2.norm.running_var"]
-  np.testing.assert_array_equal(v2.state["res2.norm.running_var"],
-                                np.float32(2.0) - np.float32(1e-5))
-  v3 = d2_reader.match_state_dict(state, shapes, module_versions={"res2.norm": 3})
-  assert not v3.adjusted and np.all(v3.state["res2.norm.running_var"] == 2.0)
-  partial = {k: v for k, v in state.items() if "running" not in k}
-  with pytest.raises(CheckpointError, match=r"res2\.norm\.running_mean \(2,\)"):
-    d2_reader.match_state_dict(partial, shapes, module_versions={"res2.norm": 3})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,38 +525,3 @@ def test_truncated_or_corrupt_files_give_one_line_error(tmp_path):
 def test_missing_file():
   with pytest.raises(FileNotFoundError):
     d2_reader.load_detectron2_file("/nonexistent/model_final.pkl")
-
-
-def test_strict_report_lists_names_with_shapes():
-  expected = {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (2, 2), "c.weight": (5,)}
-  state = {"a.weight": np.zeros((4, 3)), "a.bias": np.zeros(3), "b.weight": np.zeros((2, 2)),
-           "z.extra": np.zeros((7, 1)), "pixel_mean": np.zeros(3),
-           "proposal_generator.anchor_generator.cell_anchors.0": np.zeros((3, 4))}
-  with pytest.raises(CheckpointError) as e:
-    d2_reader.match_state_dict(state, expected)
-  msg = str(e.value)
-  assert "missing in checkpoint (1):\n  c.weight (5,)" in msg
-  assert "unexpected in checkpoint (1):\n  z.extra (7, 1)" in msg
-  assert "a.bias: (3,) vs (4,)" in msg
-  report = d2_reader.match_state_dict(state, expected, strict=False)
-  assert report.missing == {"c.weight": (5,)}
-  assert report.unexpected == {"z.extra": (7, 1)}
-  assert report.mismatched == [d2_reader.Mismatch("a.bias", (3,), (4,))]
-  assert sorted(report.ignored) == ["pixel_mean",
-                                    "proposal_generator.anchor_generator.cell_anchors.0"]
-  assert list(report.state) == ["a.weight", "b.weight"] and not report.ok
-
-
-def test_suffix_matching_prefers_longest_and_refuses_ambiguity():
-  expected = {"backbone.bottom_up.stem.conv1.weight": (1,), "x.res2.conv1.weight": (1,),
-              "x.conv1.weight": (1,)}
-  state = {"conv1.weight": np.zeros(1), "res2.conv1.weight": np.ones(1),
-           "stem.conv1.weight": np.full(1, 2.0)}
-  report = d2_reader.match_state_dict(state, expected, heuristics=True)
-  assert report.sources == {"backbone.bottom_up.stem.conv1.weight": "stem.conv1.weight",
-                            "x.res2.conv1.weight": "res2.conv1.weight",
-                            "x.conv1.weight": "conv1.weight"}
-  with pytest.raises(CheckpointError, match="matches several model entries"):
-    d2_reader.match_state_dict({"conv1.weight": np.zeros(1)},
-                               {"a.conv1.weight": (1,), "b.conv1.weight": (1,)},
-                               heuristics=True, strict=False)

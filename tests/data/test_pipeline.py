@@ -10,7 +10,7 @@ from pointrend_jax.data import pipeline, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-CFG = pipeline.InputConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=128,
+CFG = pipeline.LoaderConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=128,
                            max_size_test=192, max_instances=12)
 
 
@@ -31,7 +31,7 @@ def val_records(dataset):
 
 def _loader(records, **kwargs):
   # No prefetch threads by default: they would keep mapping after a test ends.
-  kwargs = {"batch_size_per_process": 2, "seed": 0, "input_config": CFG, "process_index": 0,
+  kwargs = {"batch_size_per_process": 2, "seed": 0, "config": CFG, "process_index": 0,
             "process_count": 1, "read_threads": 0, **kwargs}
   return pipeline.build_train_loader(records, **kwargs)
 
@@ -124,7 +124,7 @@ def test_training_drops_crowd_and_empty_images(train_records):
 def test_eval_loader_keeps_every_image_and_pads(val_records):
   records = copy.deepcopy(val_records) + [dict(copy.deepcopy(val_records[0]), annotations=[],
                                                image_id=999)]
-  loader = pipeline.build_eval_loader(records, 3, input_config=CFG, process_index=0,
+  loader = pipeline.build_eval_loader(records, 3, config=CFG, process_index=0,
                                       process_count=1)
   batches = list(loader)
   assert len(batches) == len(loader)
@@ -147,7 +147,7 @@ def test_eval_loader_keeps_every_image_and_pads(val_records):
   assert sum((~b["valid"]).sum() for b in batches) == 3 * len(batches) - len(records)
 
   # Two processes: the same number of batches, disjoint valid images covering everything.
-  parts = [list(pipeline.build_eval_loader(records, 2, input_config=CFG, process_index=p,
+  parts = [list(pipeline.build_eval_loader(records, 2, config=CFG, process_index=p,
                                            process_count=2)) for p in range(2)]
   assert len(parts[0]) == len(parts[1])
   ids = [int(r) for part in parts for b in part for r, v in zip(b["record_index"], b["valid"])
@@ -156,7 +156,7 @@ def test_eval_loader_keeps_every_image_and_pads(val_records):
   for a, b in zip(*parts):
     assert a["image"].shape == b["image"].shape
 
-  exact = pipeline.build_eval_loader(records, 1, input_config=CFG, process_index=0,
+  exact = pipeline.build_eval_loader(records, 1, config=CFG, process_index=0,
                                      process_count=1, padding="exact")
   for batch in exact:
     h, w = batch["image_size"][0]
@@ -164,26 +164,26 @@ def test_eval_loader_keeps_every_image_and_pads(val_records):
 
 
 def test_semantic_training_crop_and_colour(train_records):
-  cfg = pipeline.InputConfig(min_size_train=(128, 192), max_size_train=384, crop_size=(96, 128),
+  cfg = pipeline.LoaderConfig(min_size_train=(128, 192), max_size_train=384, crop_size=(96, 128),
                              crop_single_category_max_area=0.75, color_aug_ssd=True,
                              instance_targets=False, semantic_targets=True, mask_format="none")
   assert pipeline.train_buckets(cfg) == ((96, 128),)
-  batches = _take(_loader(train_records, input_config=cfg, batch_size_per_process=3), 3)
+  batches = _take(_loader(train_records, config=cfg, batch_size_per_process=3), 3)
   for batch in batches:
     assert set(batch) == {"image", "image_size", "orig_size", "image_id", "record_index",
                           "valid", "sem_seg"}
     assert batch["sem_seg"].shape == (3, 96, 128)
     np.testing.assert_array_equal(batch["image_size"], [[96, 128]] * 3)
     assert set(np.unique(batch["sem_seg"])) <= set(range(6))
-  _assert_same(batches, _take(_loader(train_records, input_config=cfg,
+  _assert_same(batches, _take(_loader(train_records, config=cfg,
                                       batch_size_per_process=3), 3))
 
 
 def test_orientation_grouping(train_records):
-  cfg = pipeline.InputConfig(min_size_train=(96, 128), max_size_train=192, max_instances=12,
+  cfg = pipeline.LoaderConfig(min_size_train=(96, 128), max_size_train=192, max_instances=12,
                              group_by="orientation")
   by_index = {i: r for i, r in enumerate(train_records)}
-  for batch in _take(_loader(train_records, input_config=cfg), 8):
+  for batch in _take(_loader(train_records, config=cfg), 8):
     landscape = {by_index[int(i)]["width"] > by_index[int(i)]["height"]
                  for i in batch["record_index"]}
     assert len(landscape) == 1  # detectron2's groups: w > h, or not.

@@ -217,12 +217,12 @@ def test_tfds_records_feed_the_pipeline_like_the_files(sources):
   # The stored bytes, not the files, must be what is decoded.
   from_tfds = [dict(r, file_name="/nonexistent/" + os.path.basename(r["file_name"]))
                for r in from_tfds]
-  cfg = pipeline.InputConfig(min_size_train=(48, 64), max_size_train=96, min_size_test=64,
+  cfg = pipeline.LoaderConfig(min_size_train=(48, 64), max_size_train=96, min_size_test=64,
                              max_size_test=96, max_instances=12)
   a = _batches(pipeline.build_train_loader(direct, batch_size_per_process=2, seed=3,
-                                           input_config=cfg, read_threads=0), 3)
+                                           config=cfg, read_threads=0), 3)
   b = _batches(pipeline.build_train_loader(from_tfds, batch_size_per_process=2, seed=3,
-                                           input_config=cfg, read_threads=0), 3)
+                                           config=cfg, read_threads=0), 3)
   for batch_a, batch_b in zip(a, b):
     assert batch_a.keys() == batch_b.keys()
     for key in batch_a:

@@ -89,7 +89,7 @@ def test_map_example_resize_flip_polygon_and_rle_exact(tmp_path):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
   record = _write_record(tmp_path, image)
-  cfg = pipeline.InputConfig(min_size_train=(80,), max_size_train=1000)
+  cfg = pipeline.LoaderConfig(min_size_train=(80,), max_size_train=1000)
   seen = {}
   for seed in range(20):
     ex = pipeline.map_example(record, np.random.default_rng(seed), cfg, training=True)

@@ -419,13 +419,6 @@ def test_jit_compiles_once(tiny_gn):
     tiny_gn(jnp.ones((1, 48, 64, 3)))
 
 
-def test_precision_setting():
-  assert layers.get_conv_precision() == jax.lax.Precision.HIGHEST
-  with layers.conv_precision("default"):
-    assert layers.get_conv_precision() == "default"
-  assert layers.get_conv_precision() == jax.lax.Precision.HIGHEST
-
-
 def test_resnet_out_features_and_strides():
   r = nnx.eval_shape(lambda: ResNet(50, out_features=("stem", "res3"), rngs=nnx.Rngs(0)))
   assert not hasattr(r, "res4")

@@ -16,9 +16,10 @@ import pytest
 from flax import nnx
 
 from conftest import PARITY_DIR, REPO_ROOT, SHARED_DIR
+from pointrend_jax.checkpoint.d2_model import load_d2_model
 from pointrend_jax.checkpoint.orbax_io import load_converted
-from pointrend_jax.modeling.config import zoo_config
-from pointrend_jax.modeling.meta_arch import PointRendRCNN, abstract_model, load_d2_model
+from pointrend_jax.modeling.zoo import zoo_config
+from pointrend_jax.modeling.meta_arch import PointRendRCNN, abstract_model
 from pointrend_jax.tools import convert
 
 STEM = "pointrend_rcnn_R_50_FPN_1x_coco"

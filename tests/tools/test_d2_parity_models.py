@@ -14,6 +14,8 @@ import pytest
 
 from conftest import PARITY_DIR, REPO_ROOT
 from pointrend_jax.parity import models
+from pointrend_jax.parity.compare import set_match
+from pointrend_jax.parity.model_rules import known_name
 from pointrend_jax.tools import d2_parity
 
 R50 = PARITY_DIR / "r50_fpn_1x_coco"
@@ -108,8 +110,8 @@ def test_perturbed_unknown_and_unsupported_recipe_fail(tmp_path, capsys):
 
 def test_every_fixture_array_has_a_rule():
   for folder in (R50, SEMANTIC):
-    assert [n for n in _names(folder) if not models.known_name(n)] == []
-  assert not models.known_name("res6_crop_tl") and not models.known_name("mystery")
+    assert [n for n in _names(folder) if not known_name(n)] == []
+  assert not known_name("res6_crop_tl") and not known_name("mystery")
 
 
 def test_set_match_tolerates_order_and_cut_ties_only():
@@ -118,7 +120,7 @@ def test_set_match_tolerates_order_and_cut_ties_only():
   boxes = np.concatenate([xy, xy + rng.uniform(20, 80, (10, 2))], 1).astype(np.float32)
   scores = np.linspace(0.9, 0.5, 10).astype(np.float32)
   perm = rng.permutation(10)
-  sm = models.set_match(boxes, scores, boxes[perm], scores[perm], capacity=10)
+  sm = set_match(boxes, scores, boxes[perm], scores[perm], capacity=10)
   assert sm.ok and np.array_equal(perm[sm.j], np.arange(10))
   # The last row ties the cut and was replaced by another box of a tied score: allowed at a
   # full cut only, and only when the replacement's score ties the cut too.
@@ -126,15 +128,15 @@ def test_set_match_tolerates_order_and_cut_ties_only():
   other[9] += 200
   ours = scores.copy()
   ours[9] += 5e-5
-  assert models.set_match(boxes, scores, other, ours, capacity=10).ok
-  assert not models.set_match(boxes, scores, other, ours, capacity=20).ok
+  assert set_match(boxes, scores, other, ours, capacity=10).ok
+  assert not set_match(boxes, scores, other, ours, capacity=20).ok
   ours[9] = 0.3
-  assert not models.set_match(boxes, scores, other, ours, capacity=10).ok
+  assert not set_match(boxes, scores, other, ours, capacity=10).ok
   other[9], other[3] = boxes[9], other[3] + 200  # a confident detection moved
-  assert not models.set_match(boxes, scores, other, scores, capacity=10).ok
+  assert not set_match(boxes, scores, other, scores, capacity=10).ok
   # Classes must agree.
   cls = np.arange(10)
-  assert not models.set_match(boxes, scores, boxes, scores, 10, cls, cls[::-1]).ok
+  assert not set_match(boxes, scores, boxes, scores, 10, cls, cls[::-1]).ok
 
 
 @pytest.mark.parametrize("kind", ["missing_file", "not_a_folder_fixture"])

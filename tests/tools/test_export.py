@@ -17,10 +17,12 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT
+from pointrend_jax.checkpoint import workdir as workdir_lib
 from pointrend_jax.data import synthetic
 from pointrend_jax.inference import Predictor
 from pointrend_jax.tools import export as export_tool
-from pointrend_jax.training import loop
+from pointrend_jax.modeling import zoo
+from pointrend_jax.training import train
 
 pytestmark = pytest.mark.slow  # every test uses the tiny training run
 
@@ -48,7 +50,7 @@ def trained(tmp_path_factory):
   """``(workdir, config, the in-memory final model train_and_evaluate exported)``."""
   workdir = tmp_path_factory.mktemp("run")
   captured = {}
-  original = loop.export_model
+  original = workdir_lib.export_trained_model
 
   def capture(model, mcfg, out_dir, **kwargs):
     captured.update(model=model, mcfg=mcfg)
@@ -56,8 +58,8 @@ def trained(tmp_path_factory):
 
   config = _tiny_config()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loop, "export_model", capture)
-    loop.train_and_evaluate(config, workdir, evaluate_after=False)
+    mp.setattr(workdir_lib, "export_trained_model", capture)
+    train.train_and_evaluate(config, workdir, evaluate_after=False)
   return workdir, config, captured
 
 
@@ -76,11 +78,11 @@ def _assert_same_instances(a, b):
 
 def test_training_exports_final_model_for_predictor(trained):
   workdir, config, captured = trained
-  model_dir = workdir / loop.EXPORT_DIR
+  model_dir = workdir / workdir_lib.EXPORT_DIR
   meta = json.loads((model_dir / "config.json").read_text())
   assert meta["source"]["step"] == 2
   # The synthetic config's model is all overrides: the stored config is the full ModelConfig.
-  assert meta["config"] == loop.model_config(config).to_dict()
+  assert meta["config"] == zoo.model_config(config.model).to_dict()
   assert meta["config"]["roi_heads"]["num_classes"] == 5
   exported = Predictor(None, str(model_dir))
   assert exported.class_names == list(synthetic.THING_CLASSES)
@@ -93,7 +95,7 @@ def test_training_exports_final_model_for_predictor(trained):
 
 def test_restore_model_matches_final_state(trained):
   workdir, config, captured = trained
-  step, model = loop.restore_model(config, workdir)
+  step, model = workdir_lib.restore_trained_model(workdir, captured["mcfg"])
   assert step == 2
   ours = nnx.to_pure_dict(nnx.state(model))
   theirs = nnx.to_pure_dict(nnx.state(captured["model"]))
@@ -110,7 +112,7 @@ def test_export_tool_writes_any_step(trained, tmp_path, capsys):
   meta = json.loads((out / "config.json").read_text())
   assert meta["source"]["step"] == 1 and meta["class_names"] == list(synthetic.THING_CLASSES)
   # The checkpoint's values (Predictor on an exported directory: the first test).
-  _, step1 = loop.restore_model(config, workdir, 1)
+  _, step1 = workdir_lib.restore_trained_model(workdir, captured["mcfg"], 1)
   predictor = Predictor(None, str(out))
   assert predictor.cfg == captured["mcfg"]
   exported = jax.tree.leaves(nnx.to_pure_dict(nnx.state(predictor.model)))

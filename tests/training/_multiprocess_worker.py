@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from _tiny_batches import semantic_pair
+from _tiny_models import tiny_instance_config, tiny_semantic_config, tiny_model
 
 STEPS = 2
 
@@ -37,7 +38,7 @@ def numpy_init(build, seed: int = 0):
   and running variances, zero biases and running means.
   """
   from flax import nnx
-  from pointrend_jax.modeling.meta_arch import d2_model_names, load_d2_model
+  from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
   model = nnx.eval_shape(build)
   rng = np.random.default_rng(seed)
   state = {}
@@ -54,11 +55,10 @@ def numpy_init(build, seed: int = 0):
 
 
 def semantic_setup():
-  from pointrend_jax.training import train
   from pointrend_jax.training.losses_semantic import semantic_loss_fn
-  config = train.tiny_semantic_config()
-  config.model.train_num_points = 48
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
+  config = tiny_semantic_config()
+  config.model.overrides.point_head.train_num_points = 48
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
   config.train.update(batch_size=8, num_replicas_d2=4)
   images, labels = semantic_pair()
   hw = images.shape[1]
@@ -67,15 +67,15 @@ def semantic_setup():
   for i in range(8):  # replicas (and processes) see different numbers of labelled pixels
     sem_seg[i, : 2 * i] = 255
   batch = {"image": image, "image_size": np.full((8, 2), hw, np.int32), "sem_seg": sem_seg}
-  model = numpy_init(lambda: train.build_semantic_model(config))
+  model = numpy_init(lambda: tiny_model(config))
   return config, model, semantic_loss_fn, batch
 
 
 def instance_setup():
   from pointrend_jax.data import batching
   from pointrend_jax.training import losses_instance as L
-  config = L.tiny_instance_config()
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
+  config = tiny_instance_config()
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
   rng = np.random.default_rng(0)
   exs = []
   for i in range(4):  # 4 distinct images, one without instances
@@ -99,7 +99,7 @@ def instance_setup():
     exs.append(ex)
   full = batching.make_batch(exs, (64, 64), max_instances=3)
   batch = {k: full[k] for k in L.INSTANCE_BATCH_KEYS}
-  model = numpy_init(lambda: L.build_instance_model(config))
+  model = numpy_init(lambda: tiny_model(config))
   return config, model, L.instance_loss_fn, batch
 
 
@@ -108,20 +108,21 @@ def run_model(name: str, args, mesh_sizes) -> dict:
   each ``n`` of ``mesh_sizes`` (0: all), each from the same initial state."""
   import jax
   from pointrend_jax.training import mesh as mesh_lib
-  from pointrend_jax.training import optimizer, train
+  from pointrend_jax.training import optimizer
+  from pointrend_jax.training import step as step_lib
   config, model, loss_fn, global_batch = SETUPS[name]()
   n = next(iter(global_batch.values())).shape[0]
   per = n // args.num_processes
   p = args.process_id
   local_batch = {k: v[p * per:(p + 1) * per] for k, v in global_batch.items()}
   tx, schedule = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))  # host copy
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))  # host copy
 
   results = {}
   for size in mesh_sizes:
     mesh = mesh_lib.make_mesh(jax.devices()[:size] if size else None)
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers: the step donates its input
-    step = train.make_train_step(loss_fn, tx, mesh=mesh,
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh,
                                  num_groups=config.train.num_replicas_d2, schedule=schedule)
     metrics = []
     for _ in range(STEPS):

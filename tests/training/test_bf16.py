@@ -1,5 +1,9 @@
-"""bfloat16 compute (``layers.compute_dtype`` / ``train.compute_dtype``): float32 variables,
-gradients and optimizer state; bf16 activations; float32 head outputs, losses and boxes."""
+"""bfloat16 compute (``dtype=bfloat16`` module arguments, ``train.compute_dtype``): float32
+variables, gradients and optimizer state; bf16 activations; float32 head outputs, losses and
+boxes."""
+
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +13,14 @@ import pytest
 from flax import nnx
 
 from pointrend_jax.modeling import layers
-from pointrend_jax.modeling.point_rend import Linear
 from pointrend_jax.training import losses_instance as L
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer, train
+from pointrend_jax.training import step as step_lib
 from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
 from _tiny_batches import instance_batch, semantic_pair
+from _tiny_models import tiny_instance_config, tiny_semantic_config, tiny_model
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
@@ -37,30 +42,11 @@ def _float_dtypes(tree):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_compute_dtype_context_and_validation():
-  assert layers.get_compute_dtype() == F32
-  with layers.compute_dtype("bfloat16"):
-    assert layers.get_compute_dtype() == BF16
-    with layers.compute_dtype(None):
-      assert layers.get_compute_dtype() == F32
-    assert layers.get_compute_dtype() == BF16
-  assert layers.get_compute_dtype() == F32
-  for ok in (jnp.bfloat16, np.dtype("float32"), "float32", jnp.float32):
-    assert layers.canonical_compute_dtype(ok) in (F32, BF16)
-  for bad in ("float16", jnp.int32, "fp8", "nonsense"):
-    with pytest.raises(ValueError):
-      layers.canonical_compute_dtype(bad)
-  with pytest.raises(ValueError):
-    with layers.compute_dtype("float16"):
-      pass
-  assert layers.get_compute_dtype() == F32
-
-
 def test_conv2d_bf16_output_float32_kernel_and_default_unchanged():
   conv = layers.Conv2d(5, 8, 3, stride=2, padding=1, rngs=nnx.Rngs(0))
   conv.bias[...] = jax.random.normal(jax.random.key(1), (8,))
   x = jax.random.normal(jax.random.key(2), (2, 9, 11, 5), jnp.float32)
-  # The float32 conv as it was before the compute-dtype option (kernel cast to x.dtype).
+  # The plain float32 conv at HIGHEST precision.
   ref = jax.lax.conv_general_dilated(
       x, conv.kernel[...], (2, 2), ((1, 1), (1, 1)), rhs_dilation=(1, 1),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -69,14 +55,13 @@ def test_conv2d_bf16_output_float32_kernel_and_default_unchanged():
   out = conv(x)
   assert out.dtype == F32
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
-  with layers.compute_dtype("float32"):
-    np.testing.assert_array_equal(np.asarray(conv(x)), np.asarray(ref))
 
-  with layers.compute_dtype("bfloat16"):
-    out16 = conv(x)
-    grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2))(conv)
+  conv16 = layers.Conv2d(5, 8, 3, stride=2, padding=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  nnx.update(conv16, nnx.state(conv))
+  out16 = conv16(x)
+  grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2))(conv16)
   assert out16.dtype == BF16
-  assert conv.kernel[...].dtype == F32 and conv.bias[...].dtype == F32
+  assert conv16.kernel[...].dtype == F32 and conv16.bias[...].dtype == F32
   assert len(jax.tree.leaves(grads)) == 2 and _float_dtypes(grads) == {F32}
   # bf16 operands (8 bits of mantissa), float32 accumulation.
   np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(ref), rtol=3e-2,
@@ -84,12 +69,12 @@ def test_conv2d_bf16_output_float32_kernel_and_default_unchanged():
 
 
 @pytest.mark.parametrize("make_norm", [
-    lambda: layers.FrozenBatchNorm(8),
-    lambda: layers.BatchNorm(8),
-    lambda: layers.GroupNorm(4, 8),
+    lambda **kw: layers.FrozenBatchNorm(8, **kw),
+    lambda **kw: layers.BatchNorm(8, **kw),
+    lambda **kw: layers.GroupNorm(4, 8, **kw),
 ], ids=["FrozenBN", "BN", "GN"])
 def test_norms_return_compute_dtype_with_float32_statistics(make_norm):
-  norm = make_norm()
+  norm = make_norm(dtype=jnp.bfloat16)
   for name in ("weight", "bias", "running_mean", "running_var"):
     if hasattr(norm, name):  # non-trivial affine parameters / statistics
       v = getattr(norm, name)
@@ -101,8 +86,7 @@ def test_norms_return_compute_dtype_with_float32_statistics(make_norm):
   nnx.update(ref, nnx.state(norm))
   out32 = ref(x16.astype(jnp.float32))
   assert out32.dtype == F32
-  with layers.compute_dtype("bfloat16"):
-    out16 = norm(x16)
+  out16 = norm(x16)
   assert out16.dtype == BF16
   assert _float_dtypes(nnx.state(norm)) == {F32}
   np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), rtol=2 ** -8,
@@ -110,13 +94,14 @@ def test_norms_return_compute_dtype_with_float32_statistics(make_norm):
 
 
 def test_linear_bf16_and_default_unchanged():
-  lin = Linear(16, 4, rngs=nnx.Rngs(0))
+  lin = layers.Linear(16, 4, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (3, 16), jnp.float32)
   ref = jnp.matmul(x, lin.kernel[...], precision=jax.lax.Precision.HIGHEST) + lin.bias[...]
   np.testing.assert_array_equal(np.asarray(lin(x)), np.asarray(ref))
-  with layers.compute_dtype("bfloat16"):
-    y = lin(x)
-  assert y.dtype == BF16 and lin.kernel[...].dtype == F32
+  lin16 = layers.Linear(16, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  nnx.update(lin16, nnx.state(lin))
+  y = lin16(x)
+  assert y.dtype == BF16 and lin16.kernel[...].dtype == F32
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.05)
 
 
@@ -132,28 +117,33 @@ def _semantic_batch():
           "sem_seg": np.concatenate([labels] * 2)}
 
 
-def _run_steps(model, config, loss_fn, batch, dtypes_steps):
-  """Runs ``steps`` train steps from the same initial state for each ``(dtype, steps)``."""
-  tx, _ = optimizer.make_optimizer(config, model)
+def _bf16_twin(model, build_bf16):
+  """The same variables in a model that ``build_bf16`` builds with ``dtype=bfloat16``."""
+  graphdef, _ = nnx.split(nnx.eval_shape(build_bf16))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def _models(config):
+  model = tiny_model(config)
+  return {"float32": model,
+          "bfloat16": _bf16_twin(model, lambda: tiny_model(config, dtype=jnp.bfloat16))}
+
+
+def _run_steps(models, config, loss_fn, batch, dtypes_steps):
+  """Runs ``steps`` train steps of ``models[dtype]`` for each ``(dtype, steps)``; the models
+  share their initial variables."""
+  tx, _ = optimizer.make_optimizer(config, models["float32"])
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
   out = {}
   for dtype, steps in dtypes_steps:
-    seen = []
-
-    def recording_loss(m, b, k):
-      seen.append(layers.get_compute_dtype())  # trace time
-      return loss_fn(m, b, k)
-
-    step = train.make_train_step(recording_loss, tx, mesh=mesh,
-                                 num_groups=config.train.num_replicas_d2, compute_dtype=dtype)
+    initial = jax.device_get(step_lib.create_train_state(models[dtype], tx, seed=0))
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh,
+                                 num_groups=config.train.num_replicas_d2)
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers (the step donates its input)
     metrics = []
     for _ in range(steps):
       state, m = step(state, batch)
       metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-    assert set(seen) == {jnp.dtype(dtype)}, seen
-    assert layers.get_compute_dtype() == F32  # the step's context does not leak
     out[dtype] = (metrics, state, initial)
   return out
 
@@ -162,6 +152,7 @@ def _check_bf16_run(runs, loss_names, overfit_factor):
   m32, _, initial = runs["float32"]
   m16, state, _ = runs["bfloat16"]
   # First step: same parameters and keys, so the losses differ by bf16 rounding only.
+  assert m16[0]["loss"] != m32[0]["loss"]  # the bf16 model did compute in bf16
   for k in ("loss",) + tuple(loss_names):
     np.testing.assert_allclose(m16[0][k], m32[0][k], rtol=LOSS_RTOL, atol=LOSS_ATOL, err_msg=k)
   np.testing.assert_allclose(m16[0]["grad_norm"], m32[0]["grad_norm"], rtol=5e-2)
@@ -181,10 +172,9 @@ def _check_bf16_run(runs, loss_names, overfit_factor):
 
 @pytest.mark.slow
 def test_instance_train_step_bf16():
-  config = L.tiny_instance_config()
-  config.solver.update(base_lr=0.005, warmup_iters=0, steps=(), max_iter=100)
-  model = L.build_instance_model(config)
-  runs = _run_steps(model, config, L.instance_loss_fn, instance_batch(),
+  config = tiny_instance_config()
+  config.solver.update(base_lr=0.005, warmup_iters=0, steps=())
+  runs = _run_steps(_models(config), config, L.instance_loss_fn, instance_batch(),
                     (("float32", 1), ("bfloat16", 14)))
   # Same criterion as the float32 overfitting test in test_losses_instance.py.
   _check_bf16_run(runs, L.LOSS_NAMES, 0.75)
@@ -192,11 +182,10 @@ def test_instance_train_step_bf16():
 
 @pytest.mark.slow
 def test_semantic_train_step_bf16():
-  config = train.tiny_semantic_config()
-  config.model.train_num_points = 48
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
-  model = train.build_semantic_model(config)
-  runs = _run_steps(model, config, semantic_loss_fn, _semantic_batch(),
+  config = tiny_semantic_config()
+  config.model.overrides.point_head.train_num_points = 48
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
+  runs = _run_steps(_models(config), config, semantic_loss_fn, _semantic_batch(),
                     (("float32", 1), ("bfloat16", 6)))
   # Measured: 21.6 -> 2.5 in 6 steps (float32: 21.6 -> 3.0).
   _check_bf16_run(runs, ("loss_sem_seg", "loss_sem_seg_point"), 0.5)
@@ -204,40 +193,49 @@ def test_semantic_train_step_bf16():
 
 class _Toy(nnx.Module):
 
-  def __init__(self, rngs: nnx.Rngs):
-    self.conv = layers.Conv2d(3, 8, 3, padding=1, norm=layers.GroupNorm(4, 8), rngs=rngs)
-    self.head = layers.Conv2d(8, 2, 1, rngs=rngs)
+  def __init__(self, rngs: nnx.Rngs, dtype):
+    self.conv = layers.Conv2d(3, 8, 3, padding=1, norm=layers.GroupNorm(4, 8, dtype=dtype),
+                              dtype=dtype, rngs=rngs)
+    self.head = layers.Conv2d(8, 2, 1, dtype=dtype, rngs=rngs)
 
 
-def test_train_loop_reads_compute_dtype(tmp_path):
+def test_train_loop_bf16_model_keeps_float32_state(tmp_path):
   seen = []
 
   def loss_fn(model, batch, key):
     del key
-    seen.append(layers.get_compute_dtype())
     feats = model.conv(batch["image"].astype(jnp.float32) / 255.0)
-    assert feats.dtype == seen[-1]
+    seen.append(feats.dtype)  # trace time
     logits = model.head(jax.nn.relu(feats)).astype(jnp.float32)
     loss = jnp.mean(jnp.square(logits - 1.0))
     return loss, {"mse": loss}
 
   config = ml_collections.ConfigDict({
       "seed": 0,
-      "solver": {"base_lr": 0.01, "steps": (), "max_iter": 2, "warmup_iters": 0},
-      "train": {"batch_size": 2, "num_replicas_d2": 1, "log_every": 1, "checkpoint_every": 0,
-                "progress_bar": False, "async_checkpointing": False,
-                "compute_dtype": "bfloat16"},
+      "solver": {"base_lr": 0.01, "steps": (), "warmup_iters": 0},
+      "train": {"max_steps": 2, "batch_size": 2, "num_replicas_d2": 1, "log_every": 1, "checkpoint_every": 0,
+                "progress_bar": False, "async_checkpointing": False},
   })
   image = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3)).astype(np.uint8)
-  state = train.train_loop(config, str(tmp_path), _Toy(nnx.Rngs(0)), loss_fn,
+  state = train.train_loop(config, str(tmp_path), _Toy(nnx.Rngs(0), jnp.bfloat16), loss_fn,
                            train.InMemoryIterator([{"image": image}]))
   assert seen == [BF16]
   assert int(state.step) == 2 and _float_dtypes(state.params) == {F32}
   assert _float_dtypes(state.opt_state) <= {F32}
-  config.train.compute_dtype = "float16"
-  with pytest.raises(ValueError, match="float32 or bfloat16"):
-    train.train_loop(config, str(tmp_path / "bad"), _Toy(nnx.Rngs(0)), loss_fn,
-                     train.InMemoryIterator([{"image": image}]))
+
+
+def test_loop_builds_the_model_in_train_compute_dtype():
+  from pointrend_jax.modeling import zoo
+  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "synthetic_shapes.py"
+  spec = importlib.util.spec_from_file_location("_config_synthetic_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.train.compute_dtype = "bfloat16"
+  model = nnx.eval_shape(lambda: train.build_run_model(config, zoo.model_config(config.model)))
+  assert model.backbone.bottom_up.stem.conv1.dtype == BF16
+  assert model.mask_head.point_head.predictor.dtype == BF16
+  assert _float_dtypes(nnx.state(model)) == {F32}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,14 +245,18 @@ def test_train_loop_reads_compute_dtype(tmp_path):
 
 @pytest.mark.slow
 def test_instance_predict_bf16_returns_float32():
-  from pointrend_jax.modeling.meta_arch import make_predict_fn
-  model = L.build_instance_model(L.tiny_instance_config())
+  models = _models(tiny_instance_config())
   batch = instance_batch()
   images, sizes = jnp.asarray(batch["image"][:2]), jnp.asarray(batch["image_size"][:2])
-  with layers.compute_dtype("bfloat16"):  # the context must be active while tracing
-    predict = make_predict_fn(model, return_intermediates=True)
-    out = predict(images, sizes)
-  assert predict.num_traces() == 1
+  traces = []
+
+  @nnx.jit
+  def predict(m, images, sizes):
+    traces.append(images.shape)
+    return m.predict(images, sizes, return_intermediates=True)
+
+  out = predict(models["bfloat16"], images, sizes)
+  assert len(traces) == 1
   inter = out["intermediates"]
   assert inter["features"]["p2"].dtype == BF16  # the model did compute in bf16
   for k in ("boxes", "scores", "mask_logits"):
@@ -264,27 +266,37 @@ def test_instance_predict_bf16_returns_float32():
   assert inter["box_cls_logits"].dtype == F32 and inter["box_deltas"].dtype == F32
   assert inter["proposals"].boxes.dtype == F32
   assert inter["mask"]["coarse_logits"].dtype == F32
-  assert _float_dtypes(nnx.state(model)) == {F32}
+  assert _float_dtypes(nnx.state(models["bfloat16"])) == {F32}
   # The RPN logits equal float32's up to bf16 rounding (later stages select discrete boxes).
-  ref = make_predict_fn(model, return_intermediates=True)(images, sizes)["intermediates"]
-  for got, want in zip(inter["rpn_logits"], ref["rpn_logits"]):
+  ref = predict(models["float32"], images, sizes)
+  assert ref["intermediates"]["features"]["p2"].dtype == F32
+  for got, want in zip(inter["rpn_logits"], ref["intermediates"]["rpn_logits"]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                                atol=0.02 * float(jnp.abs(want).max()) + 1e-4)
 
 
+def test_predictor_dtype():
+  from pointrend_jax.inference import Predictor
+  model = tiny_model(tiny_instance_config())
+  predictor = Predictor(model.cfg, model, dtype="bfloat16", buckets=[(64, 64)])
+  assert predictor.model.backbone.bottom_up.stem.conv1.dtype == BF16
+  assert _float_dtypes(nnx.state(predictor.model)) == {F32}
+  assert Predictor(model.cfg, model).model.backbone.bottom_up.stem.conv1.dtype == F32
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    Predictor(model.cfg, model, dtype="float16")
+
+
 @pytest.mark.slow
 def test_semantic_inference_bf16_returns_float32():
-  config = train.tiny_semantic_config()
-  model = train.build_semantic_model(config)
+  models = _models(tiny_semantic_config())
   batch = _semantic_batch()
   images, sizes = jnp.asarray(batch["image"][:1]), jnp.asarray(batch["image_size"][:1])
 
   def run(m, x, s):
     return m(x, s, return_intermediates=True)
 
-  with layers.compute_dtype("bfloat16"):
-    logits16, inter16 = nnx.jit(run)(model, images, sizes)
-  logits32, inter32 = nnx.jit(run)(model, images, sizes)
+  logits16, inter16 = nnx.jit(run)(models["bfloat16"], images, sizes)
+  logits32, inter32 = nnx.jit(run)(models["float32"], images, sizes)
   assert inter16["fused_features"].dtype == BF16 and inter32["fused_features"].dtype == F32
   assert logits16.dtype == F32 and logits16.shape == logits32.shape
   assert inter16["coarse_logits"].dtype == F32

@@ -193,7 +193,9 @@ def _load_config(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_with_required_keys(path):
-  from pointrend_jax.training import loop
+  from pointrend_jax.data import pipeline
+  from pointrend_jax.modeling import zoo
+  from pointrend_jax.data import splits
   module = _load_config(path)
   doc = module.get_config.__doc__
   assert "python launch.py --config configs/" in doc and "Expected" in doc
@@ -207,11 +209,10 @@ def test_config_loads_with_required_keys(path):
   for which in ("train", "val"):
     for key in ("source", "annotations", "images", "root", "split"):
       assert key in config.data[which], (which, key)
-    assert config.data[which].source in loop.SOURCES
+    assert config.data[which].source in splits.SOURCES
   assert config.train.batch_size % config.train.num_replicas_d2 == 0
-  mcfg = loop.model_config(config)
-  loop.input_config(config, mcfg)
-  loop._loop_config(config)  # pylint: disable=protected-access
+  mcfg = zoo.model_config(config.model)
+  pipeline.loader_config(config.data, mcfg)
   if not path.stem.startswith("synthetic"):
     assert config.model.zoo == path.stem  # the zoo configs use their model-zoo names
     assert config.init.weights.endswith(".pkl")
@@ -248,14 +249,17 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   from flax import nnx
   import jax
   from pointrend_jax.checkpoint import orbax_io
+  from pointrend_jax.checkpoint.d2_model import d2_model_names
   from pointrend_jax.modeling import meta_arch
-  from pointrend_jax.training import loop
+  from pointrend_jax.modeling import zoo
+  from pointrend_jax import errors
+  from pointrend_jax.training import train
   config = _load_config(REPO / "configs" / "synthetic_shapes.py").get_config()
-  mcfg = loop.model_config(config)
-  model = loop.build_model(config, mcfg)
+  mcfg = zoo.model_config(config.model)
+  model = train.build_run_model(config, mcfg)
   rng = np.random.default_rng(0)
   full = {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in meta_arch.d2_model_names(model).items()}
+          for k, s in d2_model_names(model).items()}
   stem = "backbone.bottom_up.stem.conv1.weight"
 
   def kernel(m):  # OIHW, as detectron2 stores it
@@ -267,7 +271,7 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
         k: v for k, v in full.items() if k.startswith("backbone.bottom_up.")}}, f)
   config.init.weights = str(backbone_file)
   rpn_before = np.asarray(model.proposal_generator.rpn_head.conv.kernel[...]).copy()
-  assert "backbone (ImageNet)" in loop.init_weights(model, config)
+  assert "backbone (ImageNet)" in train.init_weights(model, config)
   np.testing.assert_array_equal(kernel(model), full[stem])
   np.testing.assert_array_equal(model.proposal_generator.rpn_head.conv.kernel[...], rpn_before)
 
@@ -275,23 +279,23 @@ def test_init_weights_backbone_full_and_orbax(tmp_path):
   with open(full_file, "wb") as f:
     pickle.dump({"__author__": "test", "model": full}, f)
   config.init.weights = str(full_file)
-  assert "full detectron2 model" in loop.init_weights(model, config)
+  assert "full detectron2 model" in train.init_weights(model, config)
   head = "proposal_generator.rpn_head.conv.weight"
   np.testing.assert_array_equal(
       np.asarray(model.proposal_generator.rpn_head.conv.kernel[...]).transpose(3, 2, 0, 1),
       full[head])
 
   converted = orbax_io.save_converted(model, mcfg, tmp_path / "converted")
-  other = meta_arch.build_model(mcfg, nnx.Rngs(7))
+  other = meta_arch.build_model(mcfg, rngs=nnx.Rngs(7))
   config.init.weights = str(converted)
-  assert "orbax" in loop.init_weights(other, config)
+  assert "orbax" in train.init_weights(other, config)
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))),
                   jax.tree.leaves(nnx.to_pure_dict(nnx.state(other)))):
     np.testing.assert_array_equal(a, b)
 
   config.init.weights = str(tmp_path / "missing.pkl")
-  with pytest.raises(loop.DataError, match="config.init.weights"):
-    loop.init_weights(model, config)
+  with pytest.raises(errors.DataError, match="config.init.weights"):
+    train.init_weights(model, config)
   config.init.weights = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
-  with pytest.raises(loop.DataError, match="dl.fbaipublicfiles.com"):
-    loop.init_weights(model, config)
+  with pytest.raises(errors.DataError, match="dl.fbaipublicfiles.com"):
+    train.init_weights(model, config)

@@ -12,6 +12,7 @@ from pointrend_jax.ops.roi_align import roi_align_separable
 from pointrend_jax.training import losses_instance as L
 
 from _tiny_batches import instance_batch
+from _tiny_models import tiny_instance_config, tiny_model
 
 # --------------------------------------------------------------------------------------------------
 # numpy references (float64).
@@ -392,14 +393,15 @@ def test_mask_losses_reference_and_empty():
 @pytest.fixture(scope="module")
 def tiny_run():
   from pointrend_jax.training import mesh as mesh_lib
-  from pointrend_jax.training import optimizer, train
-  config = L.tiny_instance_config()
-  config.solver.update(base_lr=0.005, warmup_iters=0, steps=(), max_iter=100)
-  model = L.build_instance_model(config)
+  from pointrend_jax.training import optimizer
+  from pointrend_jax.training import step as step_lib
+  config = tiny_instance_config()
+  config.solver.update(base_lr=0.005, warmup_iters=0, steps=())
+  model = tiny_model(config)
   tx, schedule = optimizer.make_optimizer(config, model)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  state = train.create_train_state(model, tx, seed=0, mesh=mesh)
-  step = train.make_train_step(L.instance_loss_fn, tx, mesh=mesh, num_groups=2,
+  state = step_lib.create_train_state(model, tx, seed=0, mesh=mesh)
+  step = step_lib.make_train_step(L.instance_loss_fn, tx, mesh=mesh, num_groups=2,
                                schedule=schedule)
   batch = instance_batch()
   metrics = []

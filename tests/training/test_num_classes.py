@@ -17,11 +17,12 @@ from ml_collections import config_flags
 from PIL import Image
 
 from conftest import REPO_ROOT
-from pointrend_jax.checkpoint.d2_reader import CheckpointError
+from pointrend_jax.errors import CheckpointError
 from pointrend_jax.data import cityscapes, synthetic
 from pointrend_jax import errors
-from pointrend_jax.modeling import config as config_lib
-from pointrend_jax.training import loop
+from pointrend_jax.modeling import zoo
+from pointrend_jax.data import splits
+from pointrend_jax.training import train
 
 
 def _flags_config(*args: str) -> ml_collections.ConfigDict:
@@ -47,10 +48,10 @@ def _class_counts(mcfg):
     ("synthetic_shapes", 5, False), ("synthetic_semantic", 6, True)])
 def test_num_classes_from_the_command_line(name, default, semantic):
   path = str(REPO_ROOT / "configs" / f"{name}.py")
-  mcfg = loop.model_config(_flags_config(f"--config={path}"))
+  mcfg = zoo.model_config(_flags_config(f"--config={path}").model)
   assert mcfg.is_semantic == semantic
   assert set(_class_counts(mcfg).values()) == {default}  # 0 keeps the zoo / overrides value
-  mcfg = loop.model_config(_flags_config(f"--config={path}", "--config.model.num_classes=3"))
+  mcfg = zoo.model_config(_flags_config(f"--config={path}", "--config.model.num_classes=3").model)
   assert set(_class_counts(mcfg).values()) == {3}
   assert mcfg.num_classes == 3
 
@@ -58,16 +59,16 @@ def test_num_classes_from_the_command_line(name, default, semantic):
 def test_num_classes_wins_over_overrides_and_rejects_negative():
   config = ml_collections.ConfigDict(dict(model=dict(
       zoo="", num_classes=4, overrides=dict(num_classes=7, roi_heads=dict(num_classes=9)))))
-  assert _class_counts(loop.model_config(config)) == {"roi_heads": 4, "point_head": 4}
+  assert _class_counts(zoo.model_config(config.model)) == {"roi_heads": 4, "point_head": 4}
   # num_classes next to a meta architecture change goes to that architecture's heads.
   config = ml_collections.ConfigDict(dict(model=dict(
       zoo="", num_classes=0,
       overrides=dict(num_classes=7, meta_architecture="SemanticSegmentor"))))
-  mcfg = loop.model_config(config)
+  mcfg = zoo.model_config(config.model)
   assert mcfg.is_semantic and _class_counts(mcfg) == {"sem_seg_head": 7, "point_head": 7}
   config.model.num_classes = -1
   with pytest.raises(errors.ConfigError, match="config.model.num_classes"):
-    loop.model_config(config)
+    zoo.model_config(config.model)
 
 
 def _synthetic_config(tmp_path, **model):
@@ -81,11 +82,11 @@ def _synthetic_config(tmp_path, **model):
 
 def test_synthetic_split_class_count_checked(tmp_path):
   config = _synthetic_config(tmp_path)
-  split = loop.load_split(config, "train", str(tmp_path), loop.model_config(config))
+  split = splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   assert split.class_names == synthetic.THING_CLASSES
   config.model.num_classes = 3
   with pytest.raises(errors.ConfigError) as e:
-    loop.load_split(config, "val", str(tmp_path), loop.model_config(config))
+    splits.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
   msg = str(e.value)
   assert "config.data.val" in msg and str(tmp_path / "data") in msg
   assert "has 5 categories but the model has 3 classes (roi_heads.num_classes)" in msg
@@ -108,29 +109,29 @@ def test_coco_split_class_count_names_annotations_file(tmp_path):
                            images=str(images), root="")),
   ))
   with pytest.raises(errors.ConfigError) as e:
-    loop.load_split(config, "train", str(tmp_path), loop.model_config(config))
+    splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   msg = str(e.value)
   assert f"config.data.train (COCO annotations {ann})" in msg
   assert "3 categories but the model has 80 classes (roi_heads.num_classes)" in msg
   assert "--config.model.num_classes=3" in msg
   config.model.num_classes = 3
-  split = loop.load_split(config, "train", str(tmp_path), loop.model_config(config))
+  split = splits.load_split(config, "train", str(tmp_path), zoo.model_config(config.model))
   assert split.class_names == ("c3", "c7", "c9")
   assert split.records[0]["annotations"][0]["category_id"] == 1  # contiguous
 
 
 def test_cityscapes_semantic_needs_19_classes():
-  mcfg = config_lib.zoo_config("semantic_r101_fpn_cityscapes").replace(
+  mcfg = zoo.zoo_config("semantic_r101_fpn_cityscapes").replace(
       **{"sem_seg_head.num_classes": 6, "point_head.num_classes": 6})
-  split = loop.Split("train", "cityscapes", [], cityscapes.SEM_SEG_CLASSES)
+  split = splits.Split("train", "cityscapes", [], cityscapes.SEM_SEG_CLASSES)
   with pytest.raises(errors.ConfigError,
                      match=r"has 19 semantic classes \(Cityscapes train ids\) but the model has "
                            r"6 classes \(sem_seg_head.num_classes\); set "
                            r"--config.model.num_classes=19"):
-    loop.check_num_classes(split, mcfg, "Cityscapes root /data/cityscapes")
-  loop.check_num_classes(split, config_lib.zoo_config("semantic_r101_fpn_cityscapes"))
-  loop.check_num_classes(loop.Split("train", "cityscapes", [], cityscapes.THING_CLASSES),
-                         config_lib.zoo_config("r50_fpn_1x_cityscapes"))
+    splits.check_num_classes(split, mcfg, "Cityscapes root /data/cityscapes")
+  splits.check_num_classes(split, zoo.zoo_config("semantic_r101_fpn_cityscapes"))
+  splits.check_num_classes(splits.Split("train", "cityscapes", [], cityscapes.THING_CLASSES),
+                         zoo.zoo_config("r50_fpn_1x_cityscapes"))
 
 
 def test_malformed_dataset_file_is_a_dataset_error(tmp_path):
@@ -142,7 +143,7 @@ def test_malformed_dataset_file_is_a_dataset_error(tmp_path):
       data=dict(val=dict(source="coco", split="val", annotations=str(ann),
                          images=str(tmp_path / "images"), root=""))))
   with pytest.raises(errors.DatasetError, match=r"bad.json is not valid JSON.*config.data.val"):
-    loop.load_split(config, "val", str(tmp_path), loop.model_config(config))
+    splits.load_split(config, "val", str(tmp_path), zoo.model_config(config.model))
 
 
 def test_user_errors_are_the_expected_types():
@@ -158,11 +159,11 @@ def test_config_values_rejected_before_training(tmp_path):
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.batch_size=3", "--config.train.num_replicas_d2=2")
   with pytest.raises(errors.ConfigError, match="config.train.batch_size"):
-    loop.train_and_evaluate(config, tmp_path / "a")
+    train.train_and_evaluate(config, tmp_path / "a")
   config = _flags_config(f"--config={REPO_ROOT / 'configs' / 'synthetic_shapes.py'}",
                          "--config.train.compute_dtype=float16")
   with pytest.raises(errors.ConfigError, match="config.train.compute_dtype"):
-    loop.train_and_evaluate(config, tmp_path / "b")
+    train.train_and_evaluate(config, tmp_path / "b")
 
 
 @pytest.mark.slow

@@ -25,10 +25,10 @@ class _Toy(nnx.Module):
     return self.head(jax.nn.relu(self.conv(self.bn(self.frozen(x)))))
 
 
-def _config(**solver):
-  base = dict(base_lr=0.02, steps=(60000, 80000), max_iter=90000)
+def _config(max_iter=90000, **solver):
+  base = dict(base_lr=0.02, steps=(60000, 80000))
   base.update(solver)
-  return ml_collections.ConfigDict({"solver": base})
+  return ml_collections.ConfigDict({"solver": base, "train": {"max_steps": max_iter}})
 
 
 def test_schedule_matches_spec_values():

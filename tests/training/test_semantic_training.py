@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from _tiny_batches import semantic_pair
+from _tiny_models import tiny_semantic_config, tiny_model
 import pytest
 
 pytestmark = pytest.mark.slow  # one training subprocess with 8 host devices
@@ -25,13 +26,13 @@ def _worker(out_path):
   import jax
   from pointrend_jax.training import mesh as mesh_lib
   from pointrend_jax.training import optimizer
-  from pointrend_jax.training import train
+  from pointrend_jax.training import step as step_lib
   from pointrend_jax.training.losses_semantic import semantic_loss_fn
 
   assert jax.device_count() == 8, jax.devices()
-  config = train.tiny_semantic_config()
-  config.model.train_num_points = 48
-  config.solver.update(base_lr=0.001, warmup_iters=0, steps=(), max_iter=100)
+  config = tiny_semantic_config()
+  config.model.overrides.point_head.train_num_points = 48
+  config.solver.update(base_lr=0.001, warmup_iters=0, steps=())
   config.train.update(batch_size=8, num_replicas_d2=4)
 
   images, labels = semantic_pair()
@@ -42,14 +43,14 @@ def _worker(out_path):
     sem_seg[i, : 2 * i] = 255
   batch = {"image": image, "image_size": np.full((8, 2), hw, np.int32), "sem_seg": sem_seg}
 
-  model = train.build_semantic_model(config)
+  model = tiny_model(config)
   tx, schedule = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx, seed=0))
+  initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))
   results = {}
   for n, steps in ((1, STEPS_1), (8, STEPS_8)):
     mesh = mesh_lib.make_mesh(jax.devices()[:n])
     state = mesh_lib.replicate(initial, mesh)  # fresh buffers (the step donates its input)
-    step = train.make_train_step(semantic_loss_fn, tx, mesh=mesh,
+    step = step_lib.make_train_step(semantic_loss_fn, tx, mesh=mesh,
                                  num_groups=config.train.num_replicas_d2, schedule=schedule)
     metrics = []
     for _ in range(steps):
@@ -58,12 +59,12 @@ def _worker(out_path):
     results[n] = {"metrics": metrics, "num_traces": step.num_traces,
                   "num_compiled": step.num_compiled,
                   "params_sharding": str(jax.tree.leaves(state.params)[0].sharding)}
-  results["toy"] = _toy_replica_per_device(jax, mesh_lib, optimizer, train)
+  results["toy"] = _toy_replica_per_device(jax, mesh_lib, optimizer, step_lib)
   with open(out_path, "w") as f:
     json.dump(results, f)
 
 
-def _toy_replica_per_device(jax, mesh_lib, optimizer, train):
+def _toy_replica_per_device(jax, mesh_lib, optimizer, step_lib):
   """8 virtual replicas on 1 and on 8 devices (one whole replica per device)."""
   import jax.numpy as jnp
   import ml_collections
@@ -89,15 +90,16 @@ def _toy_replica_per_device(jax, mesh_lib, optimizer, train):
   sem[rng.uniform(size=sem.shape) < rng.uniform(size=(16, 1, 1))] = 255
   batch = {"image": (sem[..., None] * 40 + rng.integers(0, 60, (16, 8, 8, 3))).astype(np.uint8),
            "sem_seg": sem}
-  config = ml_collections.ConfigDict({"solver": {"base_lr": 0.1, "steps": (), "max_iter": 10}})
+  config = ml_collections.ConfigDict({"solver": {"base_lr": 0.1, "steps": ()},
+                                     "train": {"max_steps": 10}})
   model = Toy(nnx.Rngs(0))
   tx, _ = optimizer.make_optimizer(config, model)
-  initial = jax.device_get(train.create_train_state(model, tx))
+  initial = jax.device_get(step_lib.create_train_state(model, tx))
   out = {}
   for n in (1, 8):
     mesh = mesh_lib.make_mesh(jax.devices()[:n])
     state = mesh_lib.replicate(initial, mesh)
-    step = train.make_train_step(loss_fn, tx, mesh=mesh, num_groups=8)
+    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh, num_groups=8)
     losses = []
     for _ in range(2):
       state, m = step(state, batch)

@@ -16,6 +16,7 @@ from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer
 from pointrend_jax.training import train
+from pointrend_jax.training import step as step_lib
 from pointrend_jax.training.logging import read_metrics
 from pointrend_jax.training.losses_semantic import cross_entropy_ignore
 
@@ -54,10 +55,11 @@ def _batches(n=6, b=4, hw=8, nan_at=None):
 def _config(max_iter=6, checkpoint_every=3, log_every=1, eval_every=0):
   return ml_collections.ConfigDict({
       "seed": 3,
-      "solver": {"base_lr": 0.1, "steps": (4,), "max_iter": max_iter, "warmup_iters": 2},
-      "train": {"batch_size": 4, "num_replicas_d2": 2, "log_every": log_every,
-                "checkpoint_every": checkpoint_every, "eval_every": eval_every,
-                "max_to_keep": 5, "progress_bar": False},
+      "solver": {"base_lr": 0.1, "steps": (4,), "warmup_iters": 2},
+      "train": {"max_steps": max_iter, "batch_size": 4, "num_replicas_d2": 2,
+                "log_every": log_every, "checkpoint_every": checkpoint_every, "max_to_keep": 5,
+                "progress_bar": False},
+      "eval": {"every": eval_every},
   })
 
 
@@ -171,9 +173,9 @@ def test_train_step_compiles_once_per_bucket(caplog):
   model = _Toy(nnx.Rngs(0))
   tx, schedule = optimizer.make_optimizer(_config(), model)
   mesh = mesh_lib.make_mesh()
-  state = train.create_train_state(model, tx, mesh=mesh)
+  state = step_lib.create_train_state(model, tx, mesh=mesh)
   frozen_before = jax.device_get(state.model_state)
-  step = train.make_train_step(_toy_loss, tx, mesh=mesh, num_groups=2, schedule=schedule)
+  step = step_lib.make_train_step(_toy_loss, tx, mesh=mesh, num_groups=2, schedule=schedule)
   batches = _batches(3)
   with caplog.at_level(logging.INFO):
     for batch in batches:
@@ -195,7 +197,7 @@ def test_losses_are_per_virtual_replica_means():
   batch["sem_seg"][:2, :6] = 255  # replica 0 has far fewer labelled pixels than replica 1
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   key = jax.random.key(0)
-  loss, terms = train.replica_mean_loss(_toy_loss, graphdef, params, rest, batch, key, 2)
+  loss, terms = step_lib.replica_mean_loss(_toy_loss, graphdef, params, rest, batch, key, 2)
   keys = jax.random.split(key, 2)
   halves = [_toy_loss(nnx.merge(graphdef, params, rest), {k: v[2 * g:2 * g + 2]
                                                           for k, v in batch.items()}, keys[g])
