@@ -173,9 +173,7 @@ def _module_versions(meta: Any) -> dict[str, int] | None:
   return out
 
 
-# --------------------------------------------------------------------------------------------
 # Names
-# --------------------------------------------------------------------------------------------
 
 # (regex, replacement), in convert_basic_c2_names order.
 _C2_RULES: tuple[tuple[str, str], ...] = (

@@ -60,29 +60,15 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Batch",
-    "Example",
-    "IGNORE_LABEL",
-    "SIZE_DIVISIBILITY",
-    "MASK_FORMATS",
-    "ceil_to",
-    "bucket_sizes",
-    "choose_bucket",
-    "select_instances",
-    "pack_masks",
-    "unpack_masks",
-    "make_batch",
-    "compact_example",
-    "batch_nbytes",
-    "stack_batches",
-]
+__all__ = ["Batch", "Example", "IGNORE_LABEL", "SIZE_DIVISIBILITY", "MASK_FORMATS", "ceil_to",
+           "bucket_sizes", "choose_bucket", "select_instances", "pack_masks", "unpack_masks",
+           "make_batch", "compact_example", "batch_nbytes"]
 
 Batch = dict[str, np.ndarray]
 # One transformed image (what the pipeline's mapper returns), variable sizes:
@@ -239,12 +225,8 @@ def make_batch(examples: Sequence[Example],
     max_instances: ``M`` instance slots per image (see the module docstring for the policy).
     mask_format: ``"packed"`` (``gt_masks_packed``), ``"dense"`` (``gt_masks`` uint8) or
       ``"none"`` (boxes only).
-    instance_targets: emit ``gt_*`` keys.
-    semantic_targets: emit ``sem_seg``.
+    instance_targets, semantic_targets: emit the ``gt_*`` keys, ``sem_seg``.
     ignore_label: semantic padding value.
-
-  Returns:
-    The batch.
   """
   hb, wb = (int(v) for v in bucket_hw)
   b = len(examples) if batch_size is None else int(batch_size)
@@ -336,8 +318,3 @@ def batch_nbytes(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
   sizes["total"] = sum(sizes.values())
   return sizes
 
-
-def stack_batches(batches: Iterable[Batch]) -> Batch:
-  """Concatenates batches of one bucket along B (e.g. several per-device batches)."""
-  batches = list(batches)
-  return {k: np.concatenate([bt[k] for bt in batches]) for k in batches[0]}

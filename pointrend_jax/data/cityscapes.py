@@ -196,7 +196,6 @@ def train_id_to_label_id(train_ids: np.ndarray) -> np.ndarray:
   return TRAIN_ID_TO_LABEL_ID[train_ids.astype(np.int64)]
 
 
-# ------------------------------------------------------------------------------------------------
 # Files.
 
 
@@ -283,7 +282,6 @@ def _label_of(name: str, path: str) -> tuple[CityscapesLabel, bool]:
   raise ValueError(f"{path}: unknown Cityscapes label {name!r}")
 
 
-# ------------------------------------------------------------------------------------------------
 # Instances.
 
 
@@ -376,7 +374,7 @@ def load_cityscapes_instances(root: PathLike,
 
   Args:
     root: the Cityscapes root (holding ``leftImg8bit`` and ``gtFine``).
-    split: ``train``, ``val`` (``test`` has no instance ground truth).
+    split: ``train`` or ``val`` (``test`` has no instance ground truth).
     from_json: polygons from ``*_gtFine_polygons.json`` (the PointRend configs) if True, else
       masks from ``*_gtFine_instanceIds.png``.
     to_polygons: must equal ``from_json`` (the two modes detectron2 supports without OpenCV).
@@ -419,7 +417,6 @@ def load_cityscapes_instances(root: PathLike,
   return records
 
 
-# ------------------------------------------------------------------------------------------------
 # Semantic.
 
 
@@ -437,8 +434,7 @@ def load_cityscapes_semantic(root: PathLike, split: str, *,
   """Semantic records of a split: ``sem_seg_file_name`` = the ``labelTrainIds`` PNG.
 
   Args:
-    root: the Cityscapes root.
-    split: ``train``, ``val`` or ``test``.
+    root, split: the Cityscapes root and ``train``, ``val`` or ``test``.
     require_train_ids: check that every ``*_gtFine_labelTrainIds.png`` exists (the pipeline
       reads them); False for callers that derive train ids from ``labelIds`` themselves.
 
@@ -502,8 +498,6 @@ def cityscapes_stem(file_name: PathLike) -> str:
   return "_".join(parts[:3])
 
 
-
-# ------------------------------------------------------------------------------------------------
 # Ground-truth rendering (cityscapesScripts' json2labelImg / json2instanceImg).
 
 

@@ -70,7 +70,6 @@ CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i, "name": n, "supercategory": "shape"} for i, n in sorted(_CATEGORIES_JSON_ORDER))
 THING_CLASSES: tuple[str, ...] = tuple(c["name"] for c in CATEGORIES)
 SEM_SEG_CLASSES: tuple[str, ...] = ("background",) + THING_CLASSES
-SEM_SEG_IGNORE = 255
 SPLITS = ("train", "val")
 
 _KINDS = THING_CLASSES  # Shape kind == class name.
@@ -84,8 +83,7 @@ class SyntheticConfig:
   Attributes:
     image_size: (min, max) side length in pixels; height and width are drawn independently and
       uniformly from this closed range (equal values give fixed square images).
-    min_shapes: fewest shapes per image (before dropping occluded ones).
-    max_shapes: most shapes per image.
+    min_shapes, max_shapes: shapes per image (before dropping occluded ones).
     min_visible_area: instances with fewer visible pixels are not annotated.
     polygon_fraction: probability that an eligible shape is defined (and, if fully visible,
       annotated) by a polygon.
@@ -142,11 +140,8 @@ class SyntheticDataset:
   """A generated dataset: its root and its splits (``"train"``, ``"val"``)."""
   root: pathlib.Path
   splits: Mapping[str, SyntheticSplit]
-  thing_classes: tuple[str, ...] = THING_CLASSES
-  sem_seg_classes: tuple[str, ...] = SEM_SEG_CLASSES
 
 
-# ------------------------------------------------------------------------------------------------
 # Shapes: sampling and exact rasterization.
 
 
@@ -309,7 +304,6 @@ def _sample_crowd(rng: np.random.Generator, height: int, width: int) -> dict[str
   return {"kind": "crowd", "class": "ellipse", "cx": cx, "cy": cy, "theta": 0.0, "parts": parts}
 
 
-# ------------------------------------------------------------------------------------------------
 # Textures.
 
 
@@ -390,7 +384,6 @@ def _shape_texture(rng: np.random.Generator, shape: Mapping[str, Any],
   return tex
 
 
-# ------------------------------------------------------------------------------------------------
 # One image.
 
 
@@ -474,7 +467,6 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
   return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
-# ------------------------------------------------------------------------------------------------
 # On disk.
 
 
@@ -562,8 +554,7 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
 
   Args:
     cache_dir: parent directory of the cache (created if missing).
-    num_train: images in the train split.
-    num_val: images in the val split.
+    num_train, num_val: images in the train and val splits.
     image_size: (min, max) image side; overrides ``config.image_size``.
     seed: base seed.
     config: other generator parameters (defaults: :class:`SyntheticConfig`).

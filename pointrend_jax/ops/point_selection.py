@@ -20,15 +20,9 @@ from jax import lax
 
 from pointrend_jax.ops.point_sample import point_sample, point_sample_by_index
 
-__all__ = [
-    "regular_grid_points",
-    "instance_uncertainty",
-    "semantic_uncertainty",
-    "uncertain_points_on_grid",
-    "uncertain_points_with_randomness",
-    "points_in_box_to_image",
-    "point_sample_fine_grained_features",
-]
+__all__ = ["regular_grid_points", "instance_uncertainty", "semantic_uncertainty",
+           "uncertain_points_on_grid", "uncertain_points_with_randomness", "points_in_box_to_image",
+           "point_sample_fine_grained_features"]
 
 
 def regular_grid_points(side: int) -> jax.Array:

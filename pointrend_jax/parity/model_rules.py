@@ -89,9 +89,7 @@ class _Skip(Exception):
   """A rule cannot compute its array (reported as a failed row with the reason)."""
 
 
-# --------------------------------------------------------------------------------------------------
 # Rules. Each takes (name, match, expected, ctx) and returns a Row.
-# --------------------------------------------------------------------------------------------------
 
 Rule = Callable[[str, re.Match, np.ndarray, Ctx], Row]
 RULES: list[tuple[re.Pattern, Rule, str]] = []

@@ -96,10 +96,10 @@ def _assert_same_records(from_tfds, direct):
           assert ann[key] == value and type(ann[key]) is type(value), key
     assert len(rec.get("annotations", ())) == len(exp.get("annotations", ()))
     # Decoded images / label maps equal the files' (EXIF orientation included).
-    np.testing.assert_array_equal(tb.decode_image(dict(rec, image_bytes=image_bytes)),
+    np.testing.assert_array_equal(coco.load_image(dict(rec, image_bytes=image_bytes)),
                                   coco.load_image(exp))
     if sem_bytes is not None:
-      np.testing.assert_array_equal(tb.decode_label_map(dict(rec, sem_seg_bytes=sem_bytes)),
+      np.testing.assert_array_equal(coco.load_label_map(dict(rec, sem_seg_bytes=sem_bytes)),
                                     coco.read_label_map(exp["sem_seg_file_name"]))
 
 
