@@ -312,8 +312,11 @@ def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
       "end-to-end detections as sets matched by IoU > 0.99 and class: boxes atol 1e-2 px, "
       "scores atol 1e-4, classes exact")
 def _dets(name, mt, e, c):
-  sm, ours = _det_match(c)
-  what = mt.group(1)
+  return _matched_rows(name, mt.group(1), e, *_det_match(c))
+
+
+def _matched_rows(name: str, what: str, e: np.ndarray, sm: SetMatch,
+                  ours: dict[str, np.ndarray]) -> Row:
   if what == "boxes":
     return matched_close_row(name, sm, e, ours["boxes"], **BOX_TOL)
   if what == "scores":
@@ -529,13 +532,7 @@ def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
 @rule(r"final_(boxes|scores|classes)",
       "postprocessed instances (original size) as sets matched by IoU > 0.99 and class")
 def _final(name, mt, e, c):
-  sm, f = _final_match(c)
-  what = mt.group(1)
-  if what == "boxes":
-    return matched_close_row(name, sm, e, f["boxes"], **BOX_TOL)
-  if what == "scores":
-    return matched_close_row(name, sm, e, f["scores"], **SCORE_TOL)
-  return matched_exact_row(name, sm, e, f["classes"])
+  return _matched_rows(name, mt.group(1), e, *_final_match(c))
 
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
