@@ -11,19 +11,11 @@ import numpy as np
 
 from pointrend_jax.ops import point_sample as ps
 from pointrend_jax.ops import point_selection as sel
-from pointrend_jax.parity.compare import Check, Golden
+from pointrend_jax.parity.compare import Check, Golden, boxes_by_image, nchw, nhwc
 
 __all__ = ["CHECKS"]
 
 _FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _nhwc(x: np.ndarray) -> np.ndarray:
-  return np.transpose(x, (0, 2, 3, 1))
-
-
-def _nchw(x) -> np.ndarray:
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
 def _suffix_int(name: str) -> int:
@@ -32,7 +24,7 @@ def _suffix_int(name: str) -> int:
 
 def _point_sample(mode: str):
   def compute(golden: Golden) -> np.ndarray:
-    feats = _nhwc(golden["in_point_sample_features"])
+    feats = nhwc(golden["in_point_sample_features"])
     out = ps.point_sample(feats, golden["in_point_sample_coords"], mode=mode)  # [N, P, C]
     return np.transpose(np.asarray(out), (0, 2, 1))
   return compute
@@ -40,7 +32,7 @@ def _point_sample(mode: str):
 
 def _uncertainty_instance(class_agnostic: bool):
   def compute(golden: Golden) -> np.ndarray:
-    logits = _nhwc(golden["in_uncertainty_logits"])
+    logits = nhwc(golden["in_uncertainty_logits"])
     classes = golden["in_uncertainty_classes"].astype(np.int32)
     if class_agnostic:
       out = sel.instance_uncertainty(logits[..., :1], classes)
@@ -51,7 +43,7 @@ def _uncertainty_instance(class_agnostic: bool):
 
 
 def _uncertainty_semantic(golden: Golden) -> np.ndarray:
-  return np.asarray(sel.semantic_uncertainty(_nhwc(golden["in_uncertainty_logits"])))[:, None]
+  return np.asarray(sel.semantic_uncertainty(nhwc(golden["in_uncertainty_logits"])))[:, None]
 
 
 def _grid(name: str, part: int):
@@ -71,24 +63,17 @@ def _regular_grid(name: str):
 
 def _fine(part: int):
   def compute(golden: Golden) -> np.ndarray:
-    feats = _nhwc(golden["in_fine_features_p2"])
-    boxes, batch_index = [], []
-    i = 0
-    while f"in_fine_boxes_img{i}" in golden:
-      b = golden[f"in_fine_boxes_img{i}"]
-      boxes.append(b)
-      batch_index.append(np.full((b.shape[0],), i, np.int32))
-      i += 1
+    feats = nhwc(golden["in_fine_features_p2"])
+    boxes, batch_index = boxes_by_image(golden, "in_fine_boxes")
     out = sel.point_sample_fine_grained_features(
-        [feats], [4.0], np.concatenate(boxes), np.concatenate(batch_index),
-        golden["in_fine_point_coords"])[part]
+        [feats], [4.0], boxes, batch_index, golden["in_fine_point_coords"])[part]
     out = np.asarray(out)
     return np.transpose(out, (0, 2, 1)) if part == 0 else out  # features -> [R, C, P]
   return compute
 
 
 def _interp_x2(golden: Golden) -> np.ndarray:
-  return _nchw(ps.interpolate_bilinear_x2(_nhwc(golden["in_interp_x2"])))
+  return nchw(ps.interpolate_bilinear_x2(nhwc(golden["in_interp_x2"])))
 
 
 CHECKS: dict[str, Check] = {

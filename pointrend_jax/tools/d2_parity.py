@@ -102,31 +102,30 @@ def run(paths: Sequence[str], out=None) -> int:
   checks = None
   for path in paths:
     print(f"== {path}", file=out)
-    if os.path.isdir(path):
+    folder = os.path.isdir(path)
+    if folder:
       rows = check_model_folder_rows(path, out)
-      print(format_rows(rows), file=out)
-      n_ok = sum(r.passed for r in rows)
-      print(f"-- {path}: {n_ok} passed, {len(rows) - n_ok} failed", file=out)
-      passed += n_ok
-      failed += len(rows) - n_ok
-      continue
-    if not os.path.isfile(path):
+    elif not os.path.isfile(path):
       print(f"FAIL: no such file: {path}", file=out)
       failed += 1
       continue
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        golden = {k: f[k] for k in f.files}
-    except Exception as e:
-      print(f"FAIL: cannot read {path} as an .npz golden file: {e}", file=out)
-      failed += 1
-      continue
-    if checks is None:
-      checks = ops_checks()
-    rows = check_ops_file(golden, checks)
+    else:
+      try:
+        with np.load(path, allow_pickle=False) as f:
+          golden = {k: f[k] for k in f.files}
+      except Exception as e:
+        print(f"FAIL: cannot read {path} as an .npz golden file: {e}", file=out)
+        failed += 1
+        continue
+      if checks is None:
+        checks = ops_checks()
+      rows = check_ops_file(golden, checks)
     print(format_rows(rows), file=out)
-    passed += sum(r.passed for r in rows)
-    failed += sum(not r.passed for r in rows)
+    n_ok = sum(r.passed for r in rows)
+    if folder:
+      print(f"-- {path}: {n_ok} passed, {len(rows) - n_ok} failed", file=out)
+    passed += n_ok
+    failed += len(rows) - n_ok
   print(f"{passed} passed, {failed} failed", file=out)
   return failed
 
