@@ -54,11 +54,13 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 import pycocotools.mask as mask_util
+
+from pointrend_jax.data import coco
 
 # Bump when the generated content changes for the same parameters; part of the cache key.
 GENERATOR_VERSION = 1
@@ -223,12 +225,6 @@ def shape_polygon(shape: Mapping[str, Any]) -> list[float]:
   return np.round(np.stack([x, y], axis=1).ravel(), 2).tolist()
 
 
-def rasterize_polygon(polygon: Sequence[float], height: int, width: int) -> np.ndarray:
-  """pycocotools' rasterization of one polygon (as the COCO loader decodes it): bool [H, W]."""
-  rles = mask_util.frPyObjects([list(polygon)], height, width)
-  return mask_util.decode(mask_util.merge(rles)).astype(bool)
-
-
 def _crop_window(shape: Mapping[str, Any], height: int,
                  width: int) -> tuple[int, int, int, int]:
   """Pixel rows/cols [i0, i1) x [j0, j1) containing every pixel centre inside the shape."""
@@ -248,7 +244,8 @@ def rasterize_shape(shape: Mapping[str, Any], height: int,
     (mask, (i0, i1, j0, j1)): bool mask [i1 - i0, j1 - j0] of the window rows i0:i1, cols j0:j1.
   """
   if shape.get("polygon"):
-    full = rasterize_polygon(shape["polygon"], height, width)
+    # pycocotools' rasterization, exactly what the COCO loader decodes.
+    full = coco.decode_segmentation([shape["polygon"]], height, width)
     return full, (0, height, 0, width)
   i0, i1, j0, j1 = _crop_window(shape, height, width)
   xs = (np.arange(j0, j1, dtype=np.float64) + 0.5)[None, :]
@@ -602,8 +599,6 @@ def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:
 def load_synthetic_records(dataset: SyntheticDataset, split: str) -> list[dict[str, Any]]:
   """The split as :func:`pointrend_jax.data.coco.load_coco_json` records plus
   ``sem_seg_file_name`` (absolute path of the semantic label PNG)."""
-  from pointrend_jax.data import coco  # Local import: coco does not depend on this module.
-
   s = dataset.splits[split]
   records = coco.load_coco_json(s.annotations, s.images_dir)
   for record in records:

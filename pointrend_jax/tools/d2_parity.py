@@ -70,14 +70,6 @@ def check_ops_file(golden: Mapping[str, np.ndarray],
   return rows
 
 
-def check_model_folder_rows(path: str, out=None) -> list[Row]:
-  """Rows of a model fixture folder (see :mod:`pointrend_jax.parity.models`)."""
-  out = sys.stdout if out is None else out
-  from pointrend_jax.parity import models  # pylint: disable=g-import-not-at-top
-
-  return models.check_model_folder(path, log=lambda msg: print(f"# {msg}", file=out, flush=True))
-
-
 def format_rows(rows: Iterable[Row]) -> str:
   rows = list(rows)
   width = max([len(r.name) for r in rows] + [5])
@@ -92,11 +84,8 @@ def format_rows(rows: Iterable[Row]) -> str:
 
 
 def run(paths: Sequence[str], out=None) -> int:
-  """Checks every path; returns the number of failed rows (missing paths count as failures).
-
-  A path is an op golden ``.npz`` file or a model fixture folder (see
-  :mod:`pointrend_jax.parity.models`).
-  """
+  """Checks every path (see the module docstring); returns the number of failed rows (missing
+  paths count as failures)."""
   out = sys.stdout if out is None else out  # resolved per call (captured streams in tests)
   passed = failed = 0
   checks = None
@@ -104,7 +93,9 @@ def run(paths: Sequence[str], out=None) -> int:
     print(f"== {path}", file=out)
     folder = os.path.isdir(path)
     if folder:
-      rows = check_model_folder_rows(path, out)
+      from pointrend_jax.parity import models  # pylint: disable=g-import-not-at-top
+      rows = models.check_model_folder(
+          path, log=lambda msg: print(f"# {msg}", file=out, flush=True))
     elif not os.path.isfile(path):
       print(f"FAIL: no such file: {path}", file=out)
       failed += 1
