@@ -34,12 +34,9 @@ the 7x7 coarse target is ROIAlign (adaptive sampling, ``aligned=True``) of the s
 over the regressed box. We ship exactly that bitmask at the padded canvas, bit-packed along W
 (``np.packbits``, big-endian bit order): pixel ``(i, j)`` of instance ``m`` is
 ``(packed[b, m, i, j >> 3] >> (7 - (j & 7))) & 1``; ``jnp.unpackbits(packed, axis=-1)``
-unpacks it on device. Exact, and 8x smaller than uint8: at B=2, M=100 and an 800x1344 bucket
-the packed masks are 26.9 MB per batch (uint8: 215 MB; 1344x1344: 45 MB vs 361 MB). The
-alternative -- box-cropped fixed-size masks (112x112: 2.5 MB) -- is an approximation: with
-noisy regressed boxes and PointRend-like point sampling, 1.2% of the point labels flip side of
-0.5 (mean abs error 0.019) and 0.23% of the 7x7 target cells change (binary 112 crop; 0.64%
-and 0.10% at 224), so it is not used.
+unpacks it on device. Exact, and 8x smaller than uint8 (26.9 MB instead of 215 MB at B=2,
+M=100, 800x1344). Box-cropped fixed-size masks would be smaller still but approximate (with noisy
+regressed boxes ~1.2% of the point labels flip side of 0.5), so they are not used.
 
 Geometry for consumers: the canvas has the same origin as the image, so a point at image pixel
 ``(X, Y)`` reads mask position ``(X - 0.5, Y - 0.5)`` exactly as detectron2 (normalising by the
