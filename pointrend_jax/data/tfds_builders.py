@@ -448,13 +448,6 @@ class TfdsRecords(collections.abc.Sequence):
     return f"TfdsRecords({self._source!r}, kind={self.kind!r})"
 
 
-def load_tfds_records(data_dir: PathLike, kind: str, split: str, *,
-                      name: str = "default") -> list[Record]:
-  """Every record of a prepared split, in order (holds all encoded images in memory)."""
-  source = TfdsRecords(data_dir, kind, split, name=name)
-  return [source[i] for i in range(len(source))]
-
-
 def class_metadata(builder: tfds.core.DatasetBuilder) -> tuple[list[str], list[int]]:
   """``(class names, dataset ids)`` stored with a prepared dataset (any builder, including
   ``tfds.builder_from_directory``)."""
@@ -466,5 +459,5 @@ def class_metadata(builder: tfds.core.DatasetBuilder) -> tuple[list[str], list[i
 __all__ = [
     "INSTANCES_BUILDER", "SEMANTIC_BUILDER", "KINDS", "InstancesBuilder", "InstancesConfig",
     "SemanticBuilder", "SemanticConfig", "prepare_tfds", "example_to_record", "TfdsRecords",
-    "load_tfds_records", "class_metadata",
+    "class_metadata",
 ]
