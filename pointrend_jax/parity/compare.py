@@ -31,6 +31,7 @@ Golden = Mapping[str, np.ndarray]
 TIE_TOL = 1e-4          # near-tie margin of a top-k / top-n cut
 MATCH_IOU = 0.99        # proposals / detections are the same box above this
 MIN_AGREEMENT = 0.999   # refined maps / masks: fraction within tolerance
+FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)  # op-level float goldens
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:

@@ -11,11 +11,9 @@ import numpy as np
 
 from pointrend_jax.ops import point_sample as ps
 from pointrend_jax.ops import point_selection as sel
-from pointrend_jax.parity.compare import Check, Golden, boxes_by_image, nchw, nhwc
+from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden, boxes_by_image, nchw, nhwc
 
 __all__ = ["CHECKS"]
-
-_FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _suffix_int(name: str) -> int:
@@ -77,19 +75,19 @@ def _interp_x2(golden: Golden) -> np.ndarray:
 
 
 CHECKS: dict[str, Check] = {
-    "out_point_sample": Check(_point_sample("bilinear"), **_FLOAT_TOL),
-    "out_point_sample_nearest": Check(_point_sample("nearest"), **_FLOAT_TOL),
-    "out_uncertainty_instance": Check(_uncertainty_instance(False), **_FLOAT_TOL),
-    "out_uncertainty_instance_agnostic": Check(_uncertainty_instance(True), **_FLOAT_TOL),
-    "out_uncertainty_semantic": Check(_uncertainty_semantic, **_FLOAT_TOL),
+    "out_point_sample": Check(_point_sample("bilinear"), **FLOAT_TOL),
+    "out_point_sample_nearest": Check(_point_sample("nearest"), **FLOAT_TOL),
+    "out_uncertainty_instance": Check(_uncertainty_instance(False), **FLOAT_TOL),
+    "out_uncertainty_instance_agnostic": Check(_uncertainty_instance(True), **FLOAT_TOL),
+    "out_uncertainty_semantic": Check(_uncertainty_semantic, **FLOAT_TOL),
     # The map has distinct values, so top-k order is well defined and compared exactly.
     "out_grid_indices_n40": Check(_grid("out_grid_indices_n40", 0), kind="exact"),
-    "out_grid_coords_n40": Check(_grid("out_grid_coords_n40", 1), **_FLOAT_TOL),
+    "out_grid_coords_n40": Check(_grid("out_grid_coords_n40", 1), **FLOAT_TOL),
     "out_grid_indices_n1000": Check(_grid("out_grid_indices_n1000", 0), kind="exact"),
-    "out_grid_coords_n1000": Check(_grid("out_grid_coords_n1000", 1), **_FLOAT_TOL),
-    "out_regular_grid_7": Check(_regular_grid("out_regular_grid_7"), **_FLOAT_TOL),
-    "out_regular_grid_28": Check(_regular_grid("out_regular_grid_28"), **_FLOAT_TOL),
-    "out_fine_features": Check(_fine(0), **_FLOAT_TOL),
-    "out_fine_point_coords_wrt_image": Check(_fine(1), **_FLOAT_TOL),
-    "out_interp_x2": Check(_interp_x2, **_FLOAT_TOL),
+    "out_grid_coords_n1000": Check(_grid("out_grid_coords_n1000", 1), **FLOAT_TOL),
+    "out_regular_grid_7": Check(_regular_grid("out_regular_grid_7"), **FLOAT_TOL),
+    "out_regular_grid_28": Check(_regular_grid("out_regular_grid_28"), **FLOAT_TOL),
+    "out_fine_features": Check(_fine(0), **FLOAT_TOL),
+    "out_fine_point_coords_wrt_image": Check(_fine(1), **FLOAT_TOL),
+    "out_interp_x2": Check(_interp_x2, **FLOAT_TOL),
 }

@@ -11,11 +11,10 @@ import numpy as np
 
 from pointrend_jax.ops import poolers
 from pointrend_jax.ops import roi_align as ra
-from pointrend_jax.parity.compare import Check, Golden, boxes_by_image, nchw, nhwc
+from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden, boxes_by_image, nchw, nhwc
 
 __all__ = ["CHECKS"]
 
-_FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
 _ROI_ALIGN_SCALE = 0.25  # ops.npz README §4: ROIAlign((7, 7), spatial_scale=0.25, ...).
 _POOLER_LEVELS = (2, 3, 4, 5)
 
@@ -59,8 +58,8 @@ def _pooler(golden: Golden) -> np.ndarray:
 
 
 CHECKS: dict[str, Check] = {
-    "out_roi_align_sr0": Check(_roi_align(0), **_FLOAT_TOL),
-    "out_roi_align_sr2": Check(_roi_align(2), **_FLOAT_TOL),
+    "out_roi_align_sr0": Check(_roi_align(0), **FLOAT_TOL),
+    "out_roi_align_sr2": Check(_roi_align(2), **FLOAT_TOL),
     "out_pooler_levels": Check(_pooler_levels, kind="exact"),
-    "out_pooler": Check(_pooler, **_FLOAT_TOL),
+    "out_pooler": Check(_pooler, **FLOAT_TOL),
 }
