@@ -60,11 +60,7 @@ def instance_uncertainty(logits: jax.Array, classes: jax.Array | None = None) ->
 def semantic_uncertainty(logits: jax.Array) -> jax.Array:
   """Semantic uncertainty: second-largest minus largest logit over the last (class) axis.
 
-  Args:
-    logits: ``[..., C]`` with ``C >= 2``.
-
-  Returns:
-    ``[...]`` uncertainty, ``<= 0`` (0 on ties).
+  ``[..., C]`` (``C >= 2``) -> ``[...]``, ``<= 0`` (0 on ties).
   """
   logits = jnp.asarray(logits)
   # max + masked max instead of top_k: elementwise and cheap for small C on every backend.
