@@ -148,9 +148,6 @@ def match_state_dict(
     module_versions: ``{module: version}`` from the state dict's ``_metadata`` (``None``: no
       metadata, as in every ``.pkl``), which drives FrozenBN's legacy conversions.
 
-  Returns:
-    A :class:`MatchReport`.
-
   Raises:
     CheckpointError: with ``strict``, if anything is missing, unexpected or mis-shaped (the
       message lists them by name with shapes); always, if one checkpoint entry would load into

@@ -66,9 +66,6 @@ def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
       unexpected or mis-shaped.
     backbone_only: ImageNet initialization: only ``backbone.bottom_up.*`` is loaded; the rest
       keeps its values (see :class:`MatchReport` ``not_loaded``).
-
-  Returns:
-    The :class:`MatchReport`.
   """
   expected = d2_model_names(model)
   report = match_state_dict(state, expected, strict=strict, backbone_only=backbone_only)

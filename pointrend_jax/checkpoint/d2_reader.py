@@ -33,6 +33,7 @@ from pointrend_jax.errors import CheckpointError, one_line
 __all__ = ["Detectron2Checkpoint", "canonicalize_names", "convert_c2_names",
            "load_detectron2_file"]
 
+
 @dataclasses.dataclass
 class Detectron2Checkpoint:
   """A checkpoint's model state, normalized to current detectron2 names.
@@ -71,13 +72,8 @@ def load_detectron2_file(path: str | os.PathLike[str]) -> Detectron2Checkpoint:
 
   The container is recognized from the content (zip, torch legacy magic number, or a plain
   pickle), not from the extension. A trailing ``?matching_heuristics=True`` (detectron2's URL
-  query syntax) turns on suffix matching for ``.pth`` files.
-
-  Args:
-    path: the checkpoint file.
-
-  Returns:
-    The model state with canonical names (see :func:`canonicalize_names`) and metadata.
+  query syntax) turns on suffix matching for ``.pth`` files. Returns the model state with
+  canonical names (see :func:`canonicalize_names`) and metadata.
 
   Raises:
     CheckpointError: unreadable, truncated or corrupt file, or unsupported content.
@@ -173,9 +169,7 @@ def _module_versions(meta: Any) -> dict[str, int] | None:
   return out
 
 
-# --------------------------------------------------------------------------------------------
 # Names
-# --------------------------------------------------------------------------------------------
 
 # (regex, replacement), in convert_basic_c2_names order.
 _C2_RULES: tuple[tuple[str, str], ...] = (

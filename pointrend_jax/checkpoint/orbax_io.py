@@ -50,7 +50,8 @@ def _sync(name: str) -> None:
 def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLike[str], *,
                    source: Mapping[str, Any] | None = None, overwrite: bool = False,
                    class_names: Sequence[str] | None = None) -> pathlib.Path:
-  """Writes ``model``'s variables (orbax) and ``cfg`` (JSON) to ``out_dir``.
+  """Writes ``model``'s variables (orbax) and ``cfg`` (JSON) to ``out_dir``; returns its
+  absolute path.
 
   With several JAX processes every process must call it (orbax writes collectively); process 0
   alone prepares the directory and writes ``config.json``.
@@ -63,9 +64,6 @@ def save_converted(model: nnx.Module, cfg: ModelConfig, out_dir: str | os.PathLi
     overwrite: replace an existing non-empty ``out_dir``.
     class_names: names of the class ids (``cfg.num_classes`` of them), stored for the
       predictor's labels.
-
-  Returns:
-    The absolute output directory.
   """
   out = pathlib.Path(os.fspath(out_dir)).expanduser().resolve()
   if class_names is not None and len(class_names) != cfg.num_classes:

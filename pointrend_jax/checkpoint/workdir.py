@@ -120,7 +120,8 @@ def restore_trained_model(workdir: str | os.PathLike, mcfg: ModelConfig,
 def export_trained_model(model: nnx.Module, mcfg: ModelConfig, out_dir: str | os.PathLike, *,
                          class_names: Sequence[str] | None = None,
                          source: Mapping[str, Any] | None = None) -> str:
-  """Writes ``model`` as a converted checkpoint (replacing ``out_dir``); every process calls it.
+  """Writes ``model`` as a converted checkpoint (replacing ``out_dir``), returning its absolute
+  path; every process calls it.
 
   Args:
     model: a concrete model (e.g. ``TrainState.model()``).
@@ -128,9 +129,6 @@ def export_trained_model(model: nnx.Module, mcfg: ModelConfig, out_dir: str | os
     out_dir: the output directory; an existing one is replaced.
     class_names: the dataset's class names (Predictor's labels); must match the class count.
     source: provenance stored in ``config.json`` (workdir, step).
-
-  Returns:
-    The absolute output directory.
   """
   from pointrend_jax.checkpoint import orbax_io
   return str(orbax_io.save_converted(model, mcfg, out_dir, overwrite=True,

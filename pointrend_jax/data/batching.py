@@ -34,12 +34,9 @@ the 7x7 coarse target is ROIAlign (adaptive sampling, ``aligned=True``) of the s
 over the regressed box. We ship exactly that bitmask at the padded canvas, bit-packed along W
 (``np.packbits``, big-endian bit order): pixel ``(i, j)`` of instance ``m`` is
 ``(packed[b, m, i, j >> 3] >> (7 - (j & 7))) & 1``; ``jnp.unpackbits(packed, axis=-1)``
-unpacks it on device. Exact, and 8x smaller than uint8: at B=2, M=100 and an 800x1344 bucket
-the packed masks are 26.9 MB per batch (uint8: 215 MB; 1344x1344: 45 MB vs 361 MB). The
-alternative -- box-cropped fixed-size masks (112x112: 2.5 MB) -- is an approximation: with
-noisy regressed boxes and PointRend-like point sampling, 1.2% of the point labels flip side of
-0.5 (mean abs error 0.019) and 0.23% of the 7x7 target cells change (binary 112 crop; 0.64%
-and 0.10% at 224), so it is not used.
+unpacks it on device. Exact, and 8x smaller than uint8 (26.9 MB instead of 215 MB at B=2,
+M=100, 800x1344). Box-cropped fixed-size masks would be smaller still but approximate (with noisy
+regressed boxes ~1.2% of the point labels flip side of 0.5), so they are not used.
 
 Geometry for consumers: the canvas has the same origin as the image, so a point at image pixel
 ``(X, Y)`` reads mask position ``(X - 0.5, Y - 0.5)`` exactly as detectron2 (normalising by the
@@ -60,29 +57,15 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Batch",
-    "Example",
-    "IGNORE_LABEL",
-    "SIZE_DIVISIBILITY",
-    "MASK_FORMATS",
-    "ceil_to",
-    "bucket_sizes",
-    "choose_bucket",
-    "select_instances",
-    "pack_masks",
-    "unpack_masks",
-    "make_batch",
-    "compact_example",
-    "batch_nbytes",
-    "stack_batches",
-]
+__all__ = ["Batch", "Example", "IGNORE_LABEL", "SIZE_DIVISIBILITY", "MASK_FORMATS", "ceil_to",
+           "bucket_sizes", "choose_bucket", "select_instances", "pack_masks", "unpack_masks",
+           "make_batch", "compact_example", "batch_nbytes"]
 
 Batch = dict[str, np.ndarray]
 # One transformed image (what the pipeline's mapper returns), variable sizes:
@@ -239,12 +222,8 @@ def make_batch(examples: Sequence[Example],
     max_instances: ``M`` instance slots per image (see the module docstring for the policy).
     mask_format: ``"packed"`` (``gt_masks_packed``), ``"dense"`` (``gt_masks`` uint8) or
       ``"none"`` (boxes only).
-    instance_targets: emit ``gt_*`` keys.
-    semantic_targets: emit ``sem_seg``.
+    instance_targets, semantic_targets: emit the ``gt_*`` keys, ``sem_seg``.
     ignore_label: semantic padding value.
-
-  Returns:
-    The batch.
   """
   hb, wb = (int(v) for v in bucket_hw)
   b = len(examples) if batch_size is None else int(batch_size)
@@ -336,8 +315,3 @@ def batch_nbytes(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
   sizes["total"] = sum(sizes.values())
   return sizes
 
-
-def stack_batches(batches: Iterable[Batch]) -> Batch:
-  """Concatenates batches of one bucket along B (e.g. several per-device batches)."""
-  batches = list(batches)
-  return {k: np.concatenate([bt[k] for bt in batches]) for k in batches[0]}

@@ -69,10 +69,10 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 import pycocotools.mask as mask_util
 
 from pointrend_jax.data.coco import CocoCategories
@@ -196,7 +196,6 @@ def train_id_to_label_id(train_ids: np.ndarray) -> np.ndarray:
   return TRAIN_ID_TO_LABEL_ID[train_ids.astype(np.int64)]
 
 
-# ------------------------------------------------------------------------------------------------
 # Files.
 
 
@@ -283,7 +282,6 @@ def _label_of(name: str, path: str) -> tuple[CityscapesLabel, bool]:
   raise ValueError(f"{path}: unknown Cityscapes label {name!r}")
 
 
-# ------------------------------------------------------------------------------------------------
 # Instances.
 
 
@@ -376,7 +374,7 @@ def load_cityscapes_instances(root: PathLike,
 
   Args:
     root: the Cityscapes root (holding ``leftImg8bit`` and ``gtFine``).
-    split: ``train``, ``val`` (``test`` has no instance ground truth).
+    split: ``train`` or ``val`` (``test`` has no instance ground truth).
     from_json: polygons from ``*_gtFine_polygons.json`` (the PointRend configs) if True, else
       masks from ``*_gtFine_instanceIds.png``.
     to_polygons: must equal ``from_json`` (the two modes detectron2 supports without OpenCV).
@@ -419,7 +417,6 @@ def load_cityscapes_instances(root: PathLike,
   return records
 
 
-# ------------------------------------------------------------------------------------------------
 # Semantic.
 
 
@@ -437,8 +434,7 @@ def load_cityscapes_semantic(root: PathLike, split: str, *,
   """Semantic records of a split: ``sem_seg_file_name`` = the ``labelTrainIds`` PNG.
 
   Args:
-    root: the Cityscapes root.
-    split: ``train``, ``val`` or ``test``.
+    root, split: the Cityscapes root and ``train``, ``val`` or ``test``.
     require_train_ids: check that every ``*_gtFine_labelTrainIds.png`` exists (the pipeline
       reads them); False for callers that derive train ids from ``labelIds`` themselves.
 
@@ -500,60 +496,3 @@ def cityscapes_stem(file_name: PathLike) -> str:
     raise ValueError(f"not a Cityscapes file name (<city>_<seq>_<frame>_<type>...): "
                      f"{file_name}")
   return "_".join(parts[:3])
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Ground-truth rendering (cityscapesScripts' json2labelImg / json2instanceImg).
-
-
-def render_polygons(polygons: PathLike | Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-  """Label-id and instance-id images of a ``*_gtFine_polygons.json``, as the official
-  preparation scripts draw them.
-
-  Objects are filled in file order with PIL (later ones on top; ``deleted`` objects and
-  license plates skipped); the background is 0 (unlabeled). Instance ids are
-  ``label_id * 1000 + k`` (k counting per class from 0) for thing labels and the plain label
-  id for groups and stuff.
-
-  Returns:
-    ``(label_ids uint8 [H, W], instance_ids int32 [H, W])``.
-  """
-  path = "<dict>"
-  if not isinstance(polygons, Mapping):
-    path = str(polygons)
-    polygons = _read_polygons_json(path)
-  size = (polygons["imgWidth"], polygons["imgHeight"])
-  label_img = Image.new("L", size, 0)
-  inst_img = Image.new("I", size, 0)
-  label_draw, inst_draw = ImageDraw.Draw(label_img), ImageDraw.Draw(inst_img)
-  counts: dict[str, int] = {}
-  for obj in polygons["objects"]:
-    if obj.get("deleted"):  # json2*Img test the value, detectron2 the key.
-      continue
-    label, is_group = _label_of(obj["label"], path)
-    if label.id < 0:
-      continue
-    inst_id = label.id
-    if label.has_instances and not is_group:
-      inst_id = label.id * 1000 + counts.get(label.name, 0)
-      counts[label.name] = counts.get(label.name, 0) + 1
-    points = [(p[0], p[1]) for p in obj["polygon"]]
-    label_draw.polygon(points, fill=label.id)
-    inst_draw.polygon(points, fill=inst_id)
-  return np.asarray(label_img, np.uint8), np.asarray(inst_img, np.int32)
-
-
-def write_gt_images(polygons_json: PathLike) -> tuple[str, str]:
-  """Writes the ``*_gtFine_labelIds.png`` (8-bit) and ``*_gtFine_instanceIds.png`` (16-bit)
-  beside a ``*_gtFine_polygons.json`` (:func:`render_polygons`); returns their paths."""
-  polygons_json = str(polygons_json)
-  suffix = "_gtFine_polygons.json"
-  if not polygons_json.endswith(suffix):
-    raise ValueError(f"expected a *{suffix} file, got {polygons_json}")
-  label_ids, instance_ids = render_polygons(polygons_json)
-  stem = polygons_json[:-len(suffix)]
-  label_file, inst_file = stem + "_gtFine_labelIds.png", stem + "_gtFine_instanceIds.png"
-  Image.fromarray(label_ids).save(label_file)
-  Image.fromarray(instance_ids.astype(np.uint16)).save(inst_file)
-  return label_file, inst_file

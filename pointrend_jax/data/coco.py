@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -102,10 +102,6 @@ class CocoCategories:
   @property
   def dataset_id_to_contiguous_id(self) -> dict[int, int]:
     return {d: c for c, d in enumerate(self.ids)}
-
-  @property
-  def contiguous_id_to_dataset_id(self) -> dict[int, int]:
-    return dict(enumerate(self.ids))
 
 
 @dataclasses.dataclass
@@ -270,16 +266,6 @@ def load_coco_json(annotations: PathLike | Mapping[str, Any],
   return load_coco_dataset(annotations, images_dir, check_files=check_files).records
 
 
-def filter_empty(records: Iterable[Record]) -> list[Record]:
-  """Drops images without any non-crowd annotation (detectron2 FILTER_EMPTY_ANNOTATIONS)."""
-  records = list(records)
-  kept = [r for r in records if any(not a.get("iscrowd", 0) for a in r["annotations"])]
-  logger.info("removed %d images with no usable annotations; %d images left",
-              len(records) - len(kept), len(kept))
-  return kept
-
-
-# ------------------------------------------------------------------------------------------------
 # Masks.
 
 
@@ -290,8 +276,6 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     segm: polygons ``[[x0, y0, x1, y1, ...], ...]`` (rasterized by pycocotools, union of the
       polygons), an RLE dict with compressed (``str``/``bytes``) or uncompressed (``list``)
       counts, or a bool/uint8 array [height, width].
-    height: image height.
-    width: image width.
   """
   if isinstance(segm, np.ndarray):
     if segm.shape != (height, width):
@@ -325,7 +309,6 @@ def decode_masks(annotations: Sequence[Mapping[str, Any]], height: int,
   return masks
 
 
-# ------------------------------------------------------------------------------------------------
 # Images.
 
 

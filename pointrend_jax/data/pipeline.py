@@ -179,7 +179,6 @@ def max_train_size(height: int, width: int, cfg: LoaderConfig) -> Size:
   return h, w
 
 
-# ------------------------------------------------------------------------------------------------
 # The mapper (detectron2's DatasetMapper), one image.
 
 
@@ -218,13 +217,10 @@ def map_example(record: Record,
   Order of operations and random draws (detectron2's augmentation list): resize (short side),
   [crop], [colour], flip; then the annotations follow the image's geometric transforms.
 
-  Args:
-    record: a dataset record (``coco`` module format; ``sem_seg_file_name`` for semantic).
-    rng: this image's randomness (unused at test time).
-    cfg: input settings.
-    training: training augmentations (else test-time resize only).
-    record_index: stored in the example.
-    with_targets: produce the targets the config asks for.
+  ``record`` is in the ``coco`` module's format (``sem_seg_file_name`` for semantic); ``rng`` is
+  this image's randomness (unused at test time); ``training`` applies the training
+  augmentations (else test-time resize only); ``with_targets`` produces the targets ``cfg`` asks
+  for.
   """
   image = coco.load_image(record)
   oh, ow = image.shape[:2]
@@ -254,7 +250,7 @@ def map_example(record: Record,
   flip = bool(training and cfg.random_flip and rng.random() < 0.5)
   if flip:
     image = T.hflip_image(image)
-    sem = T.hflip_label_map(sem) if sem is not None else None
+    sem = T.hflip_image(sem) if sem is not None else None
   h, w = image.shape[:2]
 
   example: batching.Example = {
@@ -289,7 +285,6 @@ def map_example(record: Record,
   return example
 
 
-# ------------------------------------------------------------------------------------------------
 # Records in one flat buffer.
 
 
@@ -308,7 +303,6 @@ class _RecordStore:
     return pickle.loads(memoryview(self._data[self._offsets[i]:self._offsets[i + 1]]))
 
 
-# ------------------------------------------------------------------------------------------------
 # Deterministic grouping of the infinite shuffled stream.
 
 

@@ -56,13 +56,9 @@ def _section(config: Any, which: str) -> Any:
   return config.data[which]
 
 
-def _require_file(path: str, what: str, key: str, how: str) -> None:
-  if not path or not os.path.isfile(path):
-    raise DataError(f"expected {what} at {path or '(unset)'} (config.{key}); {how}")
-
-
-def _require_dir(path: str, what: str, key: str, how: str) -> None:
-  if not path or not os.path.isdir(path):
+def _require(exists, path: str, what: str, key: str, how: str) -> None:
+  """``exists`` is ``os.path.isfile`` or ``os.path.isdir``."""
+  if not path or not exists(path):
     raise DataError(f"expected {what} at {path or '(unset)'} (config.{key}); {how}")
 
 
@@ -205,8 +201,8 @@ def _load_split(config: Any, which: str, workdir: str,
            "$POINTREND_DATASETS/coco (annotations/, train2017/, val2017/) or point "
            f"--config.{key}.annotations=/path/instances_{split or '<split>'}.json and "
            f"--config.{key}.images=/path/{split or '<split>'}")
-    _require_file(str(s.annotations), "COCO annotations", f"{key}.annotations", how)
-    _require_dir(str(s.images), "COCO images", f"{key}.images", how)
+    _require(os.path.isfile, str(s.annotations), "COCO annotations", f"{key}.annotations", how)
+    _require(os.path.isdir, str(s.images), "COCO images", f"{key}.images", how)
     dataset = coco.load_coco_dataset(str(s.annotations), str(s.images))
     return Split(which, source, dataset.records, dataset.categories.names,
                  coco_gt=str(s.annotations))
@@ -216,7 +212,7 @@ def _load_split(config: Any, which: str, workdir: str,
     how = ("download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
            "https://www.cityscapes-dataset.com/downloads/, unzip both under one folder and "
            f"point --config.{key}.root=/path/to/cityscapes (or set $POINTREND_DATASETS)")
-    _require_dir(root, "the Cityscapes root (leftImg8bit/, gtFine/)", f"{key}.root", how)
+    _require(os.path.isdir, root, "the Cityscapes root (leftImg8bit/, gtFine/)", f"{key}.root", how)
     try:
       cityscapes.split_dirs(root, split)
     except FileNotFoundError as e:
@@ -239,7 +235,8 @@ def _load_split(config: Any, which: str, workdir: str,
   builder_dir = os.path.join(root, builder_name, name)
   how = ("prepare it with pointrend_jax.data.tfds_builders.prepare_tfds(kind, sources, "
          f"data_dir, name=...) and point --config.{key}.root at that data_dir")
-  _require_dir(builder_dir, f"a prepared TFDS dataset ({kind}/{name})", f"{key}.root", how)
+  _require(os.path.isdir, builder_dir, f"a prepared TFDS dataset ({kind}/{name})", f"{key}.root",
+           how)
   if semantic != (kind == "cityscapes_semantic"):
     raise ConfigError(f"config.{key}.tfds_kind {kind!r} does not fit a "
                            f"{'semantic' if semantic else 'instance'} model")

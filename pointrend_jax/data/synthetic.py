@@ -54,11 +54,13 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 import pycocotools.mask as mask_util
+
+from pointrend_jax.data import coco
 
 # Bump when the generated content changes for the same parameters; part of the cache key.
 GENERATOR_VERSION = 1
@@ -70,7 +72,6 @@ CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i, "name": n, "supercategory": "shape"} for i, n in sorted(_CATEGORIES_JSON_ORDER))
 THING_CLASSES: tuple[str, ...] = tuple(c["name"] for c in CATEGORIES)
 SEM_SEG_CLASSES: tuple[str, ...] = ("background",) + THING_CLASSES
-SEM_SEG_IGNORE = 255
 SPLITS = ("train", "val")
 
 _KINDS = THING_CLASSES  # Shape kind == class name.
@@ -84,8 +85,7 @@ class SyntheticConfig:
   Attributes:
     image_size: (min, max) side length in pixels; height and width are drawn independently and
       uniformly from this closed range (equal values give fixed square images).
-    min_shapes: fewest shapes per image (before dropping occluded ones).
-    max_shapes: most shapes per image.
+    min_shapes, max_shapes: shapes per image (before dropping occluded ones).
     min_visible_area: instances with fewer visible pixels are not annotated.
     polygon_fraction: probability that an eligible shape is defined (and, if fully visible,
       annotated) by a polygon.
@@ -142,11 +142,8 @@ class SyntheticDataset:
   """A generated dataset: its root and its splits (``"train"``, ``"val"``)."""
   root: pathlib.Path
   splits: Mapping[str, SyntheticSplit]
-  thing_classes: tuple[str, ...] = THING_CLASSES
-  sem_seg_classes: tuple[str, ...] = SEM_SEG_CLASSES
 
 
-# ------------------------------------------------------------------------------------------------
 # Shapes: sampling and exact rasterization.
 
 
@@ -228,12 +225,6 @@ def shape_polygon(shape: Mapping[str, Any]) -> list[float]:
   return np.round(np.stack([x, y], axis=1).ravel(), 2).tolist()
 
 
-def rasterize_polygon(polygon: Sequence[float], height: int, width: int) -> np.ndarray:
-  """pycocotools' rasterization of one polygon (as the COCO loader decodes it): bool [H, W]."""
-  rles = mask_util.frPyObjects([list(polygon)], height, width)
-  return mask_util.decode(mask_util.merge(rles)).astype(bool)
-
-
 def _crop_window(shape: Mapping[str, Any], height: int,
                  width: int) -> tuple[int, int, int, int]:
   """Pixel rows/cols [i0, i1) x [j0, j1) containing every pixel centre inside the shape."""
@@ -253,7 +244,8 @@ def rasterize_shape(shape: Mapping[str, Any], height: int,
     (mask, (i0, i1, j0, j1)): bool mask [i1 - i0, j1 - j0] of the window rows i0:i1, cols j0:j1.
   """
   if shape.get("polygon"):
-    full = rasterize_polygon(shape["polygon"], height, width)
+    # pycocotools' rasterization, exactly what the COCO loader decodes.
+    full = coco.decode_segmentation([shape["polygon"]], height, width)
     return full, (0, height, 0, width)
   i0, i1, j0, j1 = _crop_window(shape, height, width)
   xs = (np.arange(j0, j1, dtype=np.float64) + 0.5)[None, :]
@@ -309,7 +301,6 @@ def _sample_crowd(rng: np.random.Generator, height: int, width: int) -> dict[str
   return {"kind": "crowd", "class": "ellipse", "cx": cx, "cy": cy, "theta": 0.0, "parts": parts}
 
 
-# ------------------------------------------------------------------------------------------------
 # Textures.
 
 
@@ -390,7 +381,6 @@ def _shape_texture(rng: np.random.Generator, shape: Mapping[str, Any],
   return tex
 
 
-# ------------------------------------------------------------------------------------------------
 # One image.
 
 
@@ -474,7 +464,6 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
   return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
-# ------------------------------------------------------------------------------------------------
 # On disk.
 
 
@@ -562,8 +551,7 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
 
   Args:
     cache_dir: parent directory of the cache (created if missing).
-    num_train: images in the train split.
-    num_val: images in the val split.
+    num_train, num_val: images in the train and val splits.
     image_size: (min, max) image side; overrides ``config.image_size``.
     seed: base seed.
     config: other generator parameters (defaults: :class:`SyntheticConfig`).
@@ -611,8 +599,6 @@ def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:
 def load_synthetic_records(dataset: SyntheticDataset, split: str) -> list[dict[str, Any]]:
   """The split as :func:`pointrend_jax.data.coco.load_coco_json` records plus
   ``sem_seg_file_name`` (absolute path of the semantic label PNG)."""
-  from pointrend_jax.data import coco  # Local import: coco does not depend on this module.
-
   s = dataset.splits[split]
   records = coco.load_coco_json(s.annotations, s.images_dir)
   for record in records:

@@ -15,10 +15,11 @@ format; ``sem_seg_file_name`` for semantic) plus the encoded files, so nothing r
 original folders again:
 
 * ``image_bytes``: the image file's bytes, unchanged (PNG/JPEG; EXIF kept), decoded with PIL by
-  :func:`decode_image` exactly as :func:`~pointrend_jax.data.coco.read_image` decodes the file;
+  :func:`~pointrend_jax.data.coco.load_image` exactly as ``read_image`` decodes the file (the
+  decoders live in ``coco`` so that the data pipeline needs no tfds import);
 * ``sem_seg_bytes`` (semantic): a PNG of the train ids (0..18, 255), made from
   ``*_gtFine_labelIds.png`` through ``LABEL_ID_TO_TRAIN_ID`` (identical to ``labelTrainIds``);
-  :func:`decode_label_map`.
+  ``coco.load_label_map``.
 
 Stored features (``pointrend_instances``), one example per image in record order::
 
@@ -100,7 +101,6 @@ def _file_bytes(path: str) -> bytes:
     return f.read()
 
 
-# ------------------------------------------------------------------------------------------------
 # Instances.
 
 
@@ -268,7 +268,6 @@ class InstancesBuilder(tfds.core.GeneratorBasedBuilder):
       yield f"{index:010d}", _encode_instances(record)
 
 
-# ------------------------------------------------------------------------------------------------
 # Cityscapes semantic.
 
 
@@ -349,7 +348,6 @@ def _decode_semantic(example: Mapping[str, Any]) -> Record:
   }
 
 
-# ------------------------------------------------------------------------------------------------
 # Public API.
 
 
@@ -450,18 +448,6 @@ class TfdsRecords(collections.abc.Sequence):
     return f"TfdsRecords({self._source!r}, kind={self.kind!r})"
 
 
-def load_tfds_records(data_dir: PathLike, kind: str, split: str, *,
-                      name: str = "default") -> list[Record]:
-  """Every record of a prepared split, in order (holds all encoded images in memory)."""
-  source = TfdsRecords(data_dir, kind, split, name=name)
-  return [source[i] for i in range(len(source))]
-
-
-# Decoding lives with the other record readers so the data pipeline needs no tfds import.
-decode_image = coco.load_image
-decode_label_map = coco.load_label_map
-
-
 def class_metadata(builder: tfds.core.DatasetBuilder) -> tuple[list[str], list[int]]:
   """``(class names, dataset ids)`` stored with a prepared dataset (any builder, including
   ``tfds.builder_from_directory``)."""
@@ -473,5 +459,5 @@ def class_metadata(builder: tfds.core.DatasetBuilder) -> tuple[list[str], list[i
 __all__ = [
     "INSTANCES_BUILDER", "SEMANTIC_BUILDER", "KINDS", "InstancesBuilder", "InstancesConfig",
     "SemanticBuilder", "SemanticConfig", "prepare_tfds", "example_to_record", "TfdsRecords",
-    "load_tfds_records", "decode_image", "decode_label_map", "class_metadata",
+    "class_metadata",
 ]

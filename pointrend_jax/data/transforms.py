@@ -24,30 +24,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = [
-    "resize_shortest_edge_size",
-    "resize_image",
-    "resize_label_map",
-    "resize_masks",
-    "scale_boxes",
-    "scale_polygons",
-    "hflip_image",
-    "hflip_label_map",
-    "hflip_masks",
-    "hflip_boxes",
-    "hflip_polygons",
-    "clip_boxes",
-    "nonempty_boxes",
-    "random_crop_category_area",
-    "crop_array",
-    "color_aug_ssd",
-    "rgb_to_hsv_opencv",
-    "hsv_to_rgb_opencv",
-]
+__all__ = ["resize_shortest_edge_size", "resize_image", "resize_label_map", "resize_masks",
+           "scale_boxes", "scale_polygons", "hflip_image", "hflip_masks",
+           "hflip_boxes", "hflip_polygons", "clip_boxes", "nonempty_boxes",
+           "random_crop_category_area", "crop_array", "color_aug_ssd", "rgb_to_hsv_opencv",
+           "hsv_to_rgb_opencv"]
 
 Size = tuple[int, int]
 
-# ------------------------------------------------------------------------------------------------
 # ResizeShortestEdge.
 
 
@@ -134,18 +118,12 @@ def scale_polygons(polygons: Sequence[Sequence[float]], scale_x: float,
   return out
 
 
-# ------------------------------------------------------------------------------------------------
 # Horizontal flip.
 
 
 def hflip_image(image: np.ndarray) -> np.ndarray:
-  """``image[:, ::-1]`` (contiguous copy)."""
+  """``image[:, ::-1]`` (contiguous copy) of an image ``[H, W, 3]`` or a label map ``[H, W]``."""
   return np.ascontiguousarray(image[:, ::-1])
-
-
-def hflip_label_map(label_map: np.ndarray) -> np.ndarray:
-  """``label_map[:, ::-1]`` (contiguous copy)."""
-  return np.ascontiguousarray(label_map[:, ::-1])
 
 
 def hflip_masks(masks: np.ndarray) -> np.ndarray:
@@ -186,7 +164,6 @@ def nonempty_boxes(boxes: np.ndarray, threshold: float = 1e-5) -> np.ndarray:
   return ((b[:, 2] - b[:, 0]) > threshold) & ((b[:, 3] - b[:, 1]) > threshold)
 
 
-# ------------------------------------------------------------------------------------------------
 # Semantic crop with a category-area constraint (RandomCrop_CategoryAreaConstraint).
 
 
@@ -207,7 +184,6 @@ def random_crop_category_area(sem_seg: np.ndarray,
   Args:
     sem_seg: ``uint8 [H, W]`` label map.
     crop_size: ``(crop_h, crop_w)`` in pixels (absolute crop type).
-    rng: randomness.
     single_category_max_area: the constraint's area ratio (Cityscapes: 0.75).
     ignore_value: label excluded from the counts (None: count every label).
     max_tries: number of draws (detectron2: 10).
@@ -240,7 +216,6 @@ def crop_array(array: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarr
   return np.ascontiguousarray(array[y0:y0 + h, x0:x0 + w])
 
 
-# ------------------------------------------------------------------------------------------------
 # ColorAugSSDTransform and OpenCV's uint8 HSV conversions.
 
 _HSV_SHIFT = 12
@@ -267,13 +242,7 @@ def rgb_to_hsv_opencv(rgb: np.ndarray) -> np.ndarray:
   Integer fixed-point arithmetic of OpenCV's ``RGB2HSV_b`` (hue range 180): ``V = max``,
   ``S = round(255 (V - min) / V)`` and ``H = round(30 * sector offset / (V - min))`` via the
   same 12-bit reciprocal tables and rounding, so the result is bit-exact with OpenCV's scalar
-  and SIMD paths (they share the tables).
-
-  Args:
-    rgb: ``uint8 [..., 3]`` RGB.
-
-  Returns:
-    ``uint8 [..., 3]`` (H in 0..179, S, V in 0..255).
+  and SIMD paths (they share the tables). Returns ``uint8 [..., 3]`` (H in 0..179, S, V in 0..255).
   """
   if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
     raise ValueError(f"need uint8 [..., 3], got {rgb.dtype} {rgb.shape}")
@@ -297,13 +266,8 @@ def hsv_to_rgb_opencv(hsv: np.ndarray) -> np.ndarray:
   ``floor(h)``, the four candidates ``v, v(1-s), v(1-s f), v(1-s(1-f))`` and
   ``saturate_cast<uchar>(x * 255)`` (round half to even). This reproduces those float32
   operations one by one. Deviation: a compiler may fuse some of OpenCV's multiply-adds (FMA),
-  which can change a product in its last bit and, in rare ties, an output by 1.
-
-  Args:
-    hsv: ``uint8 [..., 3]`` (H in 0..179).
-
-  Returns:
-    ``uint8 [..., 3]`` RGB.
+  which can change a product in its last bit and, in rare ties, an output by 1. ``hsv`` has H in
+  0..179.
   """
   if hsv.dtype != np.uint8 or hsv.shape[-1] != 3:
     raise ValueError(f"need uint8 [..., 3], got {hsv.dtype} {hsv.shape}")

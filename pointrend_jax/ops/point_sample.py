@@ -57,10 +57,8 @@ def _gather_rows(flat: jax.Array, row_base: jax.Array, ix: jax.Array, iy: jax.Ar
 
 def _sample_rows(features: jax.Array, batch_index: jax.Array, coords: jax.Array,
                  mode: str) -> jax.Array:
-  """Core sampler: features ``[N, H, W, C]``, batch_index ``[R]``, coords ``[R, Q, 2]``.
-
-  Returns ``[R, Q, C]``.
-  """
+  """Core sampler: features ``[N, H, W, C]``, batch_index ``[R]``, coords ``[R, Q, 2]`` ->
+  ``[R, Q, C]``."""
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
   n, h, w, c = features.shape
@@ -166,13 +164,8 @@ def interpolate_bilinear_x2(x: jax.Array) -> jax.Array:
   """PyTorch ``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)``.
 
   Separable: the width pass runs first and the height pass combines its results, which is the
-  order of PyTorch's CPU kernel (``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``).
-
-  Args:
-    x: ``[N, H, W, C]``.
-
-  Returns:
-    ``[N, 2H, 2W, C]``, same dtype.
+  order of PyTorch's CPU kernel (``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``). ``[N, H, W, C]`` ->
+  ``[N, 2H, 2W, C]``, same dtype.
   """
   x = jnp.asarray(x)
   if x.ndim != 4:

@@ -20,15 +20,9 @@ from jax import lax
 
 from pointrend_jax.ops.point_sample import point_sample, point_sample_by_index
 
-__all__ = [
-    "regular_grid_points",
-    "instance_uncertainty",
-    "semantic_uncertainty",
-    "uncertain_points_on_grid",
-    "uncertain_points_with_randomness",
-    "points_in_box_to_image",
-    "point_sample_fine_grained_features",
-]
+__all__ = ["regular_grid_points", "instance_uncertainty", "semantic_uncertainty",
+           "uncertain_points_on_grid", "uncertain_points_with_randomness", "points_in_box_to_image",
+           "point_sample_fine_grained_features"]
 
 
 def regular_grid_points(side: int) -> jax.Array:
@@ -66,11 +60,7 @@ def instance_uncertainty(logits: jax.Array, classes: jax.Array | None = None) ->
 def semantic_uncertainty(logits: jax.Array) -> jax.Array:
   """Semantic uncertainty: second-largest minus largest logit over the last (class) axis.
 
-  Args:
-    logits: ``[..., C]`` with ``C >= 2``.
-
-  Returns:
-    ``[...]`` uncertainty, ``<= 0`` (0 on ties).
+  ``[..., C]`` (``C >= 2``) -> ``[...]``, ``<= 0`` (0 on ties).
   """
   logits = jnp.asarray(logits)
   # max + masked max instead of top_k: elementwise and cheap for small C on every backend.

@@ -49,15 +49,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "roi_align",
-    "roi_align_separable",
-    "pool_flat_maps",
-    "normalize_output_size",
-    "default_chunk_size",
-    "adaptive_samples_bound",
-    "adaptive_grid_size_bound",
-]
+__all__ = ["roi_align", "roi_align_separable", "pool_flat_maps", "normalize_output_size",
+           "default_chunk_size", "adaptive_samples_bound", "adaptive_grid_size_bound"]
 
 Array = jax.Array
 OutputSize = Union[int, Sequence[int]]
@@ -103,9 +96,7 @@ def normalize_output_size(output_size: OutputSize) -> tuple[int, int]:
   return int(ph), int(pw)
 
 
-# --------------------------------------------------------------------------------------------
 # Static bounds.
-# --------------------------------------------------------------------------------------------
 
 
 def adaptive_grid_size_bound(max_side: float, output_size: int, spatial_scale: float = 1.0) -> int:
@@ -170,9 +161,7 @@ def adaptive_samples_bound(max_image_side: float,
   return best
 
 
-# --------------------------------------------------------------------------------------------
 # Per-axis sampling geometry and weights (shared by both formulations).
-# --------------------------------------------------------------------------------------------
 
 
 class _Axis(NamedTuple):
@@ -317,9 +306,7 @@ def _row_weights(axis: _Axis, base: Array, row: Array, sampling_ratio: int) -> A
   return jnp.sum(weights, axis=-1)
 
 
-# --------------------------------------------------------------------------------------------
 # Many-channel formulation: windowed tap-slot loop over a buffer of flattened maps.
-# --------------------------------------------------------------------------------------------
 
 
 class _Rois(NamedTuple):
@@ -566,9 +553,7 @@ def _roi_align(features, boxes, batch_index, pooled, spatial_scale, sampling_rat
                          chunk_size)
 
 
-# --------------------------------------------------------------------------------------------
 # Single-channel formulation: full separable weights and two matmuls.
-# --------------------------------------------------------------------------------------------
 
 
 def _dense_weights(lo: Array, hi: Array, scale: Array, size: int, pooled: int,

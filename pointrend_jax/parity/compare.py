@@ -31,6 +31,25 @@ Golden = Mapping[str, np.ndarray]
 TIE_TOL = 1e-4          # near-tie margin of a top-k / top-n cut
 MATCH_IOU = 0.99        # proposals / detections are the same box above this
 MIN_AGREEMENT = 0.999   # refined maps / masks: fraction within tolerance
+FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)  # op-level float goldens
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+def nchw(x: Any) -> np.ndarray:
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def boxes_by_image(golden: Golden, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+  """The golden's ``<prefix>_img0``, ``_img1``, ... boxes concatenated, and each one's image."""
+  boxes, batch_index = [], []
+  while f"{prefix}_img{len(boxes)}" in golden:
+    b = golden[f"{prefix}_img{len(boxes)}"]
+    batch_index.append(np.full((b.shape[0],), len(boxes), np.int32))
+    boxes.append(b)
+  return np.concatenate(boxes), np.concatenate(batch_index)
 
 
 @dataclasses.dataclass(frozen=True)

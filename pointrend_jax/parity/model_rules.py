@@ -21,7 +21,7 @@ from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import (MIN_AGREEMENT, TIE_TOL, MATCH_IOU, Row, SetMatch,
                                           agreement_row, box_iou, close_row, exact_row, fail_row,
                                           matched_close_row, matched_exact_row,
-                                          mostly_close_row, set_match)
+                                          mostly_close_row, nchw, set_match)
 from pointrend_jax.parity.fixture import Fixture
 
 __all__ = ["Ctx", "RULES", "check_array", "known_name"]
@@ -37,10 +37,6 @@ FOLLOW_ON_FLIPS = 0.01                   # flips allowed after an earlier flip, 
 def _summary(a: np.ndarray) -> np.ndarray:
   a = np.asarray(a, np.float64)
   return np.array([a.mean(), a.std(), a.min(), a.max(), np.abs(a).sum()])
-
-
-def _nchw(a: np.ndarray) -> np.ndarray:
-  return np.transpose(a, (0, 3, 1, 2))
 
 
 class Ctx:
@@ -74,7 +70,7 @@ class Ctx:
   # ---- views ----
   def input_nchw(self) -> np.ndarray:
     x = self.res["inter"]["input"] if self.kind == "instance" else self.res["input"]
-    return _nchw(x)
+    return nchw(x)
 
   def maps(self) -> dict[str, np.ndarray]:
     if self.kind == "instance":
@@ -89,9 +85,7 @@ class _Skip(Exception):
   """A rule cannot compute its array (reported as a failed row with the reason)."""
 
 
-# --------------------------------------------------------------------------------------------------
 # Rules. Each takes (name, match, expected, ctx) and returns a Row.
-# --------------------------------------------------------------------------------------------------
 
 Rule = Callable[[str, re.Match, np.ndarray, Ctx], Row]
 RULES: list[tuple[re.Pattern, Rule, str]] = []
@@ -165,7 +159,7 @@ def _map_views(name, mt, e, c):
   crop = {"crop_tl": a[:, :8, :8],
           "crop_center": a[:, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4],
           "crop_br": a[:, -8:, -8:]}[what]
-  return close_row(name, e, _nchw(crop[..., :16]), **DENSE)
+  return close_row(name, e, nchw(crop[..., :16]), **DENSE)
 
 
 # ---- RPN and anchors -----------------------------------------------------------------------------
@@ -183,7 +177,7 @@ def _rpn_nchw(c: Ctx, which: str, i: int) -> np.ndarray:
   flat = c.res["inter"][which][i]
   level = c.res["rpn_features"][i]
   h, w = c.maps()[level].shape[1:3]
-  return _nchw(flat.reshape(1, h, w, -1))
+  return nchw(flat.reshape(1, h, w, -1))
 
 
 @rule(r"rpn_logits_(p[2-6])", "full objectness logits (A, H, W): allclose 1e-3")
@@ -277,7 +271,7 @@ def _proposal_levels(name, mt, e, c):
 def _box_pooled(name, mt, e, c):
   c.instance()
   c.need("proposal_boxes")
-  pooled = _nchw(c.res["pooled"])
+  pooled = nchw(c.res["pooled"])
   if mt.group(1) == "summary":
     return close_row(name, e, _summary(pooled), **SUMMARY)
   return close_row(name, e, pooled[:len(e)], **DENSE)
@@ -314,8 +308,11 @@ def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
       "end-to-end detections as sets matched by IoU > 0.99 and class: boxes atol 1e-2 px, "
       "scores atol 1e-4, classes exact")
 def _dets(name, mt, e, c):
-  sm, ours = _det_match(c)
-  what = mt.group(1)
+  return _matched_rows(name, mt.group(1), e, *_det_match(c))
+
+
+def _matched_rows(name: str, what: str, e: np.ndarray, sm: SetMatch,
+                  ours: dict[str, np.ndarray]) -> Row:
   if what == "boxes":
     return matched_close_row(name, sm, e, ours["boxes"], **BOX_TOL)
   if what == "scores":
@@ -365,7 +362,7 @@ def _coarse_mask(name, mt, e, c):
   inter = _mask_inter(c)
   if mt.group(1) == "det_class":
     return close_row(name, e, inter["coarse_logits_class"], **DENSE)
-  return close_row(name, e, _nchw(inter["coarse_logits"][:len(e)]), **DENSE)
+  return close_row(name, e, nchw(inter["coarse_logits"][:len(e)]), **DENSE)
 
 
 @rule(r"point_init_logits_det_class",
@@ -531,13 +528,7 @@ def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
 @rule(r"final_(boxes|scores|classes)",
       "postprocessed instances (original size) as sets matched by IoU > 0.99 and class")
 def _final(name, mt, e, c):
-  sm, f = _final_match(c)
-  what = mt.group(1)
-  if what == "boxes":
-    return matched_close_row(name, sm, e, f["boxes"], **BOX_TOL)
-  if what == "scores":
-    return matched_close_row(name, sm, e, f["scores"], **SCORE_TOL)
-  return matched_exact_row(name, sm, e, f["classes"])
+  return _matched_rows(name, mt.group(1), e, *_final_match(c))
 
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
@@ -592,7 +583,7 @@ def _final_mask_areas(name, mt, e, c):
 @rule(r"coarse_logits", "SemSegFPNHead coarse logits (C, H/4, W/4): allclose 1e-3")
 def _coarse_logits(name, mt, e, c):
   c.semantic()
-  return close_row(name, e, _nchw(c.res["inter"]["coarse_logits"]), **DENSE)
+  return close_row(name, e, nchw(c.res["inter"]["coarse_logits"]), **DENSE)
 
 
 @rule(r"step(\d+)_uncertainty_sub4",
@@ -615,7 +606,7 @@ def _step_uncertainty(name, mt, e, c):
       "padded head output: shape exact; [4::8, 4::8] >= 99.9% within 1e-3")
 def _head_logits(name, mt, e, c):
   c.semantic()
-  logits = _nchw(c.res["logits"])
+  logits = nchw(c.res["logits"])
   if mt.group(1) == "shape":
     return exact_row(name, e, np.array(logits.shape))
   return mostly_close_row(name, e, logits[:, :, 4::8, 4::8], **DENSE)

@@ -1,9 +1,7 @@
 """Whole-model parity against a detectron2 model fixture folder.
 
-A fixture folder (``shared/fixtures/detectron2_parity/<name>/``) holds ``config.yaml``
-(detectron2 ``cfg.dump()``), ``meta.json`` (``seed``, ``weights_recipe``), ``image.png`` (the
-original photo), optionally ``model_input.png`` (the resized network input, instance models) and
-``expected.npz`` (the goldens). :func:`check_model_folder`:
+For a fixture folder (its files: :mod:`~pointrend_jax.parity.fixture`),
+:func:`check_model_folder`:
 
 1. builds the model from ``config.yaml`` abstractly (no random init) and loads the fixture
    weights: ``make_weights.py`` of the folder's parent, called for every detectron2 name/shape

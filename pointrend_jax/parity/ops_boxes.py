@@ -14,11 +14,9 @@ import numpy as np
 from pointrend_jax.modeling.postprocess import paste_masks
 from pointrend_jax.ops import boxes as box_ops
 from pointrend_jax.ops import nms as nms_ops
-from pointrend_jax.parity.compare import Check, Golden
+from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden
 
 __all__ = ["CHECKS"]
-
-_FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _weights(name: str) -> tuple[float, ...]:
@@ -85,8 +83,8 @@ def _paste(name: str):
 def _build() -> dict[str, Check]:
   checks: dict[str, Check] = {}
   for w in ("w10_10_5_5", "w1_1_1_1"):
-    checks[f"out_get_deltas_{w}"] = Check(_get_deltas(f"out_get_deltas_{w}"), **_FLOAT_TOL)
-    checks[f"out_apply_deltas_{w}"] = Check(_apply_deltas(f"out_apply_deltas_{w}"), **_FLOAT_TOL)
+    checks[f"out_get_deltas_{w}"] = Check(_get_deltas(f"out_get_deltas_{w}"), **FLOAT_TOL)
+    checks[f"out_apply_deltas_{w}"] = Check(_apply_deltas(f"out_apply_deltas_{w}"), **FLOAT_TOL)
   for t in ("05", "07"):
     checks[f"out_nms_keep_iou{t}"] = Check(_nms(f"out_nms_keep_iou{t}"), kind="exact")
     checks[f"out_batched_nms_keep_iou{t}"] = Check(_batched_nms(f"out_batched_nms_keep_iou{t}"),

@@ -11,19 +11,9 @@ import numpy as np
 
 from pointrend_jax.ops import point_sample as ps
 from pointrend_jax.ops import point_selection as sel
-from pointrend_jax.parity.compare import Check, Golden
+from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden, boxes_by_image, nchw, nhwc
 
 __all__ = ["CHECKS"]
-
-_FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _nhwc(x: np.ndarray) -> np.ndarray:
-  return np.transpose(x, (0, 2, 3, 1))
-
-
-def _nchw(x) -> np.ndarray:
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
 def _suffix_int(name: str) -> int:
@@ -32,7 +22,7 @@ def _suffix_int(name: str) -> int:
 
 def _point_sample(mode: str):
   def compute(golden: Golden) -> np.ndarray:
-    feats = _nhwc(golden["in_point_sample_features"])
+    feats = nhwc(golden["in_point_sample_features"])
     out = ps.point_sample(feats, golden["in_point_sample_coords"], mode=mode)  # [N, P, C]
     return np.transpose(np.asarray(out), (0, 2, 1))
   return compute
@@ -40,7 +30,7 @@ def _point_sample(mode: str):
 
 def _uncertainty_instance(class_agnostic: bool):
   def compute(golden: Golden) -> np.ndarray:
-    logits = _nhwc(golden["in_uncertainty_logits"])
+    logits = nhwc(golden["in_uncertainty_logits"])
     classes = golden["in_uncertainty_classes"].astype(np.int32)
     if class_agnostic:
       out = sel.instance_uncertainty(logits[..., :1], classes)
@@ -51,7 +41,7 @@ def _uncertainty_instance(class_agnostic: bool):
 
 
 def _uncertainty_semantic(golden: Golden) -> np.ndarray:
-  return np.asarray(sel.semantic_uncertainty(_nhwc(golden["in_uncertainty_logits"])))[:, None]
+  return np.asarray(sel.semantic_uncertainty(nhwc(golden["in_uncertainty_logits"])))[:, None]
 
 
 def _grid(name: str, part: int):
@@ -71,40 +61,33 @@ def _regular_grid(name: str):
 
 def _fine(part: int):
   def compute(golden: Golden) -> np.ndarray:
-    feats = _nhwc(golden["in_fine_features_p2"])
-    boxes, batch_index = [], []
-    i = 0
-    while f"in_fine_boxes_img{i}" in golden:
-      b = golden[f"in_fine_boxes_img{i}"]
-      boxes.append(b)
-      batch_index.append(np.full((b.shape[0],), i, np.int32))
-      i += 1
+    feats = nhwc(golden["in_fine_features_p2"])
+    boxes, batch_index = boxes_by_image(golden, "in_fine_boxes")
     out = sel.point_sample_fine_grained_features(
-        [feats], [4.0], np.concatenate(boxes), np.concatenate(batch_index),
-        golden["in_fine_point_coords"])[part]
+        [feats], [4.0], boxes, batch_index, golden["in_fine_point_coords"])[part]
     out = np.asarray(out)
     return np.transpose(out, (0, 2, 1)) if part == 0 else out  # features -> [R, C, P]
   return compute
 
 
 def _interp_x2(golden: Golden) -> np.ndarray:
-  return _nchw(ps.interpolate_bilinear_x2(_nhwc(golden["in_interp_x2"])))
+  return nchw(ps.interpolate_bilinear_x2(nhwc(golden["in_interp_x2"])))
 
 
 CHECKS: dict[str, Check] = {
-    "out_point_sample": Check(_point_sample("bilinear"), **_FLOAT_TOL),
-    "out_point_sample_nearest": Check(_point_sample("nearest"), **_FLOAT_TOL),
-    "out_uncertainty_instance": Check(_uncertainty_instance(False), **_FLOAT_TOL),
-    "out_uncertainty_instance_agnostic": Check(_uncertainty_instance(True), **_FLOAT_TOL),
-    "out_uncertainty_semantic": Check(_uncertainty_semantic, **_FLOAT_TOL),
+    "out_point_sample": Check(_point_sample("bilinear"), **FLOAT_TOL),
+    "out_point_sample_nearest": Check(_point_sample("nearest"), **FLOAT_TOL),
+    "out_uncertainty_instance": Check(_uncertainty_instance(False), **FLOAT_TOL),
+    "out_uncertainty_instance_agnostic": Check(_uncertainty_instance(True), **FLOAT_TOL),
+    "out_uncertainty_semantic": Check(_uncertainty_semantic, **FLOAT_TOL),
     # The map has distinct values, so top-k order is well defined and compared exactly.
     "out_grid_indices_n40": Check(_grid("out_grid_indices_n40", 0), kind="exact"),
-    "out_grid_coords_n40": Check(_grid("out_grid_coords_n40", 1), **_FLOAT_TOL),
+    "out_grid_coords_n40": Check(_grid("out_grid_coords_n40", 1), **FLOAT_TOL),
     "out_grid_indices_n1000": Check(_grid("out_grid_indices_n1000", 0), kind="exact"),
-    "out_grid_coords_n1000": Check(_grid("out_grid_coords_n1000", 1), **_FLOAT_TOL),
-    "out_regular_grid_7": Check(_regular_grid("out_regular_grid_7"), **_FLOAT_TOL),
-    "out_regular_grid_28": Check(_regular_grid("out_regular_grid_28"), **_FLOAT_TOL),
-    "out_fine_features": Check(_fine(0), **_FLOAT_TOL),
-    "out_fine_point_coords_wrt_image": Check(_fine(1), **_FLOAT_TOL),
-    "out_interp_x2": Check(_interp_x2, **_FLOAT_TOL),
+    "out_grid_coords_n1000": Check(_grid("out_grid_coords_n1000", 1), **FLOAT_TOL),
+    "out_regular_grid_7": Check(_regular_grid("out_regular_grid_7"), **FLOAT_TOL),
+    "out_regular_grid_28": Check(_regular_grid("out_regular_grid_28"), **FLOAT_TOL),
+    "out_fine_features": Check(_fine(0), **FLOAT_TOL),
+    "out_fine_point_coords_wrt_image": Check(_fine(1), **FLOAT_TOL),
+    "out_interp_x2": Check(_interp_x2, **FLOAT_TOL),
 }

@@ -11,21 +11,12 @@ import numpy as np
 
 from pointrend_jax.ops import poolers
 from pointrend_jax.ops import roi_align as ra
-from pointrend_jax.parity.compare import Check, Golden
+from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden, boxes_by_image, nchw, nhwc
 
 __all__ = ["CHECKS"]
 
-_FLOAT_TOL = dict(atol=1e-5, rtol=1e-5)
 _ROI_ALIGN_SCALE = 0.25  # ops.npz README §4: ROIAlign((7, 7), spatial_scale=0.25, ...).
 _POOLER_LEVELS = (2, 3, 4, 5)
-
-
-def _nhwc(x: np.ndarray) -> np.ndarray:
-  return np.transpose(x, (0, 2, 3, 1))
-
-
-def _nchw(x) -> np.ndarray:
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
 def _roi_align(sampling_ratio: int):
@@ -33,26 +24,20 @@ def _roi_align(sampling_ratio: int):
 
   def compute(golden: Golden) -> np.ndarray:
     rois = golden["in_roi_align_rois"]  # [R, 5]: batch index, x0, y0, x1, y1.
-    out = ra.roi_align(_nhwc(golden["in_roi_align_features"]), rois[:, 1:],
+    out = ra.roi_align(nhwc(golden["in_roi_align_features"]), rois[:, 1:],
                        rois[:, 0].astype(np.int32), golden[name].shape[-2:], _ROI_ALIGN_SCALE,
                        sampling_ratio=sampling_ratio, aligned=True)
-    return _nchw(out).astype(golden[name].dtype)
+    return nchw(out).astype(golden[name].dtype)
 
   return compute
 
 
 def _pooler_inputs(golden: Golden):
-  feats = [_nhwc(golden[f"in_pooler_features_p{l}"]) for l in _POOLER_LEVELS]
-  boxes, batch_index = [], []
-  i = 0
-  while f"in_pooler_boxes_img{i}" in golden:
-    b = golden[f"in_pooler_boxes_img{i}"]
-    boxes.append(b)
-    batch_index.append(np.full((b.shape[0],), i, np.int32))
-    i += 1
+  feats = [nhwc(golden[f"in_pooler_features_p{l}"]) for l in _POOLER_LEVELS]
+  boxes, batch_index = boxes_by_image(golden, "in_pooler_boxes")
   image_h, image_w = 4 * feats[0].shape[1], 4 * feats[0].shape[2]  # p2 has stride 4.
   scales = [f.shape[1] / image_h for f in feats]
-  return feats, np.concatenate(boxes), np.concatenate(batch_index), scales, (image_h, image_w)
+  return feats, boxes, batch_index, scales, (image_h, image_w)
 
 
 def _pooler_levels(golden: Golden) -> np.ndarray:
@@ -69,12 +54,12 @@ def _pooler(golden: Golden) -> np.ndarray:
   out = poolers.multilevel_roi_align(feats, boxes, batch_index, scales,
                                      output_size=golden["out_pooler"].shape[-2:],
                                      sampling_ratio=0, aligned=True)
-  return _nchw(out).astype(golden["out_pooler"].dtype)
+  return nchw(out).astype(golden["out_pooler"].dtype)
 
 
 CHECKS: dict[str, Check] = {
-    "out_roi_align_sr0": Check(_roi_align(0), **_FLOAT_TOL),
-    "out_roi_align_sr2": Check(_roi_align(2), **_FLOAT_TOL),
+    "out_roi_align_sr0": Check(_roi_align(0), **FLOAT_TOL),
+    "out_roi_align_sr2": Check(_roi_align(2), **FLOAT_TOL),
     "out_pooler_levels": Check(_pooler_levels, kind="exact"),
-    "out_pooler": Check(_pooler, **_FLOAT_TOL),
+    "out_pooler": Check(_pooler, **FLOAT_TOL),
 }

@@ -51,15 +51,11 @@ def _blocks(names: Mapping[str, tuple[int, ...]], stage: int) -> int:
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[ModelConfig, str]:
-  """Guesses the :class:`ModelConfig` of a checkpoint from its names and shapes.
-
-  Returns:
-    ``(config, description)``.
+  """Guesses ``(ModelConfig, description)`` of a checkpoint from its names and shapes.
 
   Raises:
     _Error: the checkpoint has no recognizable heads (e.g. an ImageNet backbone).
   """
-
   semantic = "sem_seg_head.coarse_sem_seg_head.predictor.weight" in shapes
   instance = "roi_heads.box_predictor.cls_score.weight" in shapes
   if semantic == instance:

@@ -70,14 +70,6 @@ def check_ops_file(golden: Mapping[str, np.ndarray],
   return rows
 
 
-def check_model_folder_rows(path: str, out=None) -> list[Row]:
-  """Rows of a model fixture folder (see :mod:`pointrend_jax.parity.models`)."""
-  out = sys.stdout if out is None else out
-  from pointrend_jax.parity import models  # pylint: disable=g-import-not-at-top
-
-  return models.check_model_folder(path, log=lambda msg: print(f"# {msg}", file=out, flush=True))
-
-
 def format_rows(rows: Iterable[Row]) -> str:
   rows = list(rows)
   width = max([len(r.name) for r in rows] + [5])
@@ -92,41 +84,39 @@ def format_rows(rows: Iterable[Row]) -> str:
 
 
 def run(paths: Sequence[str], out=None) -> int:
-  """Checks every path; returns the number of failed rows (missing paths count as failures).
-
-  A path is an op golden ``.npz`` file or a model fixture folder (see
-  :mod:`pointrend_jax.parity.models`).
-  """
+  """Checks every path (see the module docstring); returns the number of failed rows (missing
+  paths count as failures)."""
   out = sys.stdout if out is None else out  # resolved per call (captured streams in tests)
   passed = failed = 0
   checks = None
   for path in paths:
     print(f"== {path}", file=out)
-    if os.path.isdir(path):
-      rows = check_model_folder_rows(path, out)
-      print(format_rows(rows), file=out)
-      n_ok = sum(r.passed for r in rows)
-      print(f"-- {path}: {n_ok} passed, {len(rows) - n_ok} failed", file=out)
-      passed += n_ok
-      failed += len(rows) - n_ok
-      continue
-    if not os.path.isfile(path):
+    folder = os.path.isdir(path)
+    if folder:
+      from pointrend_jax.parity import models  # pylint: disable=g-import-not-at-top
+      rows = models.check_model_folder(
+          path, log=lambda msg: print(f"# {msg}", file=out, flush=True))
+    elif not os.path.isfile(path):
       print(f"FAIL: no such file: {path}", file=out)
       failed += 1
       continue
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        golden = {k: f[k] for k in f.files}
-    except Exception as e:
-      print(f"FAIL: cannot read {path} as an .npz golden file: {e}", file=out)
-      failed += 1
-      continue
-    if checks is None:
-      checks = ops_checks()
-    rows = check_ops_file(golden, checks)
+    else:
+      try:
+        with np.load(path, allow_pickle=False) as f:
+          golden = {k: f[k] for k in f.files}
+      except Exception as e:
+        print(f"FAIL: cannot read {path} as an .npz golden file: {e}", file=out)
+        failed += 1
+        continue
+      if checks is None:
+        checks = ops_checks()
+      rows = check_ops_file(golden, checks)
     print(format_rows(rows), file=out)
-    passed += sum(r.passed for r in rows)
-    failed += sum(not r.passed for r in rows)
+    n_ok = sum(r.passed for r in rows)
+    if folder:
+      print(f"-- {path}: {n_ok} passed, {len(rows) - n_ok} failed", file=out)
+    passed += n_ok
+    failed += len(rows) - n_ok
   print(f"{passed} passed, {failed} failed", file=out)
   return failed
 

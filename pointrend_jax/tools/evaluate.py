@@ -88,9 +88,6 @@ def _run_coco(args: argparse.Namespace, out: TextIO) -> dict[str, float]:
       print(f"\nper-category {task} AP:\n{table}", file=out)
     summary = ", ".join(f"{m}={_fmt(metrics[f'{task}/{m}'])}" for m in coco_eval.SUMMARY_METRICS)
     print(f"\n{task}: {summary}\n", file=out)
-  if args.output:
-    coco_eval.write_metrics_json(metrics, args.output)
-    print(f"wrote {args.output}", file=out)
   return metrics
 
 
@@ -109,9 +106,6 @@ def _run_cityscapes(args: argparse.Namespace, out: TextIO) -> dict[str, float]:
     print(evaluator.table(metrics), file=out)
     summary = f"AP={_fmt(metrics['segm/AP'])}, AP50={_fmt(metrics['segm/AP50'])}"
   print(f"\n{summary}", file=out)
-  if args.output:
-    coco_eval.write_metrics_json(metrics, args.output)
-    print(f"wrote {args.output}", file=out)
   return metrics
 
 
@@ -125,10 +119,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   try:
-    if args.command == "coco":
-      _run_coco(args, out)
-    else:
-      _run_cityscapes(args, out)
+    metrics = (_run_coco if args.command == "coco" else _run_cityscapes)(args, out)
+    if args.output:
+      coco_eval.write_metrics_json(metrics, args.output)
+      print(f"wrote {args.output}", file=out)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

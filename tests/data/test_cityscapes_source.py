@@ -11,6 +11,7 @@ import pytest
 
 from pointrend_jax.data import cityscapes as cs
 from pointrend_jax.data import coco
+from cityscapes_gt import write_gt_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -66,7 +67,7 @@ def build_tree(root, split="val"):
     path = os.path.join(gt_dir, stem + "_gtFine_polygons.json")
     with open(path, "w") as f:
       json.dump({"imgHeight": H, "imgWidth": W, "objects": objects}, f)
-    cs.write_gt_images(path)
+    write_gt_images(path)
 
 
 @pytest.fixture()

@@ -197,11 +197,3 @@ def test_bad_annotations_raise_with_the_annotation_id(dataset_dir):
     coco.load_coco_json(no_box, root / "images")
   with pytest.raises(FileNotFoundError, match="absent.json"):
     coco.load_coco_json(root / "absent.json", root / "images")
-
-
-def test_filter_empty(dataset_dir):
-  root, _, _ = dataset_dir
-  records = coco.load_coco_json(root / "instances.json", root / "images")
-  kept = coco.filter_empty(records)
-  # Image 2 has only a crowd annotation; 3, 4, 5 have none.
-  assert [r["image_id"] for r in kept] == [1]

@@ -16,6 +16,7 @@ from pointrend_jax.data import cityscapes as cs
 from pointrend_jax.data import coco
 from pointrend_jax.data import synthetic
 from pointrend_jax.data import tfds_builders as tb
+from cityscapes_gt import write_gt_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -47,7 +48,7 @@ def _cityscapes_tree(root):
     with open(path, "w") as f:
       json.dump({"imgHeight": H, "imgWidth": W,
                  "objects": [{"label": l, "polygon": p} for l, p in objs]}, f)
-    cs.write_gt_images(path)
+    write_gt_images(path)
 
 
 def _extra_coco(root):
@@ -96,10 +97,10 @@ def _assert_same_records(from_tfds, direct):
           assert ann[key] == value and type(ann[key]) is type(value), key
     assert len(rec.get("annotations", ())) == len(exp.get("annotations", ()))
     # Decoded images / label maps equal the files' (EXIF orientation included).
-    np.testing.assert_array_equal(tb.decode_image(dict(rec, image_bytes=image_bytes)),
+    np.testing.assert_array_equal(coco.load_image(dict(rec, image_bytes=image_bytes)),
                                   coco.load_image(exp))
     if sem_bytes is not None:
-      np.testing.assert_array_equal(tb.decode_label_map(dict(rec, sem_seg_bytes=sem_bytes)),
+      np.testing.assert_array_equal(coco.load_label_map(dict(rec, sem_seg_bytes=sem_bytes)),
                                     coco.read_label_map(exp["sem_seg_file_name"]))
 
 
@@ -133,7 +134,7 @@ def test_coco_instances_round_trip(sources):
   for name, split, (ann, images) in [("shapes", s, v) for s, v in split_sources.items()] + [
       ("extra", "val", sources["extra"])]:
     direct = coco.load_coco_json(ann, images)
-    records = tb.load_tfds_records(sources["data_dir"], "coco_instances", split, name=name)
+    records = list(tb.TfdsRecords(sources["data_dir"], "coco_instances", split, name=name))
     _assert_same_records(records, direct)
     kinds |= {type(a.get("segmentation")).__name__ for r in direct for a in r["annotations"]}
   assert kinds == {"dict", "list", "NoneType"}  # RLE, polygons and none were exercised.
@@ -157,8 +158,8 @@ def test_cityscapes_round_trips(sources):
   tb.prepare_tfds("cityscapes_instances", {"val": root}, data_dir, name="tiny")
   direct = cs.load_cityscapes_instances(root, "val")
   assert sum(len(r["annotations"]) for r in direct) == 5
-  _assert_same_records(tb.load_tfds_records(data_dir, "cityscapes_instances", "val",
-                                            name="tiny"), direct)
+  _assert_same_records(list(tb.TfdsRecords(data_dir, "cityscapes_instances", "val",
+                                            name="tiny")), direct)
   builder = tb.prepare_tfds("cityscapes_semantic", {"val": root}, data_dir, name="tiny")
   # A dataset read back from its folder alone (no builder class) keeps the class metadata.
   folder = tfds.builder_from_directory(os.path.join(data_dir, "pointrend_cityscapes_semantic",
@@ -213,7 +214,7 @@ def test_tfds_records_feed_the_pipeline_like_the_files(sources):
   tb.prepare_tfds("coco_instances", {"train": (str(split.annotations), str(split.images_dir))},
                   sources["data_dir"], name="feed")
   direct = coco.load_coco_json(str(split.annotations), str(split.images_dir))
-  from_tfds = tb.load_tfds_records(sources["data_dir"], "coco_instances", "train", name="feed")
+  from_tfds = list(tb.TfdsRecords(sources["data_dir"], "coco_instances", "train", name="feed"))
   # The stored bytes, not the files, must be what is decoded.
   from_tfds = [dict(r, file_name="/nonexistent/" + os.path.basename(r["file_name"]))
                for r in from_tfds]

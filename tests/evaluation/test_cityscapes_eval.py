@@ -18,6 +18,7 @@ import pytest
 from pointrend_jax.data import cityscapes as cs
 from pointrend_jax.evaluation import cityscapes_eval as ce
 from pointrend_jax.tools import evaluate as evaluate_tool
+from cityscapes_gt import write_gt_images
 
 H, W = 72, 136
 SPLIT = "val"
@@ -61,7 +62,7 @@ def _build_ground_truth(root, rng, n_images=8):
       objects = objects[:3]  # An image without thing instances.
     with open(os.path.join(gt_dir, stem + "_gtFine_polygons.json"), "w") as f:
       json.dump({"imgHeight": H, "imgWidth": W, "objects": objects}, f)
-    cs.write_gt_images(os.path.join(gt_dir, stem + "_gtFine_polygons.json"))
+    write_gt_images(os.path.join(gt_dir, stem + "_gtFine_polygons.json"))
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(
         os.path.join(img_dir, stem + "_leftImg8bit.png"))
 
