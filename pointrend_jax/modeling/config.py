@@ -22,27 +22,14 @@ from typing import Any
 
 from pointrend_jax.errors import ConfigError
 
-__all__ = [
-    "ResNetConfig",
-    "FPNConfig",
-    "AnchorConfig",
-    "RPNConfig",
-    "ROIHeadsConfig",
-    "BoxHeadConfig",
-    "MaskHeadConfig",
-    "PointHeadConfig",
-    "SemSegHeadConfig",
-    "InputConfig",
-    "ModelConfig",
-    "convert_value",
-]
+__all__ = ["ResNetConfig", "FPNConfig", "AnchorConfig", "RPNConfig", "ROIHeadsConfig",
+           "BoxHeadConfig", "MaskHeadConfig", "PointHeadConfig", "SemSegHeadConfig", "InputConfig",
+           "ModelConfig", "convert_value"]
 
 
 _frozen = dataclasses.dataclass(frozen=True)
 
-# --------------------------------------------------------------------------------------------------
-# Dataclasses.
-# --------------------------------------------------------------------------------------------------
+# --- Dataclasses ---
 
 
 @_frozen

@@ -54,9 +54,7 @@ class FrozenStat(Frozen):
 # Filter of the variables an optimizer should update.
 TRAINABLE = nnx.Param
 
-# --------------------------------------------------------------------------------------------------
-# Precision: constructor arguments of every module (``dtype``, ``param_dtype``, ``precision``).
-# --------------------------------------------------------------------------------------------------
+# --- Precision: module constructor arguments (``dtype``, ``param_dtype``, ``precision``) ---
 
 # Compute dtypes a model may be built with. float16 would need loss scaling in training, which is
 # not implemented.
@@ -93,9 +91,7 @@ def resolve_precision(dtype: DType, precision: jax.lax.PrecisionLike) -> jax.lax
   return precision
 
 
-# --------------------------------------------------------------------------------------------------
-# Initializers (HWIO conv kernels or (in, out) dense kernels; fan computed like PyTorch).
-# --------------------------------------------------------------------------------------------------
+# --- Initializers (HWIO conv kernels or (in, out) dense kernels; fan computed like PyTorch) ---
 
 # fvcore c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. plain (not
 # truncated) normal with std sqrt(2 / fan_out), fan_out = O * kh * kw (not divided by groups).
@@ -104,9 +100,7 @@ c2_msra_fill: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_out",
 c2_xavier_fill: Initializer = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
-# --------------------------------------------------------------------------------------------------
-# Normalization layers. Variable names equal detectron2's buffer / parameter names.
-# --------------------------------------------------------------------------------------------------
+# --- Normalization layers. Variable names equal detectron2's buffer / parameter names ---
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -248,9 +242,7 @@ def get_norm(norm: str | None, channels: int, *, frozen: bool = False, dtype: DT
   raise ValueError(f"unknown norm {norm!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Convolution and dense layers.
-# --------------------------------------------------------------------------------------------------
+# --- Convolution and dense layers ---
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -367,9 +359,7 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
       ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
-# --------------------------------------------------------------------------------------------------
-# detectron2 state-dict names <-> module variables.
-# --------------------------------------------------------------------------------------------------
+# --- detectron2 state-dict names <-> module variables ---
 
 
 def _variables(module: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Variable]]:

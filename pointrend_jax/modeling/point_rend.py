@@ -41,23 +41,12 @@ from pointrend_jax.ops.point_selection import (instance_uncertainty,
 Array = jax.Array
 Features = Array | Mapping[str, Array]
 
-__all__ = [
-    "PointwiseConv1d",
-    "ConvFCHead",
-    "StandardPointHead",
-    "PointRendMaskHead",
-    "subdivision_schedule",
-    "d2_names",
-    "load_d2",
-    "d2_mask_head_names",
-    "load_d2_mask_head",
-]
+__all__ = ["PointwiseConv1d", "ConvFCHead", "StandardPointHead", "PointRendMaskHead",
+           "subdivision_schedule", "d2_names", "load_d2", "d2_mask_head_names", "load_d2_mask_head"]
 
 _prediction_init = jax.nn.initializers.normal(0.001)
 
-# --------------------------------------------------------------------------------------------------
-# Layers.
-# --------------------------------------------------------------------------------------------------
+# --- Layers ---
 
 
 class PointwiseConv1d(Linear):
@@ -114,9 +103,7 @@ def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "
   return load_d2_state(module, view, prefix, strict=strict)
 
 
-# --------------------------------------------------------------------------------------------------
-# Coarse head and point head.
-# --------------------------------------------------------------------------------------------------
+# --- Coarse head and point head ---
 
 
 class ConvFCHead(nnx.Module):
@@ -226,9 +213,7 @@ class StandardPointHead(nnx.Module):
     return self.predictor(x).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# PointRend mask head.
-# --------------------------------------------------------------------------------------------------
+# --- PointRend mask head ---
 
 
 def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple[int, int]:
@@ -321,9 +306,7 @@ class PointRendMaskHead(nnx.Module):
     """Side of the inference mask logits (224 with the default schedule)."""
     return self.subdivision_init_resolution * 2 ** self.subdivision_steps
 
-  # ------------------------------------------------------------------------------------------------
-  # Building blocks.
-  # ------------------------------------------------------------------------------------------------
+  # --- Building blocks ---
 
   def _levels(self, features: Features) -> list[Array]:
     if isinstance(features, Mapping):
@@ -376,9 +359,7 @@ class PointRendMaskHead(nnx.Module):
     coarse = point_sample(coarse_logits, points_in_box)
     return self.point_head(fine, coarse)
 
-  # ------------------------------------------------------------------------------------------------
-  # Training.
-  # ------------------------------------------------------------------------------------------------
+  # --- Training ---
 
   def forward_train(self, features: Features, boxes: Array, batch_index: Array,
                     gt_classes: Array, key: Array) -> dict[str, Array]:
@@ -412,9 +393,7 @@ class PointRendMaskHead(nnx.Module):
         "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0],
     }
 
-  # ------------------------------------------------------------------------------------------------
-  # Inference.
-  # ------------------------------------------------------------------------------------------------
+  # --- Inference ---
 
   def subdivision_inference(self, features: Features, boxes: Array, batch_index: Array,
                             classes: Array, *, return_intermediates: bool = False
@@ -481,9 +460,7 @@ class PointRendMaskHead(nnx.Module):
     return mask, inter
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoint names.
-# --------------------------------------------------------------------------------------------------
+# --- Checkpoint names ---
 
 MASK_HEAD_PREFIX = "roi_heads.mask_head."
 

@@ -35,15 +35,8 @@ from pointrend_jax.ops.poolers import multilevel_roi_align
 
 Array = jax.Array
 
-__all__ = [
-    "FastRCNNConvFCHead",
-    "FastRCNNOutputLayers",
-    "Detections",
-    "StandardROIHeads",
-    "fast_rcnn_inference",
-    "d2_roi_heads_names",
-    "load_d2_roi_heads",
-]
+__all__ = ["FastRCNNConvFCHead", "FastRCNNOutputLayers", "Detections", "StandardROIHeads",
+           "fast_rcnn_inference", "d2_roi_heads_names", "load_d2_roi_heads"]
 
 
 class FastRCNNConvFCHead(nnx.Module):

@@ -38,15 +38,8 @@ from pointrend_jax.ops.nms import nms
 
 Array = jax.Array
 
-__all__ = [
-    "StandardRPNHead",
-    "Proposals",
-    "RPNOutput",
-    "RPN",
-    "find_top_rpn_proposals",
-    "d2_rpn_names",
-    "load_d2_rpn",
-]
+__all__ = ["StandardRPNHead", "Proposals", "RPNOutput", "RPN", "find_top_rpn_proposals",
+           "d2_rpn_names", "load_d2_rpn"]
 
 # detectron2 initialises every RPN conv with Normal(0, 0.01) and zero bias.
 _rpn_init = jax.nn.initializers.normal(0.01)

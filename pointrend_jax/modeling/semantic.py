@@ -28,24 +28,15 @@ from pointrend_jax.ops.point_selection import (semantic_uncertainty, uncertain_p
 
 Array = jax.Array
 
-__all__ = [
-    "resize_bilinear",
-    "sem_seg_postprocess",
-    "SemSegFPNHead",
-    "PointRendSemSegHead",
-    "PointRendSemanticSegmentor",
-    "d2_semantic_names",
-    "load_d2_semantic",
-]
+__all__ = ["resize_bilinear", "sem_seg_postprocess", "SemSegFPNHead", "PointRendSemSegHead",
+           "PointRendSemanticSegmentor", "d2_semantic_names", "load_d2_semantic"]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD defaults (BGR, MSRA weights).
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 PIXEL_STD_BGR = (1.0, 1.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# PyTorch bilinear resize.
-# --------------------------------------------------------------------------------------------------
+# --- PyTorch bilinear resize ---
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -120,9 +111,7 @@ def sem_seg_postprocess(logits: Array, image_size: tuple[int, int],
   return x[0] if single else x
 
 
-# --------------------------------------------------------------------------------------------------
-# Coarse head.
-# --------------------------------------------------------------------------------------------------
+# --- Coarse head ---
 
 
 class Upsample2x(nnx.Module):
@@ -196,9 +185,7 @@ class SemSegFPNHead(nnx.Module):
     return self.logits(self.fused_features(features))
 
 
-# --------------------------------------------------------------------------------------------------
-# PointRend semantic head.
-# --------------------------------------------------------------------------------------------------
+# --- PointRend semantic head ---
 
 
 class PointRendSemSegHead(nnx.Module):
@@ -314,9 +301,7 @@ class PointRendSemSegHead(nnx.Module):
     return logits, {k: tuple(v) if isinstance(v, list) else v for k, v in inter.items()}
 
 
-# --------------------------------------------------------------------------------------------------
-# Segmentor.
-# --------------------------------------------------------------------------------------------------
+# --- Segmentor ---
 
 
 class PointRendSemanticSegmentor(nnx.Module):

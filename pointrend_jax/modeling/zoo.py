@@ -221,9 +221,7 @@ ZOO_STEMS: dict[str, str] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading and merging yamls.
-# --------------------------------------------------------------------------------------------------
+# --- Loading and merging yamls ---
 
 
 def _decode(value: Any) -> Any:
@@ -294,9 +292,7 @@ def _resolve(raw: Mapping[str, Any], base_dir: pathlib.Path | None, seen: tuple[
   return _merge(parent, _decode(raw))
 
 
-# --------------------------------------------------------------------------------------------------
-# Parsing a merged detectron2 config.
-# --------------------------------------------------------------------------------------------------
+# --- Parsing a merged detectron2 config ---
 
 
 class _Reader:
@@ -625,9 +621,7 @@ def zoo_yaml(name: str) -> dict[str, Any]:
   return copy.deepcopy(_ZOO_YAMLS[key])
 
 
-# --------------------------------------------------------------------------------------------------
-# The run config's model section.
-# --------------------------------------------------------------------------------------------------
+# --- The run config's model section ---
 
 
 def _plain(value: Any) -> Any:

@@ -35,16 +35,9 @@ from jax.experimental import multihost_utils
 
 from pointrend_jax.checkpoint.workdir import DATA_ITEM, STATE_ITEM
 
-__all__ = [
-    "DataIteratorHandler",
-    "DataIteratorSave",
-    "DataIteratorRestore",
-    "make_checkpoint_manager",
-    "save_checkpoint",
-    "restore_checkpoint",
-    "restore_latest",
-    "PreemptionGuard",
-]
+__all__ = ["DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore",
+           "make_checkpoint_manager", "save_checkpoint", "restore_checkpoint", "restore_latest",
+           "PreemptionGuard"]
 
 logger = logging.getLogger(__name__)
 

@@ -49,21 +49,10 @@ from pointrend_jax.ops.sampler import sample_mask, subsample_labels
 if TYPE_CHECKING:
   from pointrend_jax.modeling.meta_arch import PointRendRCNN
 
-__all__ = [
-    "LOSS_NAMES",
-    "INSTANCE_BATCH_KEYS",
-    "ROISamples",
-    "bce_with_logits",
-    "rpn_losses",
-    "sample_proposals",
-    "roi_box_losses",
-    "predict_boxes_for_gt_classes",
-    "crop_and_resize_packed_masks",
-    "point_labels_from_packed_masks",
-    "mask_losses",
-    "instance_losses",
-    "instance_loss_fn",
-]
+__all__ = ["LOSS_NAMES", "INSTANCE_BATCH_KEYS", "ROISamples", "bce_with_logits", "rpn_losses",
+           "sample_proposals", "roi_box_losses", "predict_boxes_for_gt_classes",
+           "crop_and_resize_packed_masks", "point_labels_from_packed_masks", "mask_losses",
+           "instance_losses", "instance_loss_fn"]
 
 Array = jax.Array
 
@@ -75,9 +64,7 @@ INSTANCE_BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_vali
                        "gt_masks_packed")
 
 
-# --------------------------------------------------------------------------------------------------
-# Elementwise pieces.
-# --------------------------------------------------------------------------------------------------
+# --- Elementwise pieces ---
 
 
 def bce_with_logits(logits: Array, targets: Array) -> Array:
@@ -112,9 +99,7 @@ def _usable_gt(gt_boxes: Array, gt_valid: Array) -> Array:
   return jnp.asarray(gt_valid, bool) & nonempty_boxes(jnp.asarray(gt_boxes, jnp.float32))
 
 
-# --------------------------------------------------------------------------------------------------
-# RPN.
-# --------------------------------------------------------------------------------------------------
+# --- RPN ---
 
 
 def _concat_levels(x: Sequence[Array] | Array, axis: int) -> Array:
@@ -198,9 +183,7 @@ def rpn_losses(key: Array,
   }
 
 
-# --------------------------------------------------------------------------------------------------
-# ROI heads: matching, sampling, box losses.
-# --------------------------------------------------------------------------------------------------
+# --- ROI heads: matching, sampling, box losses ---
 
 
 class ROISamples(NamedTuple):
@@ -356,9 +339,7 @@ def predict_boxes_for_gt_classes(box_deltas: Array, samples: ROISamples,
   return decode_boxes(picked, samples.boxes, box_reg_weights)
 
 
-# --------------------------------------------------------------------------------------------------
-# Mask targets from bit-packed GT masks.
-# --------------------------------------------------------------------------------------------------
+# --- Mask targets from bit-packed GT masks ---
 
 # The exact float32 per-sample ROIAlign arithmetic of ops.roi_align, reused through its private
 # helpers: its public separable op has one static map size for all ROIs, while the mask target
@@ -510,9 +491,7 @@ def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array,
   return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Mask losses.
-# --------------------------------------------------------------------------------------------------
+# --- Mask losses ---
 
 
 def mask_losses(coarse_logits: Array, point_logits: Array, mask_targets: Array,
@@ -547,9 +526,7 @@ def mask_losses(coarse_logits: Array, point_logits: Array, mask_targets: Array,
           "point/accuracy": accuracy.astype(jnp.float32)}
 
 
-# --------------------------------------------------------------------------------------------------
-# The whole model.
-# --------------------------------------------------------------------------------------------------
+# --- The whole model ---
 
 
 def _packed_masks(batch: Mapping[str, Array]) -> Array:

@@ -15,15 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = [
-    "DATA_AXIS",
-    "initialize_distributed",
-    "make_mesh",
-    "data_sharding",
-    "replicated_sharding",
-    "shard_batch",
-    "replicate",
-]
+__all__ = ["DATA_AXIS", "initialize_distributed", "make_mesh", "data_sharding",
+           "replicated_sharding", "shard_batch", "replicate"]
 
 logger = logging.getLogger(__name__)
 

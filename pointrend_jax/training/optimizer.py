@@ -29,13 +29,8 @@ from flax import nnx
 
 from pointrend_jax.modeling import layers
 
-__all__ = [
-    "NORM_MODULE_TYPES",
-    "warmup_multistep_schedule",
-    "param_groups",
-    "weight_decay_tree",
-    "make_optimizer",
-]
+__all__ = ["NORM_MODULE_TYPES", "warmup_multistep_schedule", "param_groups", "weight_decay_tree",
+           "make_optimizer"]
 
 # Module types whose parameters are "norm" parameters for WEIGHT_DECAY_NORM (detectron2 lists
 # BatchNorm*, SyncBatchNorm, GroupNorm, InstanceNorm*, LayerNorm, LocalResponseNorm and

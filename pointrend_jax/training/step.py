@@ -49,9 +49,7 @@ Batch = Mapping[str, Array]
 LossFn = Callable[[nnx.Module, Batch, Array], tuple[Array, Mapping[str, Array]]]
 
 
-# --------------------------------------------------------------------------------------------------
-# Train state.
-# --------------------------------------------------------------------------------------------------
+# --- Train state ---
 
 
 class TrainState(struct.PyTreeNode):
@@ -106,9 +104,7 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
   return state
 
 
-# --------------------------------------------------------------------------------------------------
-# Train step.
-# --------------------------------------------------------------------------------------------------
+# --- Train step ---
 
 
 def _split_replicas(batch: Batch, num_groups: int, mesh: jax.sharding.Mesh | None) -> Batch:
