@@ -21,7 +21,7 @@ Conventions:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,7 +42,8 @@ Array = jax.Array
 Features = Array | Mapping[str, Array]
 
 __all__ = ["PointwiseConv1d", "ConvFCHead", "StandardPointHead", "PointRendMaskHead",
-           "subdivision_schedule", "d2_names", "load_d2", "d2_mask_head_names", "load_d2_mask_head"]
+           "subdivision_schedule", "subdivide", "d2_names", "load_d2", "d2_mask_head_names",
+           "load_d2_mask_head"]
 
 _prediction_init = jax.nn.initializers.normal(0.001)
 
@@ -232,6 +233,33 @@ def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple
     raise ValueError(f"subdivision: {num_points} points would skip more than the "
                      f"{given_steps} steps")
   return res, steps
+
+
+def subdivide(logits: Array, steps: int, num_points: int,
+              uncertainty: Callable[[Array], Array], point_logits: Callable[[Array], Array]
+              ) -> tuple[Array, dict[str, tuple[Array, ...]]]:
+  """detectron2's subdivision inference (spec §3.6, §4.4) on ``logits [N, H, W, C]``.
+
+  ``steps`` x [bilinear x2; the ``num_points`` most uncertain cells of ``uncertainty(logits)``
+  ``[N, H, W]``; ``point_logits(points [N, K, 2]) -> [N, K, C]`` scattered into them]. Returns
+  the refined ``[N, H * 2**steps, W * 2**steps, C]`` and per-step tuples ``upsampled`` (before
+  the scatter), ``uncertainty``, ``indices [N, K]`` (flat row-major, top-k order), ``points``
+  (cell centres, the frame of ``logits``) and ``point_logits``.
+  """
+  n, c = logits.shape[0], logits.shape[-1]
+  rows = jnp.arange(n)[:, None]
+  trace = {k: [] for k in ("upsampled", "uncertainty", "indices", "points", "point_logits")}
+  for _ in range(steps):
+    logits = interpolate_bilinear_x2(logits)
+    h, w = logits.shape[1:3]
+    u = uncertainty(logits)
+    indices, points = uncertain_points_on_grid(u, num_points)
+    values = point_logits(points)
+    for k, v in zip(trace, (logits, u, indices, points, values)):
+      trace[k].append(v)
+    logits = logits.reshape(n, h * w, c).at[rows, indices].set(values, unique_indices=True)
+    logits = logits.reshape(n, h, w, c)
+  return logits, {k: tuple(v) for k, v in trace.items()}
 
 
 class PointRendMaskHead(nnx.Module):
@@ -430,34 +458,23 @@ class PointRendMaskHead(nnx.Module):
 
     res = self.subdivision_init_resolution
     grid = jnp.broadcast_to(regular_grid_points(res), (d, res * res, 2))
-    mask = class_point_logits(grid).reshape(d, res, res)
-    inter = {
+    init = class_point_logits(grid).reshape(d, res, res)
+    # detectron2 returns after step 0 when there are no detections at all.
+    mask, trace = subdivide(init[..., None], self.subdivision_steps if d > 0 else 0,
+                            self.subdivision_num_points, instance_uncertainty,
+                            lambda points: class_point_logits(points)[..., None])
+    if not return_intermediates:
+      return mask[..., 0]
+    return mask[..., 0], {
         "coarse_logits": coarse,
         "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None],
                                                    axis=-1)[..., 0],
-        "init_logits": mask,
-        "upsampled": [], "indices": [], "points_in_box": [], "point_logits": [],
+        "init_logits": init,
+        "upsampled": tuple(u[..., 0] for u in trace["upsampled"]),
+        "indices": trace["indices"],
+        "points_in_box": trace["points"],
+        "point_logits": tuple(v[..., 0] for v in trace["point_logits"]),
     }
-    # detectron2 returns after step 0 when there are no detections at all.
-    steps = self.subdivision_steps if d > 0 else 0
-    rows = jnp.arange(d)[:, None]
-    for _ in range(steps):
-      mask = interpolate_bilinear_x2(mask[..., None])[..., 0]
-      h, w = mask.shape[1:]
-      indices, points = uncertain_points_on_grid(instance_uncertainty(mask[..., None]),
-                                                 self.subdivision_num_points)
-      values = class_point_logits(points)
-      inter["upsampled"].append(mask)
-      mask = mask.reshape(d, h * w).at[rows, indices].set(values, unique_indices=True)
-      mask = mask.reshape(d, h, w)
-      inter["indices"].append(indices)
-      inter["points_in_box"].append(points)
-      inter["point_logits"].append(values)
-    if not return_intermediates:
-      return mask
-    for k in ("upsampled", "indices", "points_in_box", "point_logits"):
-      inter[k] = tuple(inter[k])
-    return mask, inter
 
 
 # --- Checkpoint names ---

@@ -21,10 +21,9 @@ from flax import nnx
 
 from pointrend_jax.modeling.fpn import FPN
 from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
-from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2
+from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2, subdivide
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
-from pointrend_jax.ops.point_selection import (semantic_uncertainty, uncertain_points_on_grid,
-                                               uncertain_points_with_randomness)
+from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_points_with_randomness
 
 Array = jax.Array
 
@@ -280,25 +279,13 @@ class PointRendSemSegHead(nnx.Module):
     head = self.coarse_sem_seg_head
     fused = head.fused_features(features)
     coarse = head.logits(fused)
-    logits = coarse
-    n, c = coarse.shape[0], coarse.shape[-1]
-    rows = jnp.arange(n)[:, None]
-    inter = {"coarse_logits": coarse, "fused_features": fused, "upsampled": [],
-             "uncertainty": [], "indices": [], "point_coords": [], "point_logits": []}
-    for _ in range(self.subdivision_steps):
-      logits = interpolate_bilinear_x2(logits)
-      h, w = logits.shape[1:3]
-      uncertainty = semantic_uncertainty(logits)
-      indices, points = uncertain_points_on_grid(uncertainty, self.subdivision_num_points)
-      values = self.point_logits(features, coarse, points)
-      for k, v in (("upsampled", logits), ("uncertainty", uncertainty), ("indices", indices),
-                   ("point_coords", points), ("point_logits", values)):
-        inter[k].append(v)
-      logits = logits.reshape(n, h * w, c).at[rows, indices].set(values, unique_indices=True)
-      logits = logits.reshape(n, h, w, c)
+    logits, trace = subdivide(coarse, self.subdivision_steps, self.subdivision_num_points,
+                              semantic_uncertainty,
+                              lambda points: self.point_logits(features, coarse, points))
     if not return_intermediates:
       return logits
-    return logits, {k: tuple(v) if isinstance(v, list) else v for k, v in inter.items()}
+    trace["point_coords"] = trace.pop("points")
+    return logits, {"coarse_logits": coarse, "fused_features": fused, **trace}
 
 
 # --- Segmentor ---
