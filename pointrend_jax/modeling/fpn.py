@@ -104,23 +104,12 @@ class FPN(nnx.Module):
     return {name: results[name] for name in self.out_features}
 
 
-def build_resnet_fpn_backbone(
-    *,
-    depth: int = 50,
-    num_groups: int = 1,
-    width_per_group: int = 64,
-    stride_in_1x1: bool = True,
-    norm: str = "FrozenBN",
-    freeze_at: int = 2,
-    out_channels: int = 256,
-    fpn_norm: str = "",
-    stem_out_channels: int = 64,
-    res2_out_channels: int | None = None,
-    dtype: DType = jnp.float32,
-    param_dtype: DType = jnp.float32,
-    precision: jax.lax.PrecisionLike = None,
-    rngs: nnx.Rngs,
-) -> FPN:
+def build_resnet_fpn_backbone(*, depth: int = 50, num_groups: int = 1, width_per_group: int = 64,
+                              stride_in_1x1: bool = True, norm: str = "FrozenBN",
+                              freeze_at: int = 2, out_channels: int = 256, fpn_norm: str = "",
+                              stem_out_channels: int = 64, res2_out_channels: int | None = None,
+                              dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+                              precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs) -> FPN:
   """detectron2 ``build_resnet_fpn_backbone`` from plain arguments (defaults: R-50 MSRA).
 
   Configs: R50/R101 (``depth``), X101-32x8d (``depth=101, num_groups=32, width_per_group=8,

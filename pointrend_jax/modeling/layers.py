@@ -262,26 +262,14 @@ class Conv2d(nnx.Module):
     norm: a norm module applied after the conv, or None.
   """
 
-  def __init__(
-      self,
-      in_channels: int,
-      out_channels: int,
-      kernel_size: int | tuple[int, int],
-      *,
-      stride: int | tuple[int, int] = 1,
-      padding: int | tuple[int, int] = 0,
-      dilation: int | tuple[int, int] = 1,
-      groups: int = 1,
-      use_bias: bool = True,
-      norm: nnx.Module | None = None,
-      kernel_init: Initializer = c2_msra_fill,
-      bias_init: Initializer = jax.nn.initializers.zeros,
-      param_type: type[nnx.Variable] = nnx.Param,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
+               stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+               dilation: int | tuple[int, int] = 1, groups: int = 1, use_bias: bool = True,
+               norm: nnx.Module | None = None, kernel_init: Initializer = c2_msra_fill,
+               bias_init: Initializer = jax.nn.initializers.zeros,
+               param_type: type[nnx.Variable] = nnx.Param, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     if in_channels % groups or out_channels % groups:
       raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
     kh, kw = _pair(kernel_size)

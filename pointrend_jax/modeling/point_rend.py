@@ -127,10 +127,9 @@ class ConvFCHead(nnx.Module):
   """
 
   def __init__(self, in_channels: int = 256, input_side: int = 14, *, num_classes: int,
-               output_side: int = 7, conv_dim: int = 256,
-               fc_dims: Sequence[int] = (1024, 1024), dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               output_side: int = 7, conv_dim: int = 256, fc_dims: Sequence[int] = (1024, 1024),
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: lax.PrecisionLike = None, rngs: nnx.Rngs):
     if input_side % 2:
       raise ValueError(f"input_side must be even (2x2/2 conv), got {input_side}")
     self.num_classes = num_classes
@@ -283,31 +282,16 @@ class PointRendMaskHead(nnx.Module):
     rngs: initializer RNGs.
   """
 
-  def __init__(
-      self,
-      num_classes: int = 80,
-      *,
-      in_features: Sequence[str] = ("p2",),
-      feature_strides: Sequence[int] = (4,),
-      in_channels: int = 256,
-      pooler_resolution: int = 14,
-      conv_dim: int = 256,
-      fc_dims: Sequence[int] = (1024, 1024),
-      output_side: int = 7,
-      point_fc_dim: int = 256,
-      point_num_fc: int = 3,
-      coarse_pred_each_layer: bool = True,
-      cls_agnostic_mask: bool = False,
-      train_num_points: int = 196,
-      oversample_ratio: float = 3.0,
-      importance_sample_ratio: float = 0.75,
-      subdivision_steps: int = 5,
-      subdivision_num_points: int = 784,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, num_classes: int = 80, *, in_features: Sequence[str] = ("p2",),
+               feature_strides: Sequence[int] = (4,), in_channels: int = 256,
+               pooler_resolution: int = 14, conv_dim: int = 256,
+               fc_dims: Sequence[int] = (1024, 1024), output_side: int = 7, point_fc_dim: int = 256,
+               point_num_fc: int = 3, coarse_pred_each_layer: bool = True,
+               cls_agnostic_mask: bool = False, train_num_points: int = 196,
+               oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+               subdivision_steps: int = 5, subdivision_num_points: int = 784,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: lax.PrecisionLike = None, rngs: nnx.Rngs):
     if len(in_features) != len(feature_strides):
       raise ValueError("in_features and feature_strides must have the same length")
     self.num_classes = num_classes

@@ -39,9 +39,8 @@ class BasicStem(nnx.Module):
   """conv 7x7/2 pad 3 -> norm -> ReLU -> max-pool 3x3/2 pad 1 (output stride 4)."""
 
   def __init__(self, in_channels: int = 3, out_channels: int = 64, *, norm: str = "FrozenBN",
-               frozen: bool = False, dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               frozen: bool = False, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.conv1 = _conv(in_channels, out_channels, 7, stride=2, padding=3, norm=norm,
                        frozen=frozen, dtype=dtype, param_dtype=param_dtype, precision=precision,
                        rngs=rngs)
@@ -122,25 +121,12 @@ class ResNet(nnx.Module):
   Call: ``x`` (N, H, W, in_channels) float32 -> ``{name: (N, H/stride, W/stride, C)}``.
   """
 
-  def __init__(
-      self,
-      depth: int = 50,
-      *,
-      num_groups: int = 1,
-      width_per_group: int = 64,
-      stride_in_1x1: bool = True,
-      norm: str = "FrozenBN",
-      freeze_at: int = 2,
-      out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
-      in_channels: int = 3,
-      stem_out_channels: int = 64,
-      res2_out_channels: int | None = None,
-      res5_dilation: int = 1,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, depth: int = 50, *, num_groups: int = 1, width_per_group: int = 64,
+               stride_in_1x1: bool = True, norm: str = "FrozenBN", freeze_at: int = 2,
+               out_features: Sequence[str] = ("res2", "res3", "res4", "res5"), in_channels: int = 3,
+               stem_out_channels: int = 64, res2_out_channels: int | None = None,
+               res5_dilation: int = 1, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if depth not in BLOCKS_PER_STAGE:
       raise ValueError(f"unsupported ResNet depth {depth}")
     basic = depth in (18, 34)

@@ -50,9 +50,8 @@ class FastRCNNConvFCHead(nnx.Module):
   """
 
   def __init__(self, in_channels: int = 256, resolution: int = 7, *, num_fc: int = 2,
-               fc_dim: int = 1024, dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               fc_dim: int = 1024, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if num_fc < 1:
       raise ValueError("FastRCNNConvFCHead needs at least one FC layer (NUM_CONV is not supported)")
     self.num_fc = num_fc
@@ -145,15 +144,9 @@ def _inference_one(cls_logits: Array, box_deltas: Array, proposals: Array, propo
   )
 
 
-def fast_rcnn_inference(cls_logits: Array,
-                        box_deltas: Array,
-                        proposals: Array,
-                        proposal_valid: Array,
-                        image_sizes: Array,
-                        *,
-                        score_thresh: float = 0.05,
-                        nms_thresh: float = 0.5,
-                        topk_per_image: int = 100,
+def fast_rcnn_inference(cls_logits: Array, box_deltas: Array, proposals: Array,
+                        proposal_valid: Array, image_sizes: Array, *, score_thresh: float = 0.05,
+                        nms_thresh: float = 0.5, topk_per_image: int = 100,
                         box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                         scale_clamp: float = DEFAULT_SCALE_CLAMP,
                         coordinate_trick: bool = False) -> Detections:
@@ -205,24 +198,14 @@ class StandardROIHeads(nnx.Module):
     rngs: initializer RNGs.
   """
 
-  def __init__(self,
-               num_classes: int,
-               in_channels: int = 256,
-               *,
+  def __init__(self, num_classes: int, in_channels: int = 256, *,
                in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
-               strides: Sequence[int] = (4, 8, 16, 32),
-               pooler_resolution: int = 7,
-               pooler_sampling_ratio: int = 0,
-               num_fc: int = 2,
-               fc_dim: int = 1024,
-               score_thresh: float = 0.05,
-               nms_thresh: float = 0.5,
-               detections_per_image: int = 100,
+               strides: Sequence[int] = (4, 8, 16, 32), pooler_resolution: int = 7,
+               pooler_sampling_ratio: int = 0, num_fc: int = 2, fc_dim: int = 1024,
+               score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
                box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-               max_image_side: float | None = None,
-               dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32,
-               precision: jax.lax.PrecisionLike = None,
+               max_image_side: float | None = None, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
                rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} ROI features but {len(strides)} strides")

@@ -133,14 +133,9 @@ def _level_candidates(logits: Array, deltas: Array, anchors: np.ndarray, image_s
   return boxes, top_logits, valid
 
 
-def find_top_rpn_proposals(logits: Sequence[Array],
-                           deltas: Sequence[Array],
-                           anchors: Sequence[np.ndarray | Array],
-                           image_sizes: Array,
-                           *,
-                           pre_nms_topk: int,
-                           post_nms_topk: int,
-                           nms_thresh: float = 0.7,
+def find_top_rpn_proposals(logits: Sequence[Array], deltas: Sequence[Array],
+                           anchors: Sequence[np.ndarray | Array], image_sizes: Array, *,
+                           pre_nms_topk: int, post_nms_topk: int, nms_thresh: float = 0.7,
                            min_box_size: float = 0.0,
                            box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                            scale_clamp: float = DEFAULT_SCALE_CLAMP) -> Proposals:
@@ -232,23 +227,16 @@ class RPN(nnx.Module):
     rngs: initializer RNGs (Normal(0, 0.01), zero bias).
   """
 
-  def __init__(self,
-               in_channels: int = 256,
-               *,
+  def __init__(self, in_channels: int = 256, *,
                in_features: Sequence[str] = ("p2", "p3", "p4", "p5", "p6"),
                strides: Sequence[int] = anchors_lib.DEFAULT_STRIDES,
                sizes: Sequence[Sequence[float]] = anchors_lib.DEFAULT_SIZES,
                aspect_ratios: Sequence[float] = anchors_lib.DEFAULT_ASPECT_RATIOS,
-               offset: float = 0.0,
-               pre_nms_topk: tuple[int, int] = (2000, 1000),
-               post_nms_topk: tuple[int, int] = (1000, 1000),
-               nms_thresh: float = 0.7,
-               min_box_size: float = 0.0,
-               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-               dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32,
-               precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               offset: float = 0.0, pre_nms_topk: tuple[int, int] = (2000, 1000),
+               post_nms_topk: tuple[int, int] = (1000, 1000), nms_thresh: float = 0.7,
+               min_box_size: float = 0.0, box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} RPN features but {len(strides)} strides")
     self.in_features = tuple(in_features)

@@ -203,30 +203,16 @@ class PointRendSemSegHead(nnx.Module):
     rngs: initializer RNGs.
   """
 
-  def __init__(
-      self,
-      num_classes: int = 19,
-      *,
-      coarse_in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
-      coarse_feature_strides: Sequence[int] = (4, 8, 16, 32),
-      feature_channels: int = 256,
-      conv_dims: int = 128,
-      norm: str = "GN",
-      point_in_features: Sequence[str] = ("p2",),
-      point_in_channels: int = 256,
-      fc_dim: int = 256,
-      num_fc: int = 3,
-      coarse_pred_each_layer: bool = False,
-      train_num_points: int = 2048,
-      oversample_ratio: float = 3.0,
-      importance_sample_ratio: float = 0.75,
-      subdivision_steps: int = 2,
-      subdivision_num_points: int = 8192,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, num_classes: int = 19, *,
+               coarse_in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+               coarse_feature_strides: Sequence[int] = (4, 8, 16, 32), feature_channels: int = 256,
+               conv_dims: int = 128, norm: str = "GN", point_in_features: Sequence[str] = ("p2",),
+               point_in_channels: int = 256, fc_dim: int = 256, num_fc: int = 3,
+               coarse_pred_each_layer: bool = False, train_num_points: int = 2048,
+               oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+               subdivision_steps: int = 2, subdivision_num_points: int = 8192,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.num_classes = num_classes
     self.point_in_features = tuple(point_in_features)
     self.train_num_points = train_num_points

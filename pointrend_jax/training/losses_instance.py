@@ -108,21 +108,13 @@ def _concat_levels(x: Sequence[Array] | Array, axis: int) -> Array:
   return jnp.asarray(x)
 
 
-def rpn_losses(key: Array,
-               anchors: Sequence[np.ndarray | Array] | Array,
-               pred_logits: Sequence[Array] | Array,
-               pred_deltas: Sequence[Array] | Array,
-               gt_boxes: Array,
-               gt_valid: Array,
-               *,
-               batch_size_per_image: int = 256,
-               positive_fraction: float = 0.5,
-               iou_thresholds: Sequence[float] = (0.3, 0.7),
+def rpn_losses(key: Array, anchors: Sequence[np.ndarray | Array] | Array,
+               pred_logits: Sequence[Array] | Array, pred_deltas: Sequence[Array] | Array,
+               gt_boxes: Array, gt_valid: Array, *, batch_size_per_image: int = 256,
+               positive_fraction: float = 0.5, iou_thresholds: Sequence[float] = (0.3, 0.7),
                iou_labels: Sequence[int] = (0, -1, 1),
-               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-               smooth_l1_beta: float = 0.0,
-               loss_weight: float = 1.0,
-               bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
+               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), smooth_l1_beta: float = 0.0,
+               loss_weight: float = 1.0, bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
   """detectron2 ``RPN.losses`` after ``label_and_sample_anchors`` (spec §6.4).
 
   Per image: IoU of the usable GTs (valid, non-empty, overlapping some anchor) with every
@@ -208,18 +200,10 @@ class ROISamples(NamedTuple):
   is_fg: Array
 
 
-def sample_proposals(key: Array,
-                     proposal_boxes: Array,
-                     proposal_valid: Array,
-                     gt_boxes: Array,
-                     gt_classes: Array,
-                     gt_valid: Array,
-                     *,
-                     num_classes: int,
-                     batch_size_per_image: int = 512,
-                     positive_fraction: float = 0.25,
-                     iou_thresholds: Sequence[float] = (0.5,),
-                     iou_labels: Sequence[int] = (0, 1),
+def sample_proposals(key: Array, proposal_boxes: Array, proposal_valid: Array, gt_boxes: Array,
+                     gt_classes: Array, gt_valid: Array, *, num_classes: int,
+                     batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                     iou_thresholds: Sequence[float] = (0.5,), iou_labels: Sequence[int] = (0, 1),
                      append_gt: bool = True) -> ROISamples:
   """detectron2 ``label_and_sample_proposals`` with fixed slots.
 
@@ -276,10 +260,7 @@ def sample_proposals(key: Array,
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def roi_box_losses(cls_logits: Array,
-                   box_deltas: Array,
-                   samples: ROISamples,
-                   *,
+def roi_box_losses(cls_logits: Array, box_deltas: Array, samples: ROISamples, *,
                    box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                    smooth_l1_beta: float = 0.0,
                    bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
@@ -374,13 +355,8 @@ def _flat_mask_index(batch_index: Array, gt_index: Array, num_gt: int) -> Array:
   return batch_index.astype(jnp.int32) * num_gt + gt_index.astype(jnp.int32)
 
 
-def crop_and_resize_packed_masks(gt_masks_packed: Array,
-                                 image_size: Array,
-                                 batch_index: Array,
-                                 gt_index: Array,
-                                 boxes: Array,
-                                 output_size: int = 7,
-                                 *,
+def crop_and_resize_packed_masks(gt_masks_packed: Array, image_size: Array, batch_index: Array,
+                                 gt_index: Array, boxes: Array, output_size: int = 7, *,
                                  chunk_size: int = 8) -> Array:
   """``BitMasks.crop_and_resize`` before its ``>= 0.5``: ROIAlign of each ROI's GT bitmask.
 

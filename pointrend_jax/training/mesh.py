@@ -23,11 +23,8 @@ logger = logging.getLogger(__name__)
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           *,
-                           auto_detect: bool = False,
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto_detect: bool = False,
                            local_device_ids: Sequence[int] | None = None) -> tuple[int, int]:
   """Starts JAX's multi-process runtime, if asked to; a no-op for single-process runs.
 

@@ -46,12 +46,8 @@ NORM_MODULE_TYPES: tuple[type[nnx.Module], ...] = (
 )
 
 
-def warmup_multistep_schedule(base_lr: float,
-                              steps: Sequence[int],
-                              *,
-                              warmup_iters: int = 1000,
-                              warmup_factor: float = 0.001,
-                              gamma: float = 0.1,
+def warmup_multistep_schedule(base_lr: float, steps: Sequence[int], *, warmup_iters: int = 1000,
+                              warmup_factor: float = 0.001, gamma: float = 0.1,
                               max_iter: int | None = None) -> optax.Schedule:
   """detectron2 ``WarmupMultiStepLR`` (linear warmup) as an optax schedule of the 0-based step.
 

@@ -127,8 +127,7 @@ SEQUENTIAL_REPLICAS_MIN_PIXELS = 256 * 256
 
 def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
                       batch: Batch, key: Array, num_groups: int,
-                      mesh: jax.sharding.Mesh | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[Array, dict[str, Array]]:
   """Mean over ``num_groups`` virtual replicas of ``loss_fn`` on each replica's images.
 
   Returns:
