@@ -220,15 +220,9 @@ def get_norm(norm: str | None, channels: int, *, frozen: bool = False, dtype: DT
              param_dtype: DType = jnp.float32) -> nnx.Module | None:
   """detectron2 ``get_norm`` for the backbone norms.
 
-  Args:
-    norm: "" / None (no norm), "FrozenBN", "BN" (also "SyncBN"), or "GN" (32 groups).
-    channels: number of channels C.
-    frozen: the norm belongs to a frozen stage. As in detectron2's ``freeze()``, BN becomes
-      FrozenBN and GN keeps its affine parameters fixed (``FrozenParam``).
-    dtype, param_dtype: output dtype and variable dtype of the norm.
-
-  Returns:
-    The norm module, or None.
+  ``norm``: "" / None (no norm: returns None), "FrozenBN", "BN" (also "SyncBN"), or "GN" (32
+  groups). ``frozen``: the norm belongs to a frozen stage; as in detectron2's ``freeze()``, BN
+  becomes FrozenBN and GN keeps its affine parameters fixed (``FrozenParam``).
   """
   if not norm:
     return None
@@ -298,14 +292,9 @@ class Conv2d(nnx.Module):
     dtype = self.dtype
     ph, pw = self.padding
     # ops.conv2d: XLA's own kernel gradient of a conv is 4-10x slower on CPU (see its docs).
-    y = conv_lib.conv2d(
-        x.astype(dtype), kernel.astype(dtype),
-        stride=self.stride,
-        padding=((ph, ph), (pw, pw)),
-        dilation=self.dilation,
-        groups=self.groups,
-        precision=resolve_precision(dtype, self.precision),
-    )
+    y = conv_lib.conv2d(x.astype(dtype), kernel.astype(dtype), stride=self.stride,
+                        padding=((ph, ph), (pw, pw)), dilation=self.dilation, groups=self.groups,
+                        precision=resolve_precision(dtype, self.precision))
     if bias is not None:
       y = y + bias.astype(dtype)
     if self.norm is not None:
@@ -396,19 +385,12 @@ def load_d2_state(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: s
                   *, strict: bool = True) -> set[str]:
   """Assigns detectron2 (PyTorch-layout) arrays to the variables of ``module`` in place.
 
-  Args:
-    module: the module (concrete or abstract from ``nnx.eval_shape``; abstract variables are
-      replaced by the loaded arrays).
-    state: flat ``{detectron2 name: array}``; entries not belonging to ``module`` are ignored.
-    prefix: detectron2 name prefix of ``module`` (e.g. ``"backbone."``).
-    strict: if True, a variable of ``module`` without an entry in ``state`` is an error;
-      otherwise it keeps its current value.
-
-  Returns:
-    The set of names of ``state`` that were used.
+  ``module`` may be abstract (``nnx.eval_shape``; its variables get the loaded arrays).
+  ``state`` is flat ``{detectron2 name: array}``, ``prefix`` the name prefix of ``module`` (e.g.
+  ``"backbone."``); entries outside ``module`` are ignored. Returns the names used.
 
   Raises:
-    KeyError: missing entries (strict), listing the names.
+    KeyError: (``strict``) variables without an entry, listed; otherwise they keep their value.
     ValueError: an entry's shape differs from the module's, naming the entry.
   """
   used, missing = set(), []

@@ -77,20 +77,7 @@ def d2_names(module: nnx.Module, prefix: str = "") -> dict[str, tuple[int, ...]]
 
 def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "", *,
             strict: bool = True) -> set[str]:
-  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``.
-
-  Args:
-    module: concrete or abstract (``nnx.eval_shape``) module.
-    state: flat ``{detectron2 name: array}``; entries outside ``module`` are ignored.
-    prefix: detectron2 name prefix of ``module``.
-    strict: raise on variables without an entry.
-
-  Returns:
-    The names of ``state`` that were assigned.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``."""
   conv1d = _pointwise_conv_weights(module, prefix)
   if not conv1d & state.keys():
     return load_d2_state(module, state, prefix, strict=strict)
@@ -121,8 +108,7 @@ class ConvFCHead(nnx.Module):
     output_side: side ``S`` of the output (7).
     conv_dim: width of the convs (256).
     fc_dims: widths of ``fc1..``, (1024, 1024).
-    dtype, param_dtype, precision: compute dtype, variable dtype and conv / matmul precision of
-      every layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Conv2d`).
     rngs: initializer RNGs (convs c2_msra_fill; fcs c2_xavier_fill; prediction N(0, 0.001)).
   """
 
@@ -176,8 +162,7 @@ class StandardPointHead(nnx.Module):
     fc_dim: hidden width (256).
     num_fc: hidden layers (3).
     coarse_pred_each_layer: True for instance, False for semantic PointRend.
-    dtype, param_dtype, precision: compute dtype, variable dtype and matmul precision of every
-      layer (see :class:`~pointrend_jax.modeling.layers.Linear`).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Linear`).
     rngs: initializer RNGs (fc c2_msra_fill, fan_out = fc_dim; predictor N(0, 0.001)).
   """
 
@@ -277,9 +262,7 @@ class PointRendMaskHead(nnx.Module):
     cls_agnostic_mask: one mask channel for all classes.
     train_num_points, oversample_ratio, importance_sample_ratio: training points (196, 3, .75).
     subdivision_steps, subdivision_num_points: inference (5, 784 -> effective 28 + 3 steps).
-    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
-      matmul precision; the logits leave the heads in float32).
-    rngs: initializer RNGs.
+    dtype, param_dtype, precision: passed to both heads (the logits leave them in float32).
   """
 
   def __init__(self, num_classes: int = 80, *, in_features: Sequence[str] = ("p2",),
@@ -349,10 +332,8 @@ class PointRendMaskHead(nnx.Module):
     The coarse head's input is the FPN map sampled on a regular ``14 x 14`` grid in each box
     (spec §3.2; grid_sample semantics, so taps outside the map read 0).
 
-    Args:
-      features: p2 ``[N, H, W, 256]`` or the FPN dict.
-      boxes: ``[R, 4]`` image pixels (no gradient).
-      batch_index: ``[R]`` image of each box.
+    ``features``: p2 ``[N, H, W, 256]`` or the FPN dict; ``boxes [R, 4]`` image pixels (no
+    gradient) of images ``batch_index [R]``.
     """
     r = boxes.shape[0]
     s = self.pooler_resolution
@@ -398,12 +379,8 @@ class PointRendMaskHead(nnx.Module):
         self.train_num_points, self.oversample_ratio, self.importance_sample_ratio)
     fine, points_in_image = self.fine_grained_features(features, boxes, batch_index, points)
     logits = self.point_head(fine, point_sample(coarse, points))
-    return {
-        "coarse_logits": coarse,
-        "point_coords": points,
-        "points_in_image": points_in_image,
-        "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0],
-    }
+    return {"coarse_logits": coarse, "point_coords": points, "points_in_image": points_in_image,
+            "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0]}
 
   # --- Inference ---
 
@@ -450,15 +427,11 @@ class PointRendMaskHead(nnx.Module):
     if not return_intermediates:
       return mask[..., 0]
     return mask[..., 0], {
-        "coarse_logits": coarse,
-        "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None],
-                                                   axis=-1)[..., 0],
-        "init_logits": init,
-        "upsampled": tuple(u[..., 0] for u in trace["upsampled"]),
-        "indices": trace["indices"],
+        "coarse_logits": coarse, "init_logits": init,
+        "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None], -1)[..., 0],
+        "upsampled": tuple(u[..., 0] for u in trace["upsampled"]), "indices": trace["indices"],
         "points_in_box": trace["points"],
-        "point_logits": tuple(v[..., 0] for v in trace["point_logits"]),
-    }
+        "point_logits": tuple(v[..., 0] for v in trace["point_logits"])}
 
 
 # --- Checkpoint names ---
@@ -474,10 +447,6 @@ def d2_mask_head_names(head: PointRendMaskHead,
 
 def load_d2_mask_head(head: PointRendMaskHead, state: Mapping[str, np.ndarray],
                       prefix: str = MASK_HEAD_PREFIX, *, strict: bool = True) -> set[str]:
-  """Loads ``roi_heads.mask_head.{coarse_head,point_head}.*`` (PyTorch layouts) into ``head``.
-
-  Linear weights are transposed, the 2x2 conv OIHW -> HWIO, Conv1d ``(out, in, 1)`` weights
-  squeezed and transposed; ``coarse_head.fc1`` needs no permutation (see the module docstring).
-  Other entries of ``state`` are ignored. Returns the names used.
-  """
+  """Loads ``roi_heads.mask_head.*`` (PyTorch layouts; ``coarse_head.fc1`` needs no permutation,
+  see the module docstring) into ``head``; returns the names used."""
   return load_d2(head, state, prefix, strict=strict)

@@ -16,13 +16,8 @@ from pointrend_jax.modeling.layers import Conv2d, DType, FrozenParam, get_norm, 
 
 Array = jax.Array
 
-BLOCKS_PER_STAGE = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                    152: (3, 8, 36, 3)}
 
 
 def _conv(in_ch: int, out_ch: int, k: int, *, norm: str, frozen: bool, dtype: DType,
@@ -114,8 +109,7 @@ class ResNet(nnx.Module):
     in_channels, stem_out_channels, res2_out_channels: widths (detectron2 defaults 3, 64 and
       256 for bottleneck / 64 for basic-block ResNets when ``res2_out_channels`` is None).
     res5_dilation: 1 or 2 (2: res5 keeps stride 16 and uses dilated 3x3 convs).
-    dtype, param_dtype, precision: compute dtype, variable dtype and conv precision of every
-      layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Conv2d`).
     rngs: initializer RNGs (convs: c2_msra_fill).
 
   Call: ``x`` (N, H, W, in_channels) float32 -> ``{name: (N, H/stride, W/stride, C)}``.

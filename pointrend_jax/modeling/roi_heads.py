@@ -45,7 +45,7 @@ class FastRCNNConvFCHead(nnx.Module):
   Args:
     in_channels, resolution: pooled input ``[R, resolution, resolution, in_channels]``.
     num_fc, fc_dim: ``fc1 .. fc{num_fc}`` of width ``fc_dim`` (2 x 1024 in Base-RCNN-FPN).
-    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear`.
+    dtype, param_dtype, precision: see :class:`~.layers.Linear`.
     rngs: initializer RNGs (c2_xavier_fill, zero bias).
   """
 
@@ -76,8 +76,7 @@ class FastRCNNOutputLayers(nnx.Module):
   Args:
     in_features: box-head width.
     num_classes: ``K`` foreground classes (80 COCO, 8 Cityscapes).
-    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear` (the
-      outputs are float32 either way).
+    dtype, param_dtype, precision: see :class:`~.layers.Linear` (outputs are float32 anyway).
     rngs: initializer RNGs (cls Normal(0, 0.01), box Normal(0, 0.001), zero bias).
   """
 
@@ -195,7 +194,6 @@ class StandardROIHeads(nnx.Module):
       exact worst case for boxes inside such an image (cost bound only; ``None`` = exact for
       every box).
     dtype, param_dtype, precision: of the box head and predictor layers.
-    rngs: initializer RNGs.
   """
 
   def __init__(self, num_classes: int, in_channels: int = 256, *,
@@ -277,12 +275,6 @@ def d2_roi_heads_names(module: StandardROIHeads,
 
 def load_d2_roi_heads(module: StandardROIHeads, state: Mapping[str, np.ndarray],
                       prefix: str = "roi_heads.", *, strict: bool = True) -> set[str]:
-  """Loads detectron2 ``roi_heads.box_head.*`` / ``roi_heads.box_predictor.*`` weights.
-
-  Linear weights ``(out, in)`` are transposed to ``(in, out)``; fc1 needs no permutation (see the
-  module docstring). Returns the names used.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`~.layers.load_d2_state` of ``roi_heads.box_head.*`` / ``roi_heads.box_predictor.*``
+  (fc1 needs no permutation, see the module docstring); returns the names used."""
   return load_d2_state(module, state, prefix, strict=strict)

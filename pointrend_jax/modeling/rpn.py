@@ -296,9 +296,5 @@ def d2_rpn_names(module: RPN, prefix: str = "proposal_generator.") -> dict[str, 
 
 def load_d2_rpn(module: RPN, state: Mapping[str, np.ndarray], prefix: str = "proposal_generator.",
                 *, strict: bool = True) -> set[str]:
-  """Loads detectron2 RPN weights (OIHW convs -> HWIO); returns the names used.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`~.layers.load_d2_state` of the RPN (OIHW convs -> HWIO); returns the names used."""
   return load_d2_state(module, state, prefix, strict=strict)

@@ -77,12 +77,7 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   (``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``), the order of PyTorch's generic CPU kernel. For
   ``size = 2 * (H, W)`` it equals :func:`interpolate_bilinear_x2`.
 
-  Args:
-    x: ``[N, H, W, C]``.
-    size: static output ``(H_out, W_out)``.
-
-  Returns:
-    ``[N, H_out, W_out, C]``, dtype of ``x``.
+  ``x [N, H, W, C]`` -> ``[N, H_out, W_out, C]`` (dtype of ``x``) for a static ``size``.
   """
   x = jnp.asarray(x)
   if x.ndim != 4:
@@ -198,9 +193,7 @@ class PointRendSemSegHead(nnx.Module):
     fc_dim, num_fc, coarse_pred_each_layer: point head (256, 3, False).
     train_num_points, oversample_ratio, importance_sample_ratio: training (2048, 3, 0.75).
     subdivision_steps, subdivision_num_points: inference (2, 8192).
-    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
-      matmul precision).
-    rngs: initializer RNGs.
+    dtype, param_dtype, precision: passed to both heads.
   """
 
   def __init__(self, num_classes: int = 19, *,

@@ -102,12 +102,9 @@ def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | 
   Saving is decided by the caller (every ``save_checkpoint`` call writes), so the manager's
   own interval policy is left at "every step".
   """
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-  )
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       epath.Path(directory).absolute(), options=options,
       item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),

@@ -36,14 +36,8 @@ __all__ = ["NORM_MODULE_TYPES", "warmup_multistep_schedule", "param_groups", "we
 # BatchNorm*, SyncBatchNorm, GroupNorm, InstanceNorm*, LayerNorm, LocalResponseNorm and
 # FrozenBatchNorm2d; the latter has no parameters).
 NORM_MODULE_TYPES: tuple[type[nnx.Module], ...] = (
-    layers.GroupNorm,
-    layers.BatchNorm,
-    layers.FrozenBatchNorm,
-    nnx.GroupNorm,
-    nnx.BatchNorm,
-    nnx.LayerNorm,
-    nnx.RMSNorm,
-)
+    layers.GroupNorm, layers.BatchNorm, layers.FrozenBatchNorm, nnx.GroupNorm, nnx.BatchNorm,
+    nnx.LayerNorm, nnx.RMSNorm)
 
 
 def warmup_multistep_schedule(base_lr: float, steps: Sequence[int], *, warmup_iters: int = 1000,
@@ -62,8 +56,7 @@ def warmup_multistep_schedule(base_lr: float, steps: Sequence[int], *, warmup_it
     steps: SOLVER.STEPS (iterations where the lr is multiplied by ``gamma``).
     warmup_iters: SOLVER.WARMUP_ITERS (``min(W, max_iter)`` like detectron2 when ``max_iter``
       is given).
-    warmup_factor: SOLVER.WARMUP_FACTOR.
-    gamma: SOLVER.GAMMA.
+    warmup_factor, gamma: SOLVER.WARMUP_FACTOR, SOLVER.GAMMA.
     max_iter: SOLVER.MAX_ITER; steps beyond it are dropped as in detectron2.
 
   Returns:
