@@ -13,11 +13,6 @@ Conventions:
   int holds each image's unpadded ``(H', W')``.
 * Module paths equal detectron2's: the state-dict names are the :class:`RPN` paths after
   ``proposal_generator.`` (``rpn_head.conv.weight``, ``rpn_head.objectness_logits.bias``, ...).
-
-Proposal selection (:func:`find_top_rpn_proposals`) has fixed-size outputs with a validity mask:
-per level the top ``min(pre_nms_topk, H_l*W_l*A)`` logits, NMS per level (vmapped over levels and
-images; identical to detectron2's level-batched NMS because levels never suppress each other),
-then the ``post_nms_topk`` best survivors by logit across levels.
 """
 
 from __future__ import annotations
@@ -144,7 +139,9 @@ def find_top_rpn_proposals(logits: Sequence[Array], deltas: Sequence[Array],
   Per image and level: the ``min(pre_nms_topk, H_l*W_l*A)`` highest logits (sorted); their
   anchors decoded; non-finite boxes/logits dropped; boxes clipped to the image's unpadded size;
   boxes with width or height ``<= min_box_size`` dropped; greedy NMS (IoU ``> nms_thresh``)
-  within each level; then the ``post_nms_topk`` best survivors over all levels by logit.
+  within each level (vmapped over levels and images; the same as detectron2's level-batched NMS
+  because levels never suppress each other); then the ``post_nms_topk`` best survivors over all
+  levels by logit.
 
   Args:
     logits: per level ``[B, N_l]`` objectness logits in anchor order.

@@ -301,19 +301,11 @@ class PointRendSemanticSegmentor(nnx.Module):
   def preprocess(self, images: Array, image_sizes: Array | None = None) -> Array:
     """RGB ``[N, H, W, 3]`` -> normalized ``[N, Hp, Wp, 3]``, zero outside each image's
     ``image_sizes`` and on the added padding (``Hp, Wp`` = next multiples of 32)."""
-    x = jnp.asarray(images).astype(jnp.float32)
-    if self.input_format == "BGR":
-      x = x[..., ::-1]
-    x = (x - jnp.asarray(self.pixel_mean, jnp.float32)) / jnp.asarray(self.pixel_std,
-                                                                         jnp.float32)
-    n, h, w, _ = x.shape
-    if image_sizes is not None:
-      sizes = jnp.asarray(image_sizes).astype(jnp.int32)
-      valid = ((jnp.arange(h)[None, :, None] < sizes[:, 0, None, None])
-               & (jnp.arange(w)[None, None, :] < sizes[:, 1, None, None]))
-      x = jnp.where(valid[..., None], x, 0.0)
-    d = self.backbone.size_divisibility
-    return jnp.pad(x, ((0, 0), (0, -h % d), (0, -w % d), (0, 0)))
+    # Imported here: meta_arch (the instance model and build_model) imports this module.
+    from pointrend_jax.modeling.meta_arch import normalize_images
+    return normalize_images(images, image_sizes, pixel_mean=self.pixel_mean,
+                            pixel_std=self.pixel_std, input_format=self.input_format,
+                            size_divisibility=self.backbone.size_divisibility)
 
   def __call__(self, images: Array, image_sizes: Array | None = None, *,
                return_intermediates: bool = False) -> Array | tuple[Array, dict[str, Any]]:

@@ -606,12 +606,8 @@ def instance_losses(model: PointRendRCNN, batch: Mapping[str, Array],
 
 def instance_loss_fn(model: PointRendRCNN, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
-  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models).
-
-  Returns:
-    ``(total, terms)``: the sum of the six :data:`LOSS_NAMES` and every term (plus the logged
-    ``point/accuracy``, not part of the total).
-  """
+  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models):
+  ``(sum of the six LOSS_NAMES, every term)`` (``point/accuracy`` is logged, not summed)."""
   terms = instance_losses(model, batch, key)
   total = sum(terms[k] for k in LOSS_NAMES)
   return total, terms

@@ -228,13 +228,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     schedule: optax.Schedule | None = None, donate: bool = True) -> TrainStep:
   """The jitted data-parallel train step; see :class:`TrainStep`.
 
-  Args:
-    loss_fn: ``(model, replica_batch, key) -> (loss, terms)`` on one virtual replica's images.
-    optimizer: from :func:`~pointrend_jax.training.optimizer.make_optimizer`.
-    mesh: device mesh (default: all devices).
-    num_groups: detectron2's GPU count ``G`` (virtual replicas per global batch).
-    schedule: learning-rate schedule, only to report ``lr`` in the metrics.
-    donate: donate the input state's buffers.
+  ``loss_fn`` runs on one virtual replica's images; ``num_groups`` is detectron2's GPU count
+  ``G`` (virtual replicas per global batch); ``mesh`` defaults to all devices; ``schedule`` only
+  reports ``lr`` in the metrics.
   """
   return TrainStep(loss_fn, optimizer, mesh=mesh or mesh_lib.make_mesh(),
                    num_groups=num_groups, schedule=schedule, donate=donate)
