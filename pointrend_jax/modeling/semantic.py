@@ -324,15 +324,17 @@ def d2_semantic_names(model: PointRendSemanticSegmentor | PointRendSemSegHead,
                       prefix: str | None = None) -> dict[str, tuple[int, ...]]:
   """``{detectron2 name: PyTorch shape}`` (segmentor: ``backbone.*`` and ``sem_seg_head.*``;
   a bare head: ``sem_seg_head.*``). Abstract modules work too."""
-  if prefix is None:
-    prefix = "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""
-  return d2_names(model, prefix)
+  return d2_names(model, _semantic_prefix(model, prefix))
 
 
 def load_d2_semantic(model: PointRendSemanticSegmentor | PointRendSemSegHead,
                      state: Mapping[str, np.ndarray], prefix: str | None = None, *,
                      strict: bool = True) -> set[str]:
   """Loads a detectron2 semantic PointRend state dict (PyTorch layouts); returns names used."""
-  if prefix is None:
-    prefix = "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""
-  return load_d2(model, state, prefix, strict=strict)
+  return load_d2(model, state, _semantic_prefix(model, prefix), strict=strict)
+
+
+def _semantic_prefix(model: nnx.Module, prefix: str | None) -> str:
+  if prefix is not None:
+    return prefix
+  return "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""

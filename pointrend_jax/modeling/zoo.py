@@ -311,17 +311,8 @@ class _Reader:
       node = node[part]
     return node
 
-  def _typed(self, key: str, tp: type) -> Any:
+  def typed(self, key: str, tp: Any) -> Any:
     return convert_value(tp, self.get(key), key)
-
-  def as_int(self, key: str) -> int:
-    return self._typed(key, int)
-
-  def as_float(self, key: str) -> float:
-    return self._typed(key, float)
-
-  def as_tuple(self, key: str, tp: type) -> tuple:
-    return self._typed(key, tuple[tp, ...])
 
   def expect(self, key: str, allowed: Any, why: str = "") -> Any:
     value = self.get(key)
@@ -342,7 +333,7 @@ def _section(r: _Reader, cls: type, section: str, keys: Mapping[str, str] | None
   for f in dataclasses.fields(cls):
     if f.name not in given:
       key = (keys or {}).get(f.name, f"{section}.{f.name.upper()}")
-      values[f.name] = convert_value(hints[f.name], r.get(key), key)
+      values[f.name] = r.typed(key, hints[f.name])
   return cls(**values, **given)
 
 
@@ -363,14 +354,14 @@ def _parse(r: _Reader) -> ModelConfig:
   r.expect("MODEL.FPN.FUSE_TYPE", "sum")
   r.expect("MODEL.FPN.NORM", ("", "GN", "BN", "SyncBN", "FrozenBN"))
   r.expect("INPUT.FORMAT", ("BGR", "RGB"))
-  pixel_mean = r.as_tuple("MODEL.PIXEL_MEAN", float)
-  pixel_std = r.as_tuple("MODEL.PIXEL_STD", float)
+  pixel_mean = r.typed("MODEL.PIXEL_MEAN", tuple[float, ...])
+  pixel_std = r.typed("MODEL.PIXEL_STD", tuple[float, ...])
   for key, v in (("MODEL.PIXEL_MEAN", pixel_mean), ("MODEL.PIXEL_STD", pixel_std)):
     if len(v) != 3:
       raise ConfigError(f"{key}: expected 3 values, got {list(v)}")
   if any(s == 0 for s in pixel_std):
     raise ConfigError(f"MODEL.PIXEL_STD: zero entry in {list(pixel_std)}")
-  depth = r.as_int("MODEL.RESNETS.DEPTH")
+  depth = r.typed("MODEL.RESNETS.DEPTH", int)
   if depth in (18, 34):
     # detectron2's BasicBlock ResNets require these (its build_resnet_backbone asserts them).
     r.expect("MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "ResNet-18/34 use 64")
@@ -383,7 +374,7 @@ def _parse(r: _Reader) -> ModelConfig:
   fpn_levels = ("p2", "p3", "p4", "p5", "p6")
 
   def features(key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    feats = r.as_tuple(key, str)
+    feats = r.typed(key, tuple[str, ...])
     if not feats or any(f not in allowed for f in feats):
       raise ConfigError(f"{key}: unsupported value {list(feats)} (features must be among "
                         f"{list(allowed)})")
@@ -434,10 +425,8 @@ def _parse(r: _Reader) -> ModelConfig:
            "PointRendMaskHead samples its own points (no ROI pooler)")
 
   rpn_feats = features("MODEL.RPN.IN_FEATURES", fpn_levels)
-  sizes = r.get("MODEL.ANCHOR_GENERATOR.SIZES")
-  ratios = r.get("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
-  sizes = _anchor_lists(sizes, len(rpn_feats), "MODEL.ANCHOR_GENERATOR.SIZES")
-  ratios = _anchor_lists(ratios, len(rpn_feats), "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+  sizes = _anchor_lists(r, "MODEL.ANCHOR_GENERATOR.SIZES", len(rpn_feats))
+  ratios = _anchor_lists(r, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", len(rpn_feats))
   if any(rt != ratios[0] for rt in ratios):
     raise ConfigError("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS: different ratios per level are "
                       f"not supported, got {[list(x) for x in ratios]}")
@@ -445,7 +434,7 @@ def _parse(r: _Reader) -> ModelConfig:
     raise ConfigError("MODEL.ANCHOR_GENERATOR.SIZES: every level needs the same number of "
                       f"sizes, got {[list(x) for x in sizes]}")
   anchors = AnchorConfig(sizes=sizes, aspect_ratios=ratios[0],
-                         offset=r.as_float("MODEL.ANCHOR_GENERATOR.OFFSET"))
+                         offset=r.typed("MODEL.ANCHOR_GENERATOR.OFFSET", float))
   rpn = _section(r, RPNConfig, "MODEL.RPN", {"min_size": "MODEL.PROPOSAL_GENERATOR.MIN_SIZE"},
                  in_features=rpn_feats)
   roi_heads = _section(r, ROIHeadsConfig, "MODEL.ROI_HEADS",
@@ -477,8 +466,9 @@ def _int_tuple(r: _Reader, key: str) -> tuple[int, ...]:
   return convert_value(tuple[int, ...], value, key)
 
 
-def _anchor_lists(value: Any, num_levels: int, key: str) -> tuple[tuple[float, ...], ...]:
+def _anchor_lists(r: _Reader, key: str, num_levels: int) -> tuple[tuple[float, ...], ...]:
   """detectron2 ``_broadcast_params``: one list for all levels, or one list per level."""
+  value = r.get(key)
   if not isinstance(value, (list, tuple)) or not value:
     raise ConfigError(f"{key}: expected a list of lists, got {value!r}")
   if not isinstance(value[0], (list, tuple)):

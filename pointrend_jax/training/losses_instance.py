@@ -360,10 +360,9 @@ def crop_and_resize_packed_masks(gt_masks_packed: Array, image_size: Array, batc
                                  chunk_size: int = 8) -> Array:
   """``BitMasks.crop_and_resize`` before its ``>= 0.5``: ROIAlign of each ROI's GT bitmask.
 
-  torchvision ``roi_align(mask, box, output_size, spatial_scale=1, sampling_ratio=0,
-  aligned=True)`` on the ``h x w`` (unpadded) bitmask of GT ``gt_index[r]`` of image
-  ``batch_index[r]``, exact for any box (also past the image border). One ROI's mask is
-  unpacked at a time (``chunk_size`` ROIs together).
+  torchvision ``roi_align(mask, box, output_size, 1, 0, aligned=True)`` on the ``h x w``
+  (unpadded) bitmask, exact for any box (see the module docstring); ``chunk_size`` ROIs are
+  unpacked at a time.
 
   Args:
     gt_masks_packed: ``[B, M, Hb, Wb // 8]`` uint8 bitmasks (big-endian bits along W), zero
