@@ -219,9 +219,8 @@ def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple
   return res, steps
 
 
-def subdivide(logits: Array, steps: int, num_points: int,
-              uncertainty: Callable[[Array], Array], point_logits: Callable[[Array], Array]
-              ) -> tuple[Array, dict[str, tuple[Array, ...]]]:
+def subdivide(logits: Array, steps: int, num_points: int, uncertainty: Callable[[Array], Array],
+              point_logits: Callable[[Array], Array]) -> tuple[Array, dict[str, tuple[Array, ...]]]:
   """detectron2's subdivision inference (spec §3.6, §4.4) on ``logits [N, H, W, C]``.
 
   ``steps`` x [bilinear x2; the ``num_points`` most uncertain cells of ``uncertainty(logits)``

@@ -21,8 +21,7 @@ BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (
 
 
 def _conv(in_ch: int, out_ch: int, k: int, *, norm: str, frozen: bool, dtype: DType,
-          param_dtype: DType, precision: jax.lax.PrecisionLike, rngs: nnx.Rngs,
-          **kwargs) -> Conv2d:
+          param_dtype: DType, precision: jax.lax.PrecisionLike, rngs: nnx.Rngs, **kwargs) -> Conv2d:
   """Backbone conv: no bias, norm, c2_msra_fill init; FrozenParam kernel in frozen stages."""
   return Conv2d(in_ch, out_ch, k, use_bias=False,
                 norm=get_norm(norm, out_ch, frozen=frozen, dtype=dtype, param_dtype=param_dtype),

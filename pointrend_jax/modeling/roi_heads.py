@@ -250,9 +250,8 @@ class StandardROIHeads(nnx.Module):
     cls_logits, deltas = self.box_predictor(x)
     return cls_logits.reshape(b, r, -1), deltas.reshape(b, r, -1)
 
-  def inference(self, cls_logits: Array, box_deltas: Array, proposals: Array,
-                proposal_valid: Array, image_sizes: Array, *,
-                coordinate_trick: bool = False) -> Detections:
+  def inference(self, cls_logits: Array, box_deltas: Array, proposals: Array, proposal_valid: Array,
+                image_sizes: Array, *, coordinate_trick: bool = False) -> Detections:
     """:func:`fast_rcnn_inference` with this head's test settings."""
     return fast_rcnn_inference(cls_logits, box_deltas, proposals, proposal_valid, image_sizes,
                                score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,

@@ -302,8 +302,7 @@ def roi_box_losses(cls_logits: Array, box_deltas: Array, samples: ROISamples, *,
 
 
 def predict_boxes_for_gt_classes(box_deltas: Array, samples: ROISamples,
-                                 box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
-                                 ) -> Array:
+    box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)) -> Array:
   """TRAIN_ON_PRED_BOXES: each slot's box decoded with the deltas of its GT class.
 
   ``FastRCNNOutputLayers.predict_boxes_for_gt_classes``: class ``clamp(gt_class, 0, K-1)``
@@ -404,9 +403,8 @@ def crop_and_resize_packed_masks(gt_masks_packed: Array, image_size: Array, batc
   return _div(out, divisor[:, None, None])
 
 
-def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array,
-                                   batch_index: Array, gt_index: Array,
-                                   points_in_image: Array) -> Array:
+def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array, batch_index: Array,
+                                   gt_index: Array, points_in_image: Array) -> Array:
   """detectron2 ``sample_point_labels``: bilinear ``point_sample`` of the float GT bitmask.
 
   Point ``(X, Y)`` (image pixels) is normalised by the unpadded size ``(w, h)`` and sampled with

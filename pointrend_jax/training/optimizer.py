@@ -112,8 +112,7 @@ def param_groups(model: nnx.Module) -> dict[str, Any]:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_tree(model: nnx.Module, weight_decay: float,
-                      weight_decay_norm: float = 0.0,
+def weight_decay_tree(model: nnx.Module, weight_decay: float, weight_decay_norm: float = 0.0,
                       weight_decay_bias: float | None = None) -> dict[str, Any]:
   """Per-parameter weight decay (pure nested dict of floats), detectron2 rules."""
   wd_bias = weight_decay if weight_decay_bias is None else weight_decay_bias

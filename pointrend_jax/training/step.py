@@ -167,9 +167,8 @@ class TrainStep:
     num_traces: how many times the step was traced (one per new batch shape).
   """
 
-  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
-               mesh: jax.sharding.Mesh, num_groups: int = 1,
-               schedule: optax.Schedule | None = None, donate: bool = True):
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
+               num_groups: int = 1, schedule: optax.Schedule | None = None, donate: bool = True):
     self.loss_fn = loss_fn
     self.tx = tx
     self.mesh = mesh
