@@ -13,9 +13,8 @@ Conventions:
   state-dict names are the paths after ``roi_heads.mask_head.``. Point-head layers are kernel-1
   ``Conv1d`` in detectron2 (weight ``(out, in, 1)``) and :class:`PointwiseConv1d` (a dense layer)
   here; :func:`d2_names` / :func:`load_d2` translate the layout.
-* Flatten order: the coarse head transposes its ``[R, 7, 7, C]`` activations to ``[R, C, 7, 7]``
-  before flattening (index ``c*49 + y*7 + x``, as PyTorch), so ``fc1``'s kernel is exactly the
-  transposed PyTorch weight and checkpoints load and save without permutation.
+* Flatten order: the coarse head flattens ``[R, C, 7, 7]`` (index ``c*49 + y*7 + x``, as
+  PyTorch), so ``fc1``'s kernel is the transposed PyTorch weight, loaded without permutation.
 """
 
 from __future__ import annotations

@@ -223,15 +223,10 @@ class StandardROIHeads(nnx.Module):
     self.box_predictor = FastRCNNOutputLayers(fc_dim, num_classes=num_classes, **kw)
 
   def pool_boxes(self, features: Mapping[str, Array], boxes: Array, valid: Array) -> Array:
-    """ROIAlignV2 features of per-image boxes.
+    """ROIAlignV2 features ``[B*R, res, res, C]`` (image-major) of boxes ``[B, R, 4]``.
 
-    Args:
-      features: ``{name: [B, H_l, W_l, C]}`` containing ``in_features``.
-      boxes: ``[B, R, 4]``.
-      valid: ``[B, R]`` bool; invalid boxes are pooled as empty boxes (zeros, no cost).
-
-    Returns:
-      ``[B*R, res, res, C]``, image-major.
+    ``features``: ``{name: [B, H_l, W_l, C]}`` containing ``in_features``. Boxes not ``valid``
+    (``[B, R]``) are pooled as empty boxes (zeros, no cost).
     """
     b, r = boxes.shape[:2]
     flat = jnp.where(valid[..., None], boxes, 0.0).reshape(b * r, 4)

@@ -60,16 +60,9 @@ class StandardRPNHead(nnx.Module):
     self.anchor_deltas = Conv2d(in_channels, num_anchors * box_dim, 1, **kw)
 
   def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
-    """Per-level objectness logits and anchor deltas in anchor order.
-
-    Args:
-      features: per level ``[B, H_l, W_l, C]``.
-
-    Returns:
-      ``(logits, deltas)``: lists over levels of ``[B, H_l*W_l*A]`` and
-      ``[B, H_l*W_l*A, box_dim]``, float32 whatever the compute dtype (they go into top-k,
-      box decoding and the losses).
-    """
+    """Per-level ``[B, H_l, W_l, C]`` -> per-level objectness logits ``[B, H_l*W_l*A]`` and
+    anchor deltas ``[B, H_l*W_l*A, box_dim]`` in anchor order, float32 whatever the compute
+    dtype (they go into top-k, box decoding and the losses)."""
     logits, deltas = [], []
     for x in features:
       t = jax.nn.relu(self.conv(x))

@@ -155,9 +155,8 @@ def make_optimizer(config: Any, model: nnx.Module
   """
   s = _solver(config)
   schedule = warmup_multistep_schedule(
-      s["base_lr"], s["steps"], warmup_iters=s["warmup_iters"],
-      warmup_factor=s["warmup_factor"], gamma=s["gamma"],
-      max_iter=s["max_iter"])
+      s["base_lr"], s["steps"], warmup_iters=s["warmup_iters"], warmup_factor=s["warmup_factor"],
+      gamma=s["gamma"], max_iter=s["max_iter"])
   wd = weight_decay_tree(model, s["weight_decay"], s["weight_decay_norm"],
                          None if s["weight_decay_bias"] is None
                          else float(s["weight_decay_bias"]))
@@ -167,9 +166,6 @@ def make_optimizer(config: Any, model: nnx.Module
   for rate in sorted({v for v in jax.tree.leaves(wd) if v != 0.0}):
     mask = jax.tree.map(lambda v, r=rate: v == r, wd)
     decays.append(optax.add_decayed_weights(rate, mask=mask))
-  tx = optax.chain(
-      *decays,
-      optax.trace(decay=s["momentum"], nesterov=s["nesterov"]),
-      optax.scale_by_learning_rate(schedule),
-  )
+  tx = optax.chain(*decays, optax.trace(decay=s["momentum"], nesterov=s["nesterov"]),
+                   optax.scale_by_learning_rate(schedule))
   return tx, schedule
