@@ -143,9 +143,8 @@ def find_top_rpn_proposals(logits: Sequence[Array], deltas: Sequence[Array],
     image_sizes: ``[B, 2]`` int unpadded ``(H', W')``.
     pre_nms_topk: per-level candidate count (test 1000, train 2000 in Base-RCNN-FPN).
     post_nms_topk: proposals per image (1000), the static output size ``P``.
-    nms_thresh: RPN NMS IoU threshold.
-    min_box_size: PROPOSAL_GENERATOR.MIN_SIZE.
-    box_reg_weights: RPN.BBOX_REG_WEIGHTS.
+    nms_thresh, min_box_size, box_reg_weights: RPN.NMS_THRESH, PROPOSAL_GENERATOR.MIN_SIZE,
+      RPN.BBOX_REG_WEIGHTS.
     scale_clamp: clamp of ``dw, dh`` before ``exp``.
 
   Returns:

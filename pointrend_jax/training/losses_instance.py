@@ -130,11 +130,9 @@ def rpn_losses(key: Array, anchors: Sequence[np.ndarray | Array] | Array,
     pred_deltas: per level ``[B, N_l, 4]`` (or ``[B, A, 4]``) anchor deltas.
     gt_boxes: ``[B, M, 4]`` GT boxes (resized-image pixels).
     gt_valid: ``[B, M]`` bool.
-    batch_size_per_image, positive_fraction: RPN.BATCH_SIZE_PER_IMAGE / POSITIVE_FRACTION.
-    iou_thresholds, iou_labels: RPN.IOU_THRESHOLDS / IOU_LABELS.
-    box_reg_weights: RPN.BBOX_REG_WEIGHTS.
-    smooth_l1_beta: RPN.SMOOTH_L1_BETA (0: L1).
-    loss_weight, bbox_reg_loss_weight: RPN.LOSS_WEIGHT (both) and RPN.BBOX_REG_LOSS_WEIGHT (loc).
+    batch_size_per_image .. bbox_reg_loss_weight: ``RPN.*`` of the same names
+      (``box_reg_weights``: BBOX_REG_WEIGHTS; ``smooth_l1_beta`` 0: L1; ``loss_weight`` scales
+      both terms, ``bbox_reg_loss_weight`` the loc term).
 
   Returns:
     ``loss_rpn_cls`` (sum of BCE over sampled anchors) and ``loss_rpn_loc`` (sum over positives
@@ -221,8 +219,8 @@ def sample_proposals(key: Array, proposal_boxes: Array, proposal_valid: Array, g
     num_classes: ``K``.
     batch_size_per_image, positive_fraction: ROI_HEADS.BATCH_SIZE_PER_IMAGE (static ``S``) and
       POSITIVE_FRACTION.
-    iou_thresholds, iou_labels: ROI_HEADS.IOU_THRESHOLDS / IOU_LABELS.
-    append_gt: ROI_HEADS.PROPOSAL_APPEND_GT.
+    iou_thresholds, iou_labels, append_gt: ROI_HEADS.IOU_THRESHOLDS, IOU_LABELS,
+      PROPOSAL_APPEND_GT.
 
   Returns:
     :class:`ROISamples` (no gradient).
@@ -270,8 +268,7 @@ def roi_box_losses(cls_logits: Array, box_deltas: Array, samples: ROISamples, *,
     cls_logits: ``[B, S, K+1]`` classifier logits (background last).
     box_deltas: ``[B, S, 4K]`` class-specific deltas.
     samples: the :class:`ROISamples` the logits were computed for.
-    box_reg_weights: ROI_BOX_HEAD.BBOX_REG_WEIGHTS.
-    smooth_l1_beta, bbox_reg_loss_weight: ROI_BOX_HEAD.SMOOTH_L1_BETA / BBOX_REG_LOSS_WEIGHT.
+    box_reg_weights, smooth_l1_beta, bbox_reg_loss_weight: ``ROI_BOX_HEAD.*`` (BBOX_REG_WEIGHTS).
 
   Returns:
     ``loss_cls`` (softmax CE, mean over the sampled ROIs of all images) and ``loss_box_reg``
