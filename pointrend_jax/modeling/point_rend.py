@@ -101,12 +101,10 @@ class ConvFCHead(nnx.Module):
   ``(C_out, S, S)`` and returned NHWC.
 
   Args:
-    in_channels: channels of the pooled features (256).
-    input_side: side of the pooled grid (14).
+    in_channels, input_side: channels and grid side of the pooled features (256, 14).
     num_classes: mask classes ``C_out`` (80 COCO, 8 Cityscapes, 1 class-agnostic).
     output_side: side ``S`` of the output (7).
-    conv_dim: width of the convs (256).
-    fc_dims: widths of ``fc1..``, (1024, 1024).
+    conv_dim, fc_dims: width of the convs (256) and of ``fc1..`` ((1024, 1024)).
     dtype, param_dtype, precision: of every layer (see :class:`~.layers.Conv2d`).
     rngs: initializer RNGs (convs c2_msra_fill; fcs c2_xavier_fill; prediction N(0, 0.001)).
   """
@@ -158,8 +156,7 @@ class StandardPointHead(nnx.Module):
   Args:
     in_channels: fine-grained feature channels (256 for p2).
     num_classes: output classes ``C`` (1 if class-agnostic); also the coarse input width.
-    fc_dim: hidden width (256).
-    num_fc: hidden layers (3).
+    fc_dim, num_fc: hidden width and number of hidden layers (256, 3).
     coarse_pred_each_layer: True for instance, False for semantic PointRend.
     dtype, param_dtype, precision: of every layer (see :class:`~.layers.Linear`).
     rngs: initializer RNGs (fc c2_msra_fill, fan_out = fc_dim; predictor N(0, 0.001)).

@@ -134,13 +134,10 @@ def _inference_one(cls_logits: Array, box_deltas: Array, proposals: Array, propo
   flat_cls = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (r, k)).reshape(r * k)
   keep, valid = batched_nms(flat_boxes, flat_scores, flat_cls, nms_thresh, topk,
                             cand.reshape(r * k), coordinate_trick=coordinate_trick)
-  return Detections(
-      boxes=jnp.where(valid[:, None], flat_boxes[keep], 0.0),
-      scores=jnp.where(valid, flat_scores[keep], 0.0),
-      classes=jnp.where(valid, flat_cls[keep], 0),
-      valid=valid,
-      proposal_index=jnp.where(valid, keep // k, 0).astype(jnp.int32),
-  )
+  return Detections(boxes=jnp.where(valid[:, None], flat_boxes[keep], 0.0),
+                    scores=jnp.where(valid, flat_scores[keep], 0.0),
+                    classes=jnp.where(valid, flat_cls[keep], 0), valid=valid,
+                    proposal_index=jnp.where(valid, keep // k, 0).astype(jnp.int32))
 
 
 def fast_rcnn_inference(cls_logits: Array, box_deltas: Array, proposals: Array,

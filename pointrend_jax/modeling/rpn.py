@@ -193,12 +193,9 @@ def find_top_rpn_proposals(logits: Sequence[Array], deltas: Sequence[Array],
   gather = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)),
                                          axis=1)
   out_valid = gather(cand_valid)
-  return Proposals(
-      boxes=jnp.where(out_valid[..., None], gather(cand_boxes), 0.0),
-      logits=jnp.where(out_valid, gather(cand_scores), 0.0),
-      valid=out_valid,
-      levels=jnp.where(out_valid, gather(cand_levels), 0),
-  )
+  return Proposals(boxes=jnp.where(out_valid[..., None], gather(cand_boxes), 0.0),
+                   logits=jnp.where(out_valid, gather(cand_scores), 0.0), valid=out_valid,
+                   levels=jnp.where(out_valid, gather(cand_levels), 0))
 
 
 class RPN(nnx.Module):

@@ -244,14 +244,9 @@ def sample_proposals(key: Array, proposal_boxes: Array, proposal_valid: Array, g
     cls = jnp.where(labels == 1, classes[matched], jnp.where(labels == 0, k, -1))
     cls = jnp.where(valid, cls, -1)
     index, is_fg, ok = subsample_labels(key, cls, batch_size_per_image, positive_fraction, k)
-    return ROISamples(
-        index=index,
-        boxes=jnp.where(ok[:, None], boxes[index], 0.0),
-        classes=jnp.where(ok, cls[index], k),
-        gt_index=matched[index],
-        gt_boxes=gts[matched[index]],
-        valid=ok,
-        is_fg=is_fg)
+    return ROISamples(index=index, boxes=jnp.where(ok[:, None], boxes[index], 0.0),
+                      classes=jnp.where(ok, cls[index], k), gt_index=matched[index],
+                      gt_boxes=gts[matched[index]], valid=ok, is_fg=is_fg)
 
   keys = jax.random.split(key, b)
   out = jax.vmap(one_image)(keys, cand_boxes, cand_valid, gt_boxes, gt_classes, usable)
