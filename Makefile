@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`.
+# The commands of the README: `make demo`, `make test` and `make test-fast`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,13 @@ STAMP := $(VENV)/.installed
 # 15M -> 0.6M page faults and 5% less wall time for 400 demo steps). glibc ignores unknown tunables.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: install test demo bench parity clean
+# pytest-xdist workers: `auto` is one per physical core. Files are the unit of distribution
+# (--dist loadfile): a file's module fixtures (a tiny training run, a reference launch) are built
+# once, in one worker.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: install test test-fast demo bench parity clean
 
 install: $(STAMP)
 
@@ -20,7 +26,12 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+
+# Everything but the tests marked slow (subprocess runs of launch.py and the tools, training
+# runs, multi-process and multi-device runs, whole-model parity).
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python launch.py --config configs/synthetic_shapes.py --workdir runs/demo

@@ -5,7 +5,7 @@ Usage::
   python bench/inference.py [--repeats 3]
 
 Weights: the parity fixtures' deterministic ``make_weights.py`` (seed 0; ``../shared`` beside
-the checkout) when present, else :func:`pointrend_jax.inference.random_d2_state`. Timing does
+the checkout) when present, else :func:`pointrend_jax.checkpoint.d2_model.random_d2_state`. Timing does
 not depend on the weights (every shape is static: the mask head always runs on
 ``DETECTIONS_PER_IMAGE`` = 100 rows), but sane weights keep the host postprocessing realistic.
 
@@ -60,6 +60,7 @@ from PIL import Image  # noqa: E402
 
 from pointrend_jax.inference import Predictor  # noqa: E402
 from pointrend_jax.checkpoint.d2_model import d2_model_names  # noqa: E402
+from pointrend_jax.modeling import postprocess  # noqa: E402
 from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
 from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 
@@ -146,27 +147,26 @@ def main() -> None:
   resized, orig, hw = predictor._prepare(image)  # pylint: disable=protected-access
   bucket = predictor.bucket_for(*hw)
   log(f"image {orig} -> resized {hw} -> bucket {bucket}")
-  key = ("instance", 1, bucket[0], bucket[1])
-  fn = predictor.compiled("instance", 1, bucket)
-  compile_s = predictor.compile_seconds[key]
+  program = predictor.program
+  program.compile(1, *bucket)
+  compile_s = program.compile_seconds[(1,) + bucket]
   log(f"compile {compile_s:.1f} s")
   images = np.zeros((1,) + bucket + (3,), np.uint8)
   images[0, :hw[0], :hw[1]] = resized
   sizes = np.asarray([hw], np.int32)
-  st = predictor._state  # pylint: disable=protected-access
-  dev_med, dev_min = timed(lambda: fn(st, images, sizes), args.repeats)
+  dev_med, dev_min = timed(lambda: program(images, sizes), args.repeats)
   log(f"device steady {dev_med * 1e3:.0f} ms")
   e2e_med, e2e_min = timed(lambda: predictor(image), args.repeats)
   n_det = len(predictor(image))
   log(f"end-to-end steady {e2e_med * 1e3:.0f} ms ({n_det} detections)")
-  assert predictor.num_compiles == 1, predictor.compile_seconds
-  raw = jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(fn(st, images, sizes)))
-  post = predictor._instances  # pylint: disable=protected-access
-  host_med, host_min = timed(lambda: post(raw, orig, hw), args.repeats)
+  assert predictor.num_compiles == 1, program.compile_seconds
+  raw = jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(program(images, sizes)))
+  host_med, host_min = timed(lambda: postprocess.instances(raw, orig, hw, predictor.class_names),
+                             args.repeats)
   log(f"host postprocess {host_med * 1e3:.0f} ms")
 
   # Breakdown: each stage compiled on its own, fed the previous stage's outputs.
-  graphdef = predictor._graphdef  # pylint: disable=protected-access
+  graphdef, st = nnx.split(predictor.model)
   m = lambda s: nnx.merge(graphdef, s)  # noqa: E731
 
   def backbone(s, images, sizes):

@@ -1,4 +1,4 @@
-"""Benchmarks of NMS and mask pasting at the sizes the model uses (see ``bench/ops.py``).
+"""Benchmarks of NMS at the sizes the model uses (see ``bench/ops.py``).
 
 Inputs are synthetic but shaped like the real ones: boxes come in overlapping clusters around
 "objects" (so NMS really suppresses), scores are distinct.
@@ -10,7 +10,6 @@ Inputs are synthetic but shaped like the real ones: boxes come in overlapping cl
   score threshold, top 100 kept; once as a tight 6,000-candidate list, once as the static
   1000 x 80 = 80,000 slots with 6,000 valid, which is what a jitted model without a host sync
   passes.
-* Mask pasting: 100 masks of 224 x 224 into an 800 x 1200 image.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pointrend_jax.ops import nms as nms_ops
-from pointrend_jax.ops import paste_masks as paste_ops
 
 IMAGE_HW = (800, 1200)
 
@@ -67,18 +65,6 @@ def _det_nms(boxes, scores, classes, valid):
   return nms_ops.batched_nms(boxes, scores, classes, 0.5, 100, valid)
 
 
-def _paste(method: str) -> Callable[..., Any]:
-  def fn(masks, boxes):
-    return paste_ops.paste_masks_in_image(masks, boxes, IMAGE_HW, 0.5, method=method)
-  return fn
-
-
-def _paste_inputs(rng, d: int = 100, s: int = 224):
-  masks = jax.nn.sigmoid(jnp.asarray(rng.normal(0, 3, (d, s, s)).astype(np.float32)))
-  boxes, _ = _clustered_boxes(rng, d, 30, 200.0)
-  return masks, jnp.asarray(boxes)
-
-
 def benchmarks() -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
   """``(name, fn, args)`` entries; ``fn`` is jitted by the harness with all ``args`` traced."""
   rng = np.random.default_rng(0)
@@ -90,7 +76,5 @@ def benchmarks() -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
       ("nms_rpn_5x2000_iou0.7_keepall", _rpn_nms(2000), rpn_train),
       ("batched_nms_det_6000cand_80cls_top100", _det_nms, _det_inputs(rng, 6000, 6000)),
       ("batched_nms_det_80000slots_6000valid_top100", _det_nms, _det_inputs(rng, 6000, 80000)),
-      ("paste_100x224_to_800x1200_separable", _paste("separable"), _paste_inputs(rng)),
-      ("paste_100x224_to_800x1200_matmul", _paste("matmul"), _paste_inputs(rng)),
   ]
 

@@ -1,6 +1,6 @@
 """Shared base of the training configs (``ml_collections``); each config file stays short.
 
-Sections (every key is read by :mod:`pointrend_jax.training.loop`):
+Sections (``docs/architecture.md`` says which module reads each one):
 
 * ``seed``: parameter init, point sampling and the data order.
 * ``model``: ``zoo`` (a :data:`pointrend_jax.modeling.zoo.ZOO_NAMES` name, or "" for the

@@ -31,16 +31,11 @@ lands in it. :attr:`Predictor.num_compiles` counts the compilations. Padding mod
 * a sequence of ``(H, W)`` canvases (multiples of 32); an image that fits none falls back to
   exact padding (with a warning).
 
-Postprocessing is numpy on the host, so nothing compiles per original image size (the jitted
-:func:`~pointrend_jax.modeling.meta_arch.postprocess_instances` would): detectron2's
-``detector_postprocess`` (boxes scaled with float32 factors, clipped, empty boxes dropped) and
-``paste_masks_in_image`` (bilinear ``grid_sample`` on the probabilities inside a window one pixel
-beyond each box, as detectron2's CPU path), then pycocotools RLE. The paste uses the float32
-formula of :mod:`pointrend_jax.ops.paste_masks` with true division, as torch does (it matches the
-detectron2 op goldens exactly; XLA may divide through a reciprocal, so the jitted version can
-differ by an ulp in a sampling position and flip a pixel within ~1e-6 of the threshold, 2 in
-9.4M pixels on random masks). Semantic models: crop the padding, PyTorch bilinear resize to the
-original size, argmax.
+The device part is :class:`~pointrend_jax.modeling.predict.PredictProgram`; results at the
+original size come from :mod:`pointrend_jax.modeling.postprocess` (numpy on the host, so nothing
+compiles per original image size: detectron2's ``detector_postprocess`` and
+``paste_masks_in_image``, pycocotools RLE; semantic models: crop the padding, PyTorch bilinear
+resize to the original size, argmax).
 
 ``score_threshold`` filters detections on the host (``score > threshold``). For thresholds at
 or above the config's ``SCORE_THRESH_TEST`` this equals detectron2's demo, which raises
@@ -51,42 +46,29 @@ the same either way (and no recompilation is needed to change it).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import pathlib
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pycocotools.mask as mask_util
 from flax import nnx
 from PIL import Image
 
 from pointrend_jax.data import batching
+from pointrend_jax.data.cityscapes import SEM_SEG_CLASSES as CITYSCAPES_SEM_SEG_CLASSES
+from pointrend_jax.data.cityscapes import THING_CLASSES as CITYSCAPES_THING_CLASSES
 from pointrend_jax.data.coco import read_image
 from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
+from pointrend_jax.modeling import postprocess
 from pointrend_jax.modeling.config import ModelConfig
+from pointrend_jax.modeling.postprocess import Instances, SubdivisionStages
+from pointrend_jax.modeling.predict import PredictProgram
 from pointrend_jax.modeling.zoo import from_detectron2_yaml, zoo_config
 
-__all__ = [
-    "COCO_CLASSES",
-    "CITYSCAPES_THING_CLASSES",
-    "CITYSCAPES_SEM_SEG_CLASSES",
-    "Instances",
-    "SemanticResult",
-    "SubdivisionStages",
-    "Predictor",
-    "load_config",
-    "default_class_names",
-    "to_rgb_uint8",
-    "random_d2_state",
-    "paste_masks_np",
-]
+__all__ = ["COCO_CLASSES", "Predictor", "load_config", "default_class_names", "to_rgb_uint8"]
 
 ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image]
 
@@ -102,130 +84,11 @@ COCO_CLASSES: tuple[str, ...] = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
-# checkpoint_format.md §7.2 / §7.3.
-CITYSCAPES_THING_CLASSES: tuple[str, ...] = (
-    "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
-CITYSCAPES_SEM_SEG_CLASSES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-# --------------------------------------------------------------------------------------------------
-# Results.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Instances:
-  """Instance predictions of one image at its original resolution (detectron2 ``Instances``).
-
-  Rows are in descending score order. ``n`` may be 0; shapes stay well-formed.
-
-  Attributes:
-    image_size: original ``(height, width)``.
-    boxes: ``[n, 4]`` float32 ``(x0, y0, x1, y1)`` original-image pixels.
-    scores: ``[n]`` float32.
-    classes: ``[n]`` int32 contiguous class ids.
-    class_names: ``n`` names.
-    masks: ``[n, height, width]`` bool.
-    rle: ``n`` COCO RLE dicts ``{"size": [h, w], "counts": str}`` of ``masks``
-      (``pycocotools.mask.decode`` reads them back).
-  """
-  image_size: tuple[int, int]
-  boxes: np.ndarray
-  scores: np.ndarray
-  classes: np.ndarray
-  class_names: list[str]
-  masks: np.ndarray
-  rle: list[dict[str, Any]]
-
-  def __len__(self) -> int:
-    return int(self.scores.shape[0])
-
-  def select(self, keep: np.ndarray) -> Instances:
-    """The rows ``keep`` (bool mask or indices), in that order."""
-    idx = np.arange(len(self))[np.asarray(keep)]
-    return Instances(self.image_size, self.boxes[idx], self.scores[idx], self.classes[idx],
-                     [self.class_names[i] for i in idx], self.masks[idx],
-                     [self.rle[i] for i in idx])
-
-  def to_json(self) -> dict[str, Any]:
-    """JSON-ready dict: ``height``, ``width`` and one entry per instance (box, score, class,
-    class name, RLE segmentation)."""
-    return {
-        "height": int(self.image_size[0]), "width": int(self.image_size[1]),
-        "instances": [
-            {"box": [float(v) for v in self.boxes[i]], "score": float(self.scores[i]),
-             "class": int(self.classes[i]), "class_name": self.class_names[i],
-             "segmentation": self.rle[i]}
-            for i in range(len(self))],
-    }
-
-
-@dataclasses.dataclass
-class SemanticResult:
-  """Semantic prediction of one image at its original resolution.
-
-  Attributes:
-    image_size: original ``(height, width)``.
-    sem_seg: ``[height, width]`` int32 class (train id) per pixel.
-    class_names: name of each class id.
-    logits: ``[height, width, C]`` float32 (only when asked for), as detectron2's
-      ``sem_seg_postprocess`` output (channels last).
-  """
-  image_size: tuple[int, int]
-  sem_seg: np.ndarray
-  class_names: list[str]
-  logits: np.ndarray | None = None
-
-  def to_json(self) -> dict[str, Any]:
-    """JSON-ready summary: size and the fraction of pixels of every predicted class."""
-    counts = np.bincount(self.sem_seg.ravel(), minlength=len(self.class_names))
-    total = max(1, int(self.sem_seg.size))
-    return {"height": int(self.image_size[0]), "width": int(self.image_size[1]),
-            "class_names": list(self.class_names),
-            "pixel_fraction": {self.class_names[c]: counts[c] / total
-                               for c in np.flatnonzero(counts)}}
-
-
-@dataclasses.dataclass
-class SubdivisionStages:
-  """The mask head's adaptive subdivision (``pointrend.md`` §3.6) for the rows of an
-  :class:`Instances`, in the same order. Logits are of each instance's predicted class, in the
-  box frame (row 0 = top of the box).
-
-  Attributes:
-    boxes: ``[n, 4]`` original-image boxes (the frame of every map below).
-    coarse: ``[n, 7, 7]`` coarse-head logits.
-    init: ``[n, 28, 28]`` step-0 logits (point head on the regular 28x28 grid).
-    upsampled: per step ``[n, H_s, W_s]``: x2 bilinear upsampling of the previous map, before
-      the points are recomputed (56, 112, 224).
-    points: per step ``[n, K, 2]`` ``(x, y)`` in ``[0, 1]`` of the box: the ``K`` = 784 most
-      uncertain cell centres chosen at that step.
-    indices: per step ``[n, K]`` flat row-major cell indices of ``points``.
-    refined: per step ``[n, H_s, W_s]``: ``upsampled`` with the point head's logits written at
-      ``indices``; the last one is the final mask logits.
-  """
-  boxes: np.ndarray
-  coarse: np.ndarray
-  init: np.ndarray
-  upsampled: list[np.ndarray]
-  points: list[np.ndarray]
-  indices: list[np.ndarray]
-  refined: list[np.ndarray]
-
-  @property
-  def final(self) -> np.ndarray:
-    """``[n, S, S]`` final mask logits (``S`` = 224)."""
-    return self.refined[-1] if self.refined else self.init
-
-
-# --------------------------------------------------------------------------------------------------
-# Configs, weights, images.
-# --------------------------------------------------------------------------------------------------
+# --- Configs, weights, images ---
 
 
 def load_config(spec: str | os.PathLike[str] | ModelConfig) -> ModelConfig:
@@ -265,56 +128,12 @@ def default_class_names(cfg: ModelConfig) -> list[str]:
   return [f"class_{i}" for i in range(n)]
 
 
-def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float] = (1., 1., 1.)
-                    ) -> dict[str, np.ndarray]:
-  """Random but well-scaled weights for every detectron2 name of ``model`` (numpy, fast).
-
-  Drawn from numpy rather than the modules' jax initializers: eager jax init compiles one small
-  program per parameter shape (minutes for a ResNet-50 on CPU). Scheme (a simplification of the
-  parity fixtures' ``make_weights.py``): kernels normal with std ``gain / sqrt(fan_in)`` and every
-  output unit centred to zero mean (otherwise ReLU features carry a common mode that makes one
-  class win every box); gain sqrt(2), except the stem (``mean(pixel_std) / 64``: raw pixel
-  contrast is ~64), the last conv of each bottleneck (0.5), FPN convs (1), class / objectness
-  logits (4), box deltas (0.5-1) and mask predictors (2). Norm scales and running variances 1,
-  biases and running means 0.
-
-  Args:
-    model: a (possibly abstract) model; only its names and shapes are read.
-    seed: numpy seed.
-    pixel_std: the config's ``PIXEL_STD`` (scales the stem).
-
-  Returns:
-    ``{detectron2 name: float32 array}`` for :func:`~pointrend_jax.checkpoint.d2_model.
-    load_d2_model`.
-  """
-  from pointrend_jax.checkpoint.d2_model import d2_model_names
-  rng = np.random.default_rng(seed)
-  gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
-           ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
-           ("anchor_deltas", 0.5), ("cls_score", 4.0), ("bbox_pred", 1.0),
-           ("prediction.weight", 2.0), ("predictor.weight", 2.0))
-  state = {}
-  for name, shape in sorted(d2_model_names(model).items()):
-    if len(shape) >= 2 and ".norm." not in name:
-      fan_in = int(np.prod(shape[1:]))
-      gain = next((g for k, g in gains if k in name), math.sqrt(2.0))
-      w = rng.standard_normal((shape[0], fan_in))
-      if fan_in > 1:
-        w -= w.mean(axis=1, keepdims=True)
-      state[name] = (w * gain / math.sqrt(fan_in)).astype(np.float32).reshape(shape)
-    elif name.endswith("running_var") or (".norm." in name and name.endswith("weight")) or (
-        name.endswith(".weight") and len(shape) == 1):
-      state[name] = np.ones(shape, np.float32)
-    else:
-      state[name] = np.zeros(shape, np.float32)
-  return state
-
-
 def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
                 ) -> tuple[ModelConfig, nnx.Module]:
   """Builds the model of ``cfg`` and fills it from ``weights`` (see :class:`Predictor`)."""
-  from pointrend_jax.checkpoint.d2_model import load_d2_model
-  from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
+  from pointrend_jax.checkpoint import orbax_io
+  from pointrend_jax.checkpoint.d2_model import load_d2_model, random_d2_state
+  from pointrend_jax.checkpoint.weights import load_weights
   from pointrend_jax.modeling.meta_arch import abstract_model
   if isinstance(weights, nnx.Module):
     if cfg is None:
@@ -322,37 +141,19 @@ def _load_model(cfg: ModelConfig | None, weights: Any, seed: int
       if cfg is None:
         raise ValueError("pass the config of this model")
     return cfg, weights
-  if isinstance(weights, (str, os.PathLike)) and pathlib.Path(
-      os.fspath(weights)).expanduser().is_dir():
-    from pointrend_jax.checkpoint.orbax_io import load_converted
-    stored_cfg, model = load_converted(weights)
-    if cfg is None or cfg == stored_cfg:
-      return stored_cfg, model
-    # Another config for the same weights (e.g. other test sizes): its variables must match.
-    target = abstract_model(cfg)
-    graphdef, target_state = nnx.split(target)
-    loaded = nnx.to_pure_dict(nnx.state(model))
-    expected = nnx.to_pure_dict(target_state)
-    got_shapes = jax.tree.map(np.shape, loaded)
-    want_shapes = jax.tree.map(np.shape, expected)
-    if got_shapes != want_shapes:
-      raise ValueError(f"converted checkpoint {weights} does not fit the given config (its "
-                       "variables differ); omit the config to use the stored one")
-    nnx.replace_by_pure_dict(target_state, loaded)
-    return cfg, nnx.merge(graphdef, target_state)
   if cfg is None:
-    raise ValueError("a config is needed unless weights is a converted checkpoint directory")
-  model = abstract_model(cfg)
-  if weights is None:
-    state = random_d2_state(model, seed, cfg.pixel_std)
-  elif isinstance(weights, Mapping):
-    state = weights
-  elif isinstance(weights, (str, os.PathLike)):
-    state = load_detectron2_file(weights)
-  else:
+    if not (isinstance(weights, (str, os.PathLike)) and
+            pathlib.Path(os.fspath(weights)).expanduser().is_dir()):
+      raise ValueError("a config is needed unless weights is a converted checkpoint directory")
+    return orbax_io.load_converted(weights)
+  if not isinstance(weights, (str, os.PathLike, Mapping, type(None))):
     raise TypeError(f"weights must be a path, a state dict, a model or None, not "
                     f"{type(weights).__name__}")
-  load_d2_model(model, state, strict=True)
+  model = abstract_model(cfg)
+  if weights is None:
+    load_d2_model(model, random_d2_state(model, seed, cfg.pixel_std), strict=True)
+  else:  # another config for a converted directory must have the same variables
+    load_weights(model, weights)
   return cfg, model
 
 
@@ -409,103 +210,7 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
   return np.ascontiguousarray(a[:, :, :3])
 
 
-# --------------------------------------------------------------------------------------------------
-# Host-side postprocessing.
-# --------------------------------------------------------------------------------------------------
-
-
-def _axis_taps_np(lo: np.float32, hi: np.float32, start: int, stop: int, mask_size: int):
-  """numpy twin of :func:`pointrend_jax.ops.paste_masks._axis_taps` for pixels
-  ``start..stop-1`` (same float32 operations in the same order)."""
-  f32 = np.float32
-  centre = np.arange(start, stop, dtype=f32) + f32(0.5)
-  with np.errstate(all="ignore"):  # degenerate boxes give inf/NaN positions: zero weights below
-    g = (centre - lo) / (hi - lo) * f32(2.0) - f32(1.0)
-    pos = (g + f32(1.0)) * f32(mask_size / 2.0) - f32(0.5)
-    f = np.floor(pos)
-    frac = pos - f
-  in0 = (f > -1.0) & (f < mask_size)
-  in1 = (f > -2.0) & (f < mask_size - 1)
-  w0 = np.where(in0, f32(1.0) - frac, f32(0.0)).astype(f32)
-  w1 = np.where(in1, frac, f32(0.0)).astype(f32)
-  fc = np.clip(np.where(np.isfinite(f), f, 0.0), -1.0, mask_size - 1.0).astype(np.int64)
-  return (np.clip(fc, 0, mask_size - 1), np.clip(fc + 1, 0, mask_size - 1), w0, w1)
-
-
-def paste_masks_np(probs: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int],
-                   threshold: float = 0.5) -> np.ndarray:
-  """detectron2 ``paste_masks_in_image`` (CPU path) in numpy.
-
-  Each mask is resampled (bilinear, ``grid_sample`` align_corners=False, zero padding) only in
-  the window ``[floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1)``, like detectron2
-  on CPU; the rest of the image is False.
-
-  Args:
-    probs: ``[n, S, S]`` probabilities.
-    boxes: ``[n, 4]`` float32 boxes in output pixels.
-    image_hw: output ``(H, W)``.
-    threshold: pixel = ``value >= threshold``.
-
-  Returns:
-    ``[n, H, W]`` bool.
-  """
-  h, w = int(image_hw[0]), int(image_hw[1])
-  probs = np.asarray(probs, np.float32)
-  boxes = np.asarray(boxes, np.float32)
-  out = np.zeros((len(probs), h, w), bool)
-  thr = np.float32(threshold)
-  for i, (m, b) in enumerate(zip(probs, boxes)):
-    if not np.all(np.isfinite(b)):
-      continue
-    s = m.shape[-1]
-    ys = (max(0, int(math.floor(b[1])) - 1), min(h, int(math.ceil(b[3])) + 1))
-    xs = (max(0, int(math.floor(b[0])) - 1), min(w, int(math.ceil(b[2])) + 1))
-    if ys[1] <= ys[0] or xs[1] <= xs[0]:
-      continue
-    y0, y1, wy0, wy1 = _axis_taps_np(b[1], b[3], ys[0], ys[1], s)
-    x0, x1, wx0, wx1 = _axis_taps_np(b[0], b[2], xs[0], xs[1], s)
-    rows = m[y0] * wy0[:, None] + m[y1] * wy1[:, None]
-    values = rows[:, x0] * wx0[None, :] + rows[:, x1] * wx1[None, :]
-    out[i, ys[0]:ys[1], xs[0]:xs[1]] = values >= thr
-  return out
-
-
-def _encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
-  if len(masks) == 0:
-    return []
-  rles = mask_util.encode(np.asfortranarray(np.moveaxis(masks, 0, -1).astype(np.uint8)))
-  for r in rles:
-    r["counts"] = r["counts"].decode("ascii")
-  return list(rles)
-
-
-def _linear_taps_np(in_size: int, out_size: int):
-  """PyTorch ``align_corners=False`` linear-resize taps (float32, as the CPU kernel)."""
-  f32 = np.float32
-  scale = f32(in_size) / f32(out_size)
-  pos = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
-  i0 = np.minimum(np.floor(pos).astype(np.int64), in_size - 1)
-  l1 = np.clip(pos - i0.astype(f32), f32(0), f32(1)).astype(f32)
-  return i0, np.where(i0 < in_size - 1, i0 + 1, i0), (f32(1) - l1).astype(f32), l1
-
-
-def _resize_bilinear_np(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-  """PyTorch bilinear (align_corners=False, no antialias) ``[H, W, C] -> [h, w, C]``; the width
-  pass first, like :func:`pointrend_jax.modeling.semantic.resize_bilinear`."""
-  for axis, size in ((1, out_hw[1]), (0, out_hw[0])):
-    if x.shape[axis] == size:
-      continue
-    i0, i1, l0, l1 = _linear_taps_np(x.shape[axis], size)
-    shape = [1, 1, 1]
-    shape[axis] = size
-    x = (np.take(x, i0, axis=axis) * l0.reshape(shape)
-         + np.take(x, i1, axis=axis) * l1.reshape(shape))
-  return x
-
-
-# --------------------------------------------------------------------------------------------------
-# The predictor.
-# --------------------------------------------------------------------------------------------------
+# --- The predictor ---
 
 
 class Predictor:
@@ -518,7 +223,7 @@ class Predictor:
     weights: detectron2 ``.pkl`` / ``.pth``; a converted (orbax) directory from
       ``tools/convert``, ``tools/export`` or a training run (``<workdir>/model``); a
       ``{detectron2 name: array}`` dict; a built model; or None for random weights
-      (:func:`random_d2_state`, for tests and benchmarks).
+      (:func:`~pointrend_jax.checkpoint.d2_model.random_d2_state`, for tests and benchmarks).
     buckets: padding canvases: None (the evaluation buckets of the config's test sizes),
       ``"exact"`` (``ceil32`` per image, detectron2 parity) or a sequence of ``(H, W)``. See
       the module docstring.
@@ -533,14 +238,16 @@ class Predictor:
       :func:`~pointrend_jax.modeling.meta_arch.build_model`); None: float32, or the dtype a
       model passed as ``weights`` was built with. Parameters stay as loaded (float32).
 
-  The weights are captured when the predictor is built (``nnx.split``); in-place updates of
-  ``model`` afterwards are not seen by the compiled functions.
+  The weights are captured when the predictor is built; in-place updates of ``model``
+  afterwards are not seen by the compiled programs.
 
   Attributes:
     cfg: the :class:`ModelConfig`.
     model: the Flax model.
     class_names: list of names.
-    compile_seconds: ``{(kind, batch, H, W): seconds}`` of every compilation so far.
+    program: the :class:`~pointrend_jax.modeling.predict.PredictProgram` (its
+      ``compile_seconds`` hold every compilation of the predictions).
+    stages_program: the same with the subdivision stages (:meth:`predict_with_stages`).
   """
 
   def __init__(self, config: str | os.PathLike[str] | ModelConfig | None,
@@ -577,14 +284,9 @@ class Predictor:
       if any(h % self._divisor or w % self._divisor for h, w in buckets):
         raise ValueError(f"bucket sides must be multiples of {self._divisor}: {buckets}")
     self.buckets = buckets
-    self._graphdef, self._state = nnx.split(self.model)
-    self._compiled: dict[tuple[Any, ...], Any] = {}
-    self.compile_seconds: dict[tuple[Any, ...], float] = {}
+    self.program = PredictProgram(self.model)
+    self.stages_program = None if self.is_semantic else PredictProgram(self.model, stages=True)
     self._warned_fallback = False
-
-  # ------------------------------------------------------------------------------------------------
-  # Shapes.
-  # ------------------------------------------------------------------------------------------------
 
   @property
   def is_semantic(self) -> bool:
@@ -592,8 +294,8 @@ class Predictor:
 
   @property
   def num_compiles(self) -> int:
-    """How many programs have been compiled (one per kind x batch size x bucket)."""
-    return len(self._compiled)
+    """How many programs have been compiled (one per program x batch size x bucket)."""
+    return sum(len(p.compile_seconds) for p in (self.program, self.stages_program) if p)
 
   def resized_size(self, height: int, width: int) -> tuple[int, int]:
     """detectron2's test-time ``ResizeShortestEdge`` output ``(h, w)``."""
@@ -614,66 +316,14 @@ class Predictor:
         self._warned_fallback = True
       return exact
 
-  # ------------------------------------------------------------------------------------------------
-  # Compiled functions.
-  # ------------------------------------------------------------------------------------------------
-
-  def _model_fn(self, kind: str) -> Callable[..., Any]:
-    graphdef = self._graphdef
-
-    def instance(state, images, sizes):
-      model = nnx.merge(graphdef, state)
-      out = model.predict(images, sizes)
-      return dict(boxes=out["boxes"], scores=out["scores"], classes=out["classes"],
-                  valid=out["valid"], mask_probs=jax.nn.sigmoid(out["mask_logits"]))
-
-    def stages(state, images, sizes):
-      model = nnx.merge(graphdef, state)
-      out = model.predict(images, sizes, return_intermediates=True)
-      m = out["intermediates"]["mask"]
-      b, d = out["valid"].shape
-      split = lambda a: a.reshape((b, d) + a.shape[1:])  # noqa: E731
-      return dict(boxes=out["boxes"], scores=out["scores"], classes=out["classes"],
-                  valid=out["valid"], mask_probs=jax.nn.sigmoid(out["mask_logits"]),
-                  coarse=split(m["coarse_logits_class"]), init=split(m["init_logits"]),
-                  upsampled=tuple(split(a) for a in m["upsampled"]),
-                  indices=tuple(split(a) for a in m["indices"]),
-                  points=tuple(split(a) for a in m["points_in_box"]),
-                  point_logits=tuple(split(a) for a in m["point_logits"]))
-
-    def semantic(state, images, sizes):
-      model = nnx.merge(graphdef, state)
-      return model(images, sizes)
-
-    return {"instance": instance, "stages": stages, "semantic": semantic}[kind]
-
-  def compiled(self, kind: str, batch: int, bucket: tuple[int, int]) -> Any:
-    """The compiled ``(state, images uint8 [B, H, W, 3], sizes int32 [B, 2]) -> outputs`` of
-    ``kind`` ("instance", "stages", "semantic"), compiled on first use (ahead of time)."""
-    key = (kind, int(batch), int(bucket[0]), int(bucket[1]))
-    fn = self._compiled.get(key)
-    if fn is None:
-      t0 = time.perf_counter()
-      images = jax.ShapeDtypeStruct((batch, bucket[0], bucket[1], 3), jnp.uint8)
-      sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32)
-      fn = jax.jit(self._model_fn(kind)).lower(self._state, images, sizes).compile()
-      self.compile_seconds[key] = time.perf_counter() - t0
-      self._compiled[key] = fn
-    return fn
-
   def warmup(self, buckets: Sequence[tuple[int, int]] | None = None) -> None:
-    """Compiles the predict function of ``buckets`` (default: all configured buckets)."""
+    """Compiles the predictions of ``buckets`` (default: all configured buckets)."""
     if buckets is None:
       if isinstance(self.buckets, str):
         raise ValueError("with buckets='exact' pass the canvases to compile")
       buckets = self.buckets
-    kind = "semantic" if self.is_semantic else "instance"
-    for b in buckets:
-      self.compiled(kind, self.batch_size, b)
-
-  # ------------------------------------------------------------------------------------------------
-  # Running.
-  # ------------------------------------------------------------------------------------------------
+    for h, w in buckets:
+      self.program.compile(self.batch_size, h, w)
 
   def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     rgb = to_rgb_uint8(image)
@@ -681,7 +331,8 @@ class Predictor:
     resized_hw = self.resized_size(*orig)
     return resize_image(rgb, resized_hw), (int(orig[0]), int(orig[1])), resized_hw
 
-  def _run(self, kind: str, prepared: list[tuple[np.ndarray, tuple[int, int], tuple[int, int]]]
+  def _run(self, program: PredictProgram,
+           prepared: list[tuple[np.ndarray, tuple[int, int], tuple[int, int]]]
            ) -> list[dict[str, Any]]:
     """Runs ``prepared`` images grouped by bucket; returns per-image numpy outputs (row ``i`` of
     the batch outputs) in input order."""
@@ -691,7 +342,6 @@ class Predictor:
     results: list[dict[str, Any] | None] = [None] * len(prepared)
     bs = self.batch_size
     for bucket, members in groups.items():
-      fn = self.compiled(kind, bs, bucket)
       for start in range(0, len(members), bs):
         chunk = members[start:start + bs]
         images = np.zeros((bs, bucket[0], bucket[1], 3), np.uint8)
@@ -700,39 +350,16 @@ class Predictor:
           img, _, (h, w) = prepared[i]
           images[j, :h, :w] = img
           sizes[j] = (h, w)
-        out = jax.device_get(fn(self._state, images, sizes))
+        out = jax.device_get(program(images, sizes))
         for j, i in enumerate(chunk):
           results[i] = jax.tree.map(lambda a, j=j: a[j], out)
     return results  # type: ignore[return-value]
 
   def _instances(self, out: Mapping[str, np.ndarray], orig: tuple[int, int],
                  resized: tuple[int, int]) -> tuple[Instances, np.ndarray]:
-    f32 = np.float32
-    scale = np.asarray(orig, f32) / np.asarray(resized, f32)  # (y, x), as detector_postprocess
-    sx, sy = scale[1], scale[0]
-    boxes = np.asarray(out["boxes"], f32) * np.array([sx, sy, sx, sy], f32)
-    h, w = f32(orig[0]), f32(orig[1])
-    boxes = np.stack([np.clip(boxes[:, 0], 0, w), np.clip(boxes[:, 1], 0, h),
-                      np.clip(boxes[:, 2], 0, w), np.clip(boxes[:, 3], 0, h)], axis=1)
-    keep = (np.asarray(out["valid"], bool) & (boxes[:, 2] - boxes[:, 0] > 0)
-            & (boxes[:, 3] - boxes[:, 1] > 0))
-    scores = np.asarray(out["scores"], f32)
-    if self.score_threshold is not None:
-      keep &= scores > self.score_threshold
-    rows = np.flatnonzero(keep)
-    masks = paste_masks_np(out["mask_probs"][rows], boxes[rows], orig, self.mask_threshold)
-    classes = np.asarray(out["classes"], np.int32)[rows]
-    inst = Instances(image_size=orig, boxes=boxes[rows], scores=scores[rows], classes=classes,
-                     class_names=[self.class_names[c] for c in classes], masks=masks,
-                     rle=_encode_rle(masks))
-    return inst, rows
-
-  def _semantic(self, logits: np.ndarray, orig: tuple[int, int], resized: tuple[int, int],
-                return_logits: bool) -> SemanticResult:
-    x = _resize_bilinear_np(np.asarray(logits, np.float32)[:resized[0], :resized[1]], orig)
-    return SemanticResult(image_size=orig, sem_seg=np.argmax(x, axis=-1).astype(np.int32),
-                          class_names=list(self.class_names),
-                          logits=x if return_logits else None)
+    return postprocess.instances(out, orig, resized, self.class_names,
+                                 mask_threshold=self.mask_threshold,
+                                 score_threshold=self.score_threshold)
 
   def __call__(self, images: ImageLike | Sequence[ImageLike], *, return_logits: bool = False
                ) -> Any:
@@ -745,39 +372,29 @@ class Predictor:
       return_logits: semantic models: also return the per-pixel logits.
 
     Returns:
-      :class:`Instances` or :class:`SemanticResult` per image: a list for a list input, one
-      result for a single image.
+      :class:`~pointrend_jax.modeling.postprocess.Instances` or
+      :class:`~pointrend_jax.modeling.postprocess.SemanticResult` per image: a list for a list
+      input, one result for a single image.
     """
     single = isinstance(images, (np.ndarray, str, os.PathLike, Image.Image))
     items = [images] if single else list(images)
     prepared = [self._prepare(im) for im in items]
+    outs = self._run(self.program, prepared)
     if self.is_semantic:
-      outs = self._run("semantic", prepared)
-      results = [self._semantic(o, orig, hw, return_logits)
+      results = [postprocess.semantic_result(o["logits"], orig, hw, self.class_names,
+                                             return_logits=return_logits)
                  for o, (_, orig, hw) in zip(outs, prepared)]
     else:
-      outs = self._run("instance", prepared)
       results = [self._instances(o, orig, hw)[0] for o, (_, orig, hw) in zip(outs, prepared)]
     return results[0] if single else results
 
   def predict_with_stages(self, image: ImageLike) -> tuple[Instances, SubdivisionStages]:
-    """One image's :class:`Instances` and the subdivision stages of each of its rows (instance
-    models; a separate compiled program per bucket)."""
+    """One image's :class:`~pointrend_jax.modeling.postprocess.Instances` and the subdivision
+    stages of each of its rows (instance models; :attr:`stages_program`)."""
     if self.is_semantic:
       raise ValueError("subdivision stages are shown for instance models only")
     prepared = [self._prepare(image)]
     _, orig, hw = prepared[0]
-    (out,) = self._run("stages", prepared)
+    (out,) = self._run(self.stages_program, prepared)
     inst, rows = self._instances(out, orig, hw)
-    refined = []
-    for up, idx, vals in zip(out["upsampled"], out["indices"], out["point_logits"]):
-      r = np.array(up[rows])
-      flat = r.reshape(len(rows), -1)
-      np.put_along_axis(flat, idx[rows], vals[rows], axis=1)
-      refined.append(r)
-    stages = SubdivisionStages(
-        boxes=inst.boxes, coarse=out["coarse"][rows], init=out["init"][rows],
-        upsampled=[u[rows] for u in out["upsampled"]],
-        points=[p[rows] for p in out["points"]], indices=[i[rows] for i in out["indices"]],
-        refined=refined)
-    return inst, stages
+    return inst, postprocess.subdivision_stages(out, rows, inst.boxes)

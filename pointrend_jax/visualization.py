@@ -13,28 +13,24 @@ Everything is numpy + PIL (no matplotlib); images are RGB uint8 ``[H, W, 3]`` in
   with the points selected at that step (red), and the final 224x224 mask. Mask panels show
   ``sigmoid(logit)`` (black = 0, white = 1) in the box frame, stretched to the box's aspect
   ratio so that they line up with the crop.
+* :func:`write_pictures`: the pictures of an evaluation's first images
+  (:class:`~pointrend_jax.evaluation.inference.InstanceEvaluator` ``visuals``): ground truth |
+  PointRend | coarse 7x7 masks side by side, and the subdivision figure of the top detections.
 """
 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = [
-    "CITYSCAPES_PALETTE",
-    "instance_colors",
-    "draw_instances",
-    "draw_instance_predictions",
-    "colorize_semantic",
-    "overlay_semantic",
-    "draw_semantic_prediction",
-    "subdivision_row",
-    "subdivision_figure",
-]
+__all__ = ["CITYSCAPES_PALETTE", "instance_colors", "draw_instances", "draw_instance_predictions",
+           "colorize_semantic", "overlay_semantic", "draw_semantic_prediction", "subdivision_row",
+           "subdivision_figure", "write_pictures"]
 
 # Cityscapes train ids 0..18 (cityscapesScripts label colours; pointrend_jax.data.cityscapes).
 CITYSCAPES_PALETTE = np.array([
@@ -138,7 +134,7 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray | None = None,
 
 def draw_instance_predictions(image: np.ndarray, instances: Any, alpha: float = 0.5,
                               max_instances: int | None = None, **kwargs: Any) -> np.ndarray:
-  """:func:`draw_instances` of an :class:`~pointrend_jax.inference.Instances` (labels
+  """:func:`draw_instances` of an :class:`~pointrend_jax.modeling.postprocess.Instances` (labels
   ``"class score"``; ``max_instances`` highest scores only)."""
   n = len(instances) if max_instances is None else min(len(instances), max_instances)
   labels = [f"{instances.class_names[i]} {instances.scores[i]:.2f}" for i in range(n)]
@@ -173,8 +169,8 @@ def overlay_semantic(image: np.ndarray, sem_seg: np.ndarray, alpha: float = 0.6,
 
 def draw_semantic_prediction(image: np.ndarray, result: Any, alpha: float = 0.6,
                              font_size: int = 13) -> np.ndarray:
-  """:func:`overlay_semantic` of a :class:`~pointrend_jax.inference.SemanticResult` with a
-  legend of the classes present (top-left)."""
+  """:func:`overlay_semantic` of a :class:`~pointrend_jax.modeling.postprocess.SemanticResult`
+  with a legend of the classes present (top-left)."""
   out = Image.fromarray(overlay_semantic(image, result.sem_seg, alpha))
   draw = ImageDraw.Draw(out)
   font = _font(font_size)
@@ -189,9 +185,7 @@ def draw_semantic_prediction(image: np.ndarray, result: Any, alpha: float = 0.6,
   return np.asarray(out)
 
 
-# --------------------------------------------------------------------------------------------------
-# Subdivision panels.
-# --------------------------------------------------------------------------------------------------
+# --- Subdivision panels ---
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -243,7 +237,7 @@ def subdivision_row(image: np.ndarray, stages: Any, index: int, *, label: str | 
 
   Args:
     image: the original RGB image ``[H, W, 3]`` uint8.
-    stages: :class:`~pointrend_jax.inference.SubdivisionStages` of that image.
+    stages: :class:`~pointrend_jax.modeling.postprocess.SubdivisionStages` of that image.
     index: row of ``stages``.
     label: text above the crop (e.g. ``"#0 person 0.93"``).
     panel_height: pixels; widths follow the box's aspect ratio (clamped to [1/3, 3]).
@@ -288,13 +282,15 @@ def subdivision_row(image: np.ndarray, stages: Any, index: int, *, label: str | 
   panels.append((Image.fromarray(mask, "L").resize(size, Image.NEAREST).convert("RGB"),
                  f"final {final.shape[0]}x{final.shape[1]}"))
 
-  gap = 6
-  titled = [_titled(p, t, font, title_h) for p, t in panels]
-  width = sum(p.size[0] for p in titled) + gap * (len(titled) - 1)
-  height = max(p.size[1] for p in titled)
-  row = Image.new("RGB", (width, height), (255, 255, 255))
+  return _hstack([_titled(p, t, font, title_h) for p, t in panels], gap=6)
+
+
+def _hstack(panels: Sequence[Image.Image], gap: int) -> np.ndarray:
+  """Panels side by side, top-aligned, on white."""
+  width = sum(p.size[0] for p in panels) + gap * (len(panels) - 1)
+  row = Image.new("RGB", (width, max(p.size[1] for p in panels)), (255, 255, 255))
   x = 0
-  for p in titled:
+  for p in panels:
     row.paste(p, (x, 0))
     x += p.size[0] + gap
   return np.asarray(row)
@@ -307,8 +303,8 @@ def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
 
   Args:
     image: original RGB image.
-    instances: the :class:`~pointrend_jax.inference.Instances` of ``stages``.
-    stages: :class:`~pointrend_jax.inference.SubdivisionStages`.
+    instances: the :class:`~pointrend_jax.modeling.postprocess.Instances` of ``stages``.
+    stages: :class:`~pointrend_jax.modeling.postprocess.SubdivisionStages`.
     indices: rows to show (default: the first 3, i.e. the highest scores).
   """
   if indices is None:
@@ -327,3 +323,80 @@ def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
     out[y:y + r.shape[0], :r.shape[1]] = r
     y += r.shape[0] + gap
   return out
+
+
+# --- Evaluation pictures ---
+
+
+def _ground_truth(record: Mapping[str, Any], zoom: int, class_names: Sequence[str]):
+  """The record's non-crowd instances at ``zoom`` times its size: boxes, masks, labels."""
+  from pointrend_jax.data import coco
+  h, w = int(record["height"]), int(record["width"])
+  boxes, masks, labels = [], [], []
+  for a in record.get("annotations", ()):
+    if a.get("iscrowd", 0) or "segmentation" not in a:
+      continue
+    m = coco.decode_segmentation(a["segmentation"], h, w).astype(np.uint8)
+    masks.append(np.asarray(Image.fromarray(m).resize((w * zoom, h * zoom), Image.NEAREST),
+                            bool))
+    x, y, bw, bh = (float(v) * zoom for v in a["bbox"])
+    boxes.append((x, y, x + bw, y + bh))
+    labels.append(class_names[int(a["category_id"])])
+  return (np.asarray(boxes, np.float32).reshape(-1, 4),
+          np.asarray(masks, bool).reshape(-1, h * zoom, w * zoom), labels)
+
+
+def write_pictures(visuals: Sequence[Mapping[str, Any]], class_names: Sequence[str],
+                   out_dir: str, *, zoom: int | None = None, min_score: float = 0.5,
+                   mask_threshold: float = 0.5, max_detections: int = 3) -> list[str]:
+  """Writes ``<id>_overlay.png`` and ``<id>_points.png`` per visual.
+
+  ``<id>_overlay.png``: ground truth | PointRend masks | coarse 7x7 masks at ``zoom`` times the
+  image size (default: long side about 400 px), detections with ``score >= min_score``. The
+  predicted masks are pasted *at the zoomed size* from the box-frame probabilities (224x224
+  PointRend vs 7x7 coarse, bilinear, ``mask_threshold``), so the difference in boundary quality is
+  visible even for small images. ``<id>_points.png``: :func:`subdivision_figure` of the
+  ``max_detections`` highest-scoring detections.
+
+  Args:
+    visuals: ``{"record", "results": {"segm"[, "segm_coarse"]: Instances}, "stages":
+      SubdivisionStages}`` per image (``InstanceEvaluator.visuals``).
+    class_names: contiguous class names.
+    out_dir: created.
+
+  Returns:
+    The written paths.
+  """
+  from pointrend_jax.data import coco
+  from pointrend_jax.modeling.postprocess import paste_masks
+  os.makedirs(out_dir, exist_ok=True)
+  font = _font(12)
+  paths = []
+  for vis in visuals:
+    record, stages = vis["record"], vis["stages"]
+    image = coco.load_image(record)
+    h, w = image.shape[:2]
+    z = zoom or max(1, int(round(400 / max(h, w))))
+    big = np.asarray(Image.fromarray(image).resize((w * z, h * z), Image.BILINEAR))
+    panels = [(draw_instances(big, *_ground_truth(record, z, class_names)), "ground truth")]
+    for variant, title in (("segm", "PointRend (224x224 -> pasted)"),
+                           ("segm_coarse", "coarse 7x7 (bilinear)")):
+      inst = vis["results"].get(variant)
+      if inst is None:
+        continue
+      keep = np.flatnonzero(inst.scores >= min_score)
+      logits = stages.final if variant == "segm" else stages.coarse
+      masks = paste_masks(_sigmoid(logits[keep]).astype(np.float32), inst.boxes[keep] * z,
+                          (h * z, w * z), mask_threshold)
+      labels = [f"{inst.class_names[i]} {inst.scores[i]:.2f}" for i in keep]
+      panels.append((draw_instances(big, inst.boxes[keep] * z, masks, labels), title))
+    stem = os.path.join(out_dir, f"{int(record.get('image_id', 0)):06d}")
+    Image.fromarray(_hstack([_titled(Image.fromarray(p), t, font, 18) for p, t in panels],
+                            gap=4)).save(stem + "_overlay.png")
+    paths.append(stem + "_overlay.png")
+    n = min(max_detections, len(vis["results"]["segm"]))
+    if n:
+      Image.fromarray(subdivision_figure(image, vis["results"]["segm"], stages, range(n))).save(
+          stem + "_points.png")
+      paths.append(stem + "_points.png")
+  return paths

@@ -14,25 +14,10 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from pointrend_jax import visualization as vis
-from pointrend_jax.inference import (Instances, Predictor, SemanticResult, paste_masks_np,
-                                     to_rgb_uint8)
+from pointrend_jax.inference import Predictor, to_rgb_uint8
+from pointrend_jax.modeling.postprocess import Instances, SemanticResult, paste_masks
 from pointrend_jax.modeling.zoo import from_detectron2_yaml
 
-# ResNet-18 GN, 3 classes, test size 128: compiles in seconds.
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64, "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 TINY_SEMANTIC_YAML = {
     "_BASE_": "Base-PointRend-Semantic-FPN.yaml",
     "MODEL": {
@@ -45,15 +30,9 @@ TINY_SEMANTIC_YAML = {
 }
 
 
-def tiny_config(semantic: bool = False):
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "built-in copy of the _BASE_ file"
-    return from_detectron2_yaml(TINY_SEMANTIC_YAML if semantic else TINY_YAML)
-
-
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-  return Predictor(tiny_config(), None, seed=0)
+def predictor(tiny_cfg) -> Predictor:
+  return Predictor(tiny_cfg, None, seed=0)
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -118,7 +97,7 @@ def test_images_of_any_kind_one_compilation(predictor, tmp_path):
                               .astype(np.uint8)))
   # All resized sizes fit the single 128x128 bucket: one compilation, reused by every call.
   assert predictor.num_compiles == 1
-  assert list(predictor.compile_seconds) == [("instance", 1, 128, 128)]
+  assert list(predictor.program.compile_seconds) == [(1, 128, 128)]
   single = predictor(_image(rng, 90, 91))  # a new image of the same bucket: no recompile
   assert isinstance(single, Instances) and predictor.num_compiles == 1
 
@@ -142,8 +121,8 @@ def test_bad_inputs_name_the_file(predictor, tmp_path):
   assert predictor.num_compiles == before
 
 
-def test_no_detections_batched_exact_padding():
-  cfg = tiny_config().replace(**{"roi_heads.score_thresh_test": 1.0})  # no prob exceeds 1
+def test_no_detections_batched_exact_padding(tiny_cfg):
+  cfg = tiny_cfg.replace(**{"roi_heads.score_thresh_test": 1.0})  # no prob exceeds 1
   p = Predictor(cfg, None, batch_size=2, buckets="exact")
   rng = np.random.default_rng(1)
   images = [_image(rng, 37, 53), _image(rng, 40, 57), _image(rng, 35, 50)]
@@ -154,26 +133,7 @@ def test_no_detections_batched_exact_padding():
     assert len(r) == 0 and r.boxes.shape == (0, 4) and r.scores.shape == (0,)
     assert r.classes.shape == (0,) and r.masks.shape == (0,) + hw and r.rle == []
     assert r.to_json() == {"height": hw[0], "width": hw[1], "instances": []}
-  assert p.num_compiles == 1 and list(p.compile_seconds) == [("instance", 2, 96, 128)]
-
-
-def test_host_postprocess_matches_model_postprocess(predictor):
-  from pointrend_jax.modeling.meta_arch import postprocess_instances
-  rng = np.random.default_rng(2)
-  image = _image(rng, 71, 97)
-  resized, orig, hw = predictor._prepare(image)
-  canvas = np.zeros((1, 128, 128, 3), np.uint8)
-  canvas[0, :hw[0], :hw[1]] = resized
-  raw = predictor.compiled("instance", 1, (128, 128))(predictor._state, canvas,
-                                                      np.asarray([hw], np.int32))
-  (ref,) = postprocess_instances(raw, np.asarray([hw]), np.asarray([orig]))
-  ours = predictor(image)
-  assert len(ours) == len(ref["scores"]) > 0
-  np.testing.assert_array_equal(ours.boxes, ref["boxes"])
-  np.testing.assert_array_equal(ours.classes, ref["classes"])
-  # numpy divides where XLA may use a reciprocal: positions can differ by an ulp, so a pixel
-  # within ~1e-6 of the threshold may flip.
-  assert (ours.masks != ref["masks"]).sum() <= max(2, ours.masks.size // 100000)
+  assert p.num_compiles == 1 and list(p.program.compile_seconds) == [(2, 96, 128)]
 
 
 def test_score_threshold_filters_on_host(predictor):
@@ -195,7 +155,7 @@ def test_weights_from_pkl_converted_dir_and_state_dict(predictor, tmp_path):
   import jax
   from flax import nnx
   from pointrend_jax.checkpoint.orbax_io import save_converted
-  from pointrend_jax.inference import random_d2_state
+  from pointrend_jax.checkpoint.d2_model import random_d2_state
   state = random_d2_state(predictor.model, seed=0)
   with open(tmp_path / "w.pkl", "wb") as f:
     pickle.dump({"model": state, "__author__": "test"}, f)
@@ -210,20 +170,6 @@ def test_weights_from_pkl_converted_dir_and_state_dict(predictor, tmp_path):
     Predictor(predictor.cfg, tmp_path / "nope.pkl")
   with pytest.raises(ValueError, match="config"):
     Predictor(None, tmp_path / "w.pkl")
-
-
-def test_paste_masks_np_matches_detectron2(ops_golden):
-  g = ops_golden
-  for s in (28, 224):
-    out = paste_masks_np(g[f"in_paste_masks_{s}"], g["in_paste_boxes"],
-                         tuple(g["in_paste_image_hw"]))
-    np.testing.assert_array_equal(out, g[f"out_paste_masks_{s}"])
-  # Degenerate / non-finite boxes give empty masks, no warnings.
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    out = paste_masks_np(np.ones((2, 28, 28), np.float32),
-                         np.array([[5, 5, 5, 9], [np.nan, 0, 3, 3]], np.float32), (10, 10))
-  assert not out.any()
 
 
 def test_subdivision_stages_are_consistent(predictor):
@@ -250,14 +196,16 @@ def test_subdivision_stages_are_consistent(predictor):
     prev = ref
   # The final stage pasted is the returned mask.
   probs = 1.0 / (1.0 + np.exp(-st.final.astype(np.float64)))
-  pasted = paste_masks_np(probs.astype(np.float32), inst.boxes, inst.image_size)
+  pasted = paste_masks(probs.astype(np.float32), inst.boxes, inst.image_size)
   assert (pasted != inst.masks).sum() <= 2
   fig = vis.subdivision_figure(image, inst, st, [0, n - 1], panel_height=64)
   assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[1] > 7 * 64
 
 
 def test_semantic_predictor():
-  p = Predictor(tiny_config(semantic=True), None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "built-in copy of the _BASE_ file"
+    p = Predictor(from_detectron2_yaml(TINY_SEMANTIC_YAML), None)
   rng = np.random.default_rng(5)
   a, b = _image(rng, 37, 53), _image(rng, 30, 41)
   ra, rb = p([a, b], return_logits=True)
@@ -322,3 +270,20 @@ def test_package_exports_the_modules():
   assert pointrend_jax.PointRendRCNN is meta_arch.PointRendRCNN
   for name in pointrend_jax.__all__:
     assert getattr(pointrend_jax, name) is not None, name
+
+
+def test_write_pictures_of_evaluation_visuals(predictor, tmp_path):
+  image = _image(np.random.default_rng(6), 60, 80)
+  Image.fromarray(image).save(tmp_path / "a.png")
+  inst, stages = predictor.predict_with_stages(image)
+  assert len(inst) > 0
+  record = {"image_id": 3, "file_name": str(tmp_path / "a.png"), "height": 60, "width": 80,
+            "annotations": [{"bbox": [10, 10, 20, 15], "category_id": 1,
+                             "segmentation": [[10, 10, 30, 10, 30, 25, 10, 25]]}]}
+  visuals = [{"record": record, "results": {"segm": inst, "segm_coarse": inst},
+              "stages": stages}]
+  paths = vis.write_pictures(visuals, predictor.class_names, str(tmp_path / "pictures"),
+                             min_score=0.0)
+  assert [p.rsplit("/", 1)[1] for p in paths] == ["000003_overlay.png", "000003_points.png"]
+  overlay = np.asarray(Image.open(paths[0]))
+  assert overlay.shape[1] > 3 * 80 * 5  # three panels at zoom 5 (long side ~400 px)

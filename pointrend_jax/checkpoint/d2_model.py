@@ -8,9 +8,11 @@ per-module loaders of :mod:`pointrend_jax.modeling`, which transpose the layouts
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flax import nnx
 
 from pointrend_jax.checkpoint.d2_matching import MatchReport, match_state_dict
 from pointrend_jax.checkpoint.d2_reader import Detectron2Checkpoint
@@ -24,7 +26,7 @@ from pointrend_jax.modeling.rpn import d2_rpn_names, load_d2_rpn
 from pointrend_jax.modeling.semantic import (PointRendSemanticSegmentor, d2_semantic_names,
                                              load_d2_semantic)
 
-__all__ = ["d2_model_names", "load_d2_model"]
+__all__ = ["d2_model_names", "load_d2_model", "random_d2_state"]
 
 
 def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
@@ -82,3 +84,46 @@ def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
     load_d2_roi_heads(model.roi_heads, arrays, strict=full)
     load_d2_mask_head(model.mask_head, arrays, MASK_HEAD_PREFIX, strict=full)
   return report
+
+
+def random_d2_state(model: nnx.Module, seed: int = 0, pixel_std: Sequence[float] = (1., 1., 1.)
+                    ) -> dict[str, np.ndarray]:
+  """Random but well-scaled weights for every detectron2 name of ``model`` (numpy, fast).
+
+  Drawn from numpy rather than the modules' jax initializers: eager jax init compiles one small
+  program per parameter shape (minutes for a ResNet-50 on CPU). Scheme (a simplification of the
+  parity fixtures' ``make_weights.py``): kernels normal with std ``gain / sqrt(fan_in)`` and every
+  output unit centred to zero mean (otherwise ReLU features carry a common mode that makes one
+  class win every box); gain sqrt(2), except the stem (``mean(pixel_std) / 64``: raw pixel
+  contrast is ~64), the last conv of each bottleneck (0.5), FPN convs (1), class / objectness
+  logits (4), box deltas (0.5-1) and mask predictors (2). Norm scales and running variances 1,
+  biases and running means 0.
+
+  Args:
+    model: a (possibly abstract) model; only its names and shapes are read.
+    seed: numpy seed.
+    pixel_std: the config's ``PIXEL_STD`` (scales the stem).
+
+  Returns:
+    ``{detectron2 name: float32 array}`` for :func:`load_d2_model`.
+  """
+  rng = np.random.default_rng(seed)
+  gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
+           ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
+           ("anchor_deltas", 0.5), ("cls_score", 4.0), ("bbox_pred", 1.0),
+           ("prediction.weight", 2.0), ("predictor.weight", 2.0))
+  state = {}
+  for name, shape in sorted(d2_model_names(model).items()):
+    if len(shape) >= 2 and ".norm." not in name:
+      fan_in = int(np.prod(shape[1:]))
+      gain = next((g for k, g in gains if k in name), math.sqrt(2.0))
+      w = rng.standard_normal((shape[0], fan_in))
+      if fan_in > 1:
+        w -= w.mean(axis=1, keepdims=True)
+      state[name] = (w * gain / math.sqrt(fan_in)).astype(np.float32).reshape(shape)
+    elif name.endswith("running_var") or (".norm." in name and name.endswith("weight")) or (
+        name.endswith(".weight") and len(shape) == 1):
+      state[name] = np.ones(shape, np.float32)
+    else:
+      state[name] = np.zeros(shape, np.float32)
+  return state

@@ -1,6 +1,9 @@
-"""Evaluators: ``add(...)`` per image, then ``compute() -> dict[str, float]`` (percent)."""
+"""Evaluation: :func:`~pointrend_jax.evaluation.inference.inference_on_dataset` runs a predict
+program over an evaluation loader into a dataset evaluator, which wraps the metric evaluators
+(``add(...)`` per image, then ``compute() -> dict[str, float]``, percent):
 
-from pointrend_jax.evaluation.coco_eval import (COCOEvaluator, evaluate_coco_files,
-                                                instances_to_coco_results, write_metrics_json,
-                                                write_results_json)
-from pointrend_jax.evaluation.sem_seg import SemSegEvaluator, confusion_matrix
+* :mod:`~pointrend_jax.evaluation.coco_eval`: COCO box and mask AP (pycocotools or faster-coco-eval);
+* :mod:`~pointrend_jax.evaluation.cityscapes_eval`: the official Cityscapes instance AP and
+  pixel metrics;
+* :mod:`~pointrend_jax.evaluation.sem_seg`: confusion-matrix mIoU.
+"""

@@ -34,9 +34,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-import pycocotools.mask as mask_util
 
 from pointrend_jax.data.coco import CocoCategories, read_coco_json
+from pointrend_jax.modeling.postprocess import encode_rle
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ PathLike = str | os.PathLike[str]
 TASKS = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-  """Compressed RLE of a bool/uint8 mask [H, W] with ``counts`` as str (JSON-serializable)."""
-  rle = mask_util.encode(np.array(mask[:, :, None], order="F", dtype=np.uint8))[0]
-  rle["counts"] = rle["counts"].decode("utf-8")
-  return rle
 
 
 def instances_to_coco_results(
@@ -92,7 +85,7 @@ def instances_to_coco_results(
         if isinstance(rle["counts"], bytes):
           rle["counts"] = rle["counts"].decode("utf-8")
       else:
-        rle = encode_mask(np.asarray(m))
+        (rle,) = encode_rle(np.asarray(m)[None])
       rles.append(rle)
   results = []
   for k in range(n):

@@ -2,15 +2,13 @@
 
 * :class:`PointRendRCNN`: detectron2 ``GeneralizedRCNN`` with ``StandardROIHeads`` and
   ``PointRendMaskHead``: ResNet-FPN backbone, RPN, box branch, PointRend mask head.
-  :meth:`PointRendRCNN.predict` is a pure, fixed-shape function of a padded batch; jit it once per
-  input bucket (:func:`make_predict_fn` does, with a trace counter).
+  :meth:`PointRendRCNN.predict` is a pure, fixed-shape function of a padded batch
+  (:class:`~pointrend_jax.modeling.predict.PredictProgram` compiles it once per input bucket).
 * :func:`build_model` builds it, or :class:`~pointrend_jax.modeling.semantic.
   PointRendSemanticSegmentor` for ``SemanticSegmentor`` configs, from a
   :class:`~pointrend_jax.modeling.config.ModelConfig`, with the model's ``dtype`` (compute),
   ``param_dtype`` (variables) and ``precision`` (convs and matmuls), passed down as constructor
   arguments of every module.
-* :func:`postprocess_instances`: host-side ``detector_postprocess`` + mask pasting at the
-  original image size, valid rows only.
 
 Module paths equal detectron2's, so the state-dict names are the paths: ``backbone.*``,
 ``proposal_generator.*`` and ``roi_heads.{box_head,box_predictor}.*``; the mask head is the
@@ -20,33 +18,24 @@ heads; here it is a sibling so that each part keeps its own loader).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
 from pointrend_jax.modeling.layers import DType, canonical_compute_dtype
 from pointrend_jax.modeling.point_rend import PointRendMaskHead
-from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
 from pointrend_jax.modeling.roi_heads import StandardROIHeads
 from pointrend_jax.modeling.rpn import RPN
 from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor, PointRendSemSegHead
 
 Array = jax.Array
 
-__all__ = [
-    "PointRendRCNN",
-    "normalize_images",
-    "build_model",
-    "abstract_model",
-    "make_predict_fn",
-    "postprocess_instances",
-]
+__all__ = ["PointRendRCNN", "normalize_images", "build_model", "abstract_model"]
 
 _FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 
@@ -278,78 +267,3 @@ def abstract_model(model_config: ModelConfig, *, dtype: DType = jnp.float32,
   with :func:`pointrend_jax.checkpoint.d2_model.load_d2_model` (strict) before use."""
   return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0), dtype=dtype,
                                             param_dtype=param_dtype, precision=precision))
-
-
-def make_predict_fn(model: PointRendRCNN, **predict_kwargs: Any
-                    ) -> Callable[[Array, Array], dict[str, Any]]:
-  """A jitted ``(images, image_sizes) -> outputs`` of ``model.predict``.
-
-  The model's current weights are read on every call (``nnx.jit``), so in-place updates take
-  effect without a retrace. XLA compiles once per input shape (bucket); the returned function's
-  ``num_traces()`` counts the traces so far.
-
-  Args:
-    model: a concrete model.
-    **predict_kwargs: static flags of :meth:`PointRendRCNN.predict`.
-  """
-  traces = []
-
-  @nnx.jit
-  def run(m, images, image_sizes):
-    traces.append(images.shape)
-    return m.predict(images, image_sizes, **predict_kwargs)
-
-  def predict(images: Array, image_sizes: Array) -> dict[str, Any]:
-    return run(model, images, image_sizes)
-
-  predict.num_traces = lambda: len(traces)  # type: ignore[attr-defined]
-  return predict
-
-
-# --------------------------------------------------------------------------------------------------
-# Host-side postprocessing.
-# --------------------------------------------------------------------------------------------------
-
-_detector_postprocess = jax.jit(detector_postprocess)
-_paste = jax.jit(lambda probs, boxes, valid, hw, threshold: paste_masks(
-    probs, boxes, valid, hw, threshold), static_argnums=(3, 4))
-
-
-def postprocess_instances(outputs: Mapping[str, Any], image_sizes: Any, orig_sizes: Any, *,
-                          mask_threshold: float = 0.5,
-                          num_images: int | None = None) -> list[dict[str, np.ndarray]]:
-  """detectron2 ``detector_postprocess`` + ``paste_masks_in_image``, per image, on host.
-
-  Boxes are scaled from the resized image to the original size, clipped, empty ones dropped;
-  mask probabilities (``mask_probs``, else sigmoid of ``mask_logits``) are pasted at the original
-  size and thresholded (``>= mask_threshold``). The paste compiles once per original size.
-
-  Args:
-    outputs: :meth:`PointRendRCNN.predict` outputs for a batch.
-    image_sizes: ``[B, 2]`` resized unpadded ``(h, w)`` (the predict input).
-    orig_sizes: ``[B, 2]`` original ``(height, width)``.
-    mask_threshold: pixel threshold on the probabilities.
-    num_images: only the first ``num_images`` images (e.g. skip batch padding).
-
-  Returns:
-    Per image, numpy arrays of the kept detections in score order: ``boxes [n, 4]`` (original
-    pixels), ``scores [n]``, ``classes [n]``, ``masks [n, height, width]`` bool, and
-    ``index [n]`` (row in the batch outputs).
-  """
-  image_sizes = np.asarray(image_sizes, np.int32)
-  orig_sizes = np.asarray(orig_sizes, np.int32)
-  boxes, valid = _detector_postprocess(outputs["boxes"], outputs["valid"], image_sizes,
-                                       orig_sizes)
-  probs = outputs.get("mask_probs")
-  if probs is None:
-    probs = jax.nn.sigmoid(jnp.asarray(outputs["mask_logits"]))
-  n = len(image_sizes) if num_images is None else int(num_images)
-  results = []
-  for i in range(n):
-    hw = (int(orig_sizes[i, 0]), int(orig_sizes[i, 1]))
-    masks = _paste(probs[i], boxes[i], valid[i], hw, float(mask_threshold))
-    d = valid.shape[1]
-    results.append(compact(dict(boxes=boxes[i], scores=outputs["scores"][i],
-                                classes=outputs["classes"][i], masks=masks,
-                                index=np.arange(d)), valid[i]))
-  return results

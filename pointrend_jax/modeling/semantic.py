@@ -27,8 +27,8 @@ from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_po
 
 Array = jax.Array
 
-__all__ = ["resize_bilinear", "sem_seg_postprocess", "SemSegFPNHead", "PointRendSemSegHead",
-           "PointRendSemanticSegmentor", "d2_semantic_names", "load_d2_semantic"]
+__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor",
+           "d2_semantic_names", "load_d2_semantic"]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD defaults (BGR, MSRA weights).
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -84,25 +84,6 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
     raise ValueError(f"expected [N, H, W, C], got shape {x.shape}")
   out_h, out_w = int(size[0]), int(size[1])
   return _resize_axis(_resize_axis(x, 2, out_w), 1, out_h)
-
-
-def sem_seg_postprocess(logits: Array, image_size: tuple[int, int],
-                        output_size: tuple[int, int]) -> Array:
-  """detectron2 ``sem_seg_postprocess``: crop the padding, resize to the original image.
-
-  Args:
-    logits: ``[Hp, Wp, C]`` (or ``[N, Hp, Wp, C]``) logits of the padded input.
-    image_size: static ``(h, w)`` of the resized, unpadded input.
-    output_size: static ``(height, width)`` of the original image.
-
-  Returns:
-    ``[height, width, C]`` (or ``[N, height, width, C]``) logits; argmax over the last axis
-    gives the prediction.
-  """
-  single = logits.ndim == 3
-  x = logits[None] if single else logits
-  x = resize_bilinear(x[:, :image_size[0], :image_size[1]], output_size)
-  return x[0] if single else x
 
 
 # --- Coarse head ---
@@ -276,8 +257,9 @@ class PointRendSemanticSegmentor(nnx.Module):
   Takes the padded batch the data pipeline makes (RGB, uint8 or float, ``[N, H, W, 3]`` with
   ``image_sizes [N, 2]`` valid ``(h, w)``): converts to the weights' channel order, normalizes
   and zeroes the padding (detectron2 pads *after* normalization), pads to a multiple of the
-  backbone's divisibility (32). Postprocessing to original sizes is :func:`sem_seg_postprocess`
-  (host side or a separate jit, since sizes are per image).
+  backbone's divisibility (32). Postprocessing to original sizes is
+  :func:`pointrend_jax.modeling.postprocess.semantic_result` (host side, since sizes are per
+  image).
 
   Args:
     backbone: FPN (``backbone.*``).

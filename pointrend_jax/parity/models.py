@@ -35,8 +35,7 @@ import numpy as np
 from flax import nnx
 
 from pointrend_jax.data.batching import ceil_to
-from pointrend_jax.modeling.meta_arch import postprocess_instances
-from pointrend_jax.modeling.semantic import sem_seg_postprocess
+from pointrend_jax.modeling import postprocess
 from pointrend_jax.parity.compare import Row, fail_row
 from pointrend_jax.parity.fixture import (Fixture, FixtureError, check_recipe, fixture_model,
                                           load_fixture)
@@ -85,7 +84,11 @@ def run_instance(model: Any, fx: Fixture) -> dict[str, Any]:
                 gmask=gmask, gmask_inter=gmask_inter)
 
   res = forward(state, images, sizes, gprops, gdet_boxes, gdet_classes)
-  final = postprocess_instances(res["out"], sizes, orig)[0]
+  row = {k: np.asarray(res["out"][k][0]) for k in ("boxes", "scores", "classes", "valid")}
+  row["mask_probs"] = np.asarray(jax.nn.sigmoid(res["out"]["mask_logits"][0]))
+  inst, _ = postprocess.instances(row, orig[0], sizes[0],
+                                  [str(c) for c in range(model.cfg.num_classes)])
+  final = dict(boxes=inst.boxes, scores=inst.scores, classes=inst.classes, masks=inst.masks)
   res = _np(res)
   out = res.pop("out")
   inter = out.pop("intermediates")
@@ -116,11 +119,10 @@ def run_semantic(model: Any, fx: Fixture) -> dict[str, Any]:
     bottom_up = m.backbone.bottom_up(x)
     feats = m.backbone.from_features(bottom_up)
     logits, inter = m.sem_seg_head.inference(feats, return_intermediates=True)
-    sem_seg = sem_seg_postprocess(logits[0], resized, orig)
-    return dict(input=x, features={**bottom_up, **feats}, logits=logits, sem_seg=sem_seg,
-                inter=inter)
+    return dict(input=x, features={**bottom_up, **feats}, logits=logits, inter=inter)
 
   res = _np(forward(state, images, sizes))
+  res["sem_seg"] = postprocess.resize_bilinear(res["logits"][0, :resized[0], :resized[1]], orig)
   res["inter"].pop("upsampled")
   return dict(kind="semantic", images=images, sizes=sizes, orig=np.array([orig], np.int32),
               subdivision_num_points=model.sem_seg_head.subdivision_num_points, **res)

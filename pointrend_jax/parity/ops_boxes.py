@@ -11,9 +11,9 @@ import re
 
 import numpy as np
 
+from pointrend_jax.modeling.postprocess import paste_masks
 from pointrend_jax.ops import boxes as box_ops
 from pointrend_jax.ops import nms as nms_ops
-from pointrend_jax.ops import paste_masks as paste_ops
 from pointrend_jax.parity.compare import Check, Golden
 
 __all__ = ["CHECKS"]
@@ -78,8 +78,7 @@ def _paste(name: str):
 
   def compute(g: Golden) -> np.ndarray:
     hw = tuple(int(v) for v in g["in_paste_image_hw"])
-    return np.asarray(paste_ops.paste_masks_in_image(
-        g[f"in_paste_masks_{size}"], g["in_paste_boxes"], hw, threshold=0.5))
+    return paste_masks(g[f"in_paste_masks_{size}"], g["in_paste_boxes"], hw, threshold=0.5)
   return compute
 
 

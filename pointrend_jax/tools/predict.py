@@ -43,12 +43,21 @@ from pointrend_jax.errors import one_line
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                     ".pgm")
 
-__all__ = ["IMAGE_EXTENSIONS", "ToolError", "expand_inputs", "build_predictor", "add_model_args",
-           "main"]
+__all__ = ["IMAGE_EXTENSIONS", "ToolError", "report_error", "expand_inputs", "build_predictor",
+           "add_model_args", "main"]
 
 
 class ToolError(Exception):
   """A one-line error for the command line."""
+
+
+def report_error(prog: str, error: Exception) -> int:
+  """Prints ``error`` as one line (with its type unless a :class:`ToolError`); returns 1."""
+  detail = one_line(error)
+  if not isinstance(error, ToolError):
+    detail = f"{type(error).__name__}: {detail}"
+  print(f"{prog}: error: {detail}", file=sys.stderr)
+  return 1
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
@@ -167,12 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ToolError(f"--output {out_dir} exists and is not a directory")
     predictor = build_predictor(args, prog, score_threshold=args.score_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
-  except ToolError as e:
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-    return 1
   except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
-    print(f"{prog}: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
-    return 1
+    return report_error(prog, e)
 
   failed = 0
   t0 = time.perf_counter()

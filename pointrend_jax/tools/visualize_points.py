@@ -22,7 +22,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from pointrend_jax.tools.predict import (ToolError, add_model_args, build_predictor, one_line)
+from pointrend_jax.tools.predict import (ToolError, add_model_args, build_predictor,
+                                         report_error)
 
 __all__ = ["main"]
 
@@ -93,12 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 label=f"#{i} {instances.class_names[i]} "
                                       f"{instances.scores[i]:.2f}")
       Image.fromarray(row).save(out_dir / f"{path.stem}_inst{i}.png", optimize=True)
-  except ToolError as e:
-    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-    return 1
   except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
-    print(f"{prog}: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
-    return 1
+    return report_error(prog, e)
   print(f"{prog}: wrote {out_dir / (path.stem + '_subdivision.png')} ({len(chosen)} "
         f"instance(s) of {n})", file=sys.stderr)
   return 0

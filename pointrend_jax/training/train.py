@@ -1,5 +1,14 @@
-"""The training loop: :func:`train_loop` runs :mod:`~pointrend_jax.training.step`'s train step
-over a data iterator with checkpoints, metrics, evaluation and preemption handling.
+"""What ``launch.py`` runs, and the training loop.
+
+* :func:`train_and_evaluate` / :func:`evaluate`: the run config (``configs/*.py``) -> model config
+  (:func:`~pointrend_jax.modeling.zoo.model_config`), splits
+  (:func:`~pointrend_jax.data.splits.load_split`), loaders, model and init weights
+  (:func:`init_weights`), then :func:`train_loop` with the instance or semantic losses and the
+  run's :class:`~pointrend_jax.training.evaluator.Evaluator`; after the final evaluation the
+  pictures (``<workdir>/pictures``), the summary (``<workdir>/summary.json``) and the exported
+  model (``<workdir>/model``, :mod:`~pointrend_jax.checkpoint.workdir`).
+* :func:`train_loop` runs :mod:`~pointrend_jax.training.step`'s train step over a data
+  iterator with checkpoints, metrics, evaluation and preemption handling.
 
 * **Robustness.** A non-finite loss raises :class:`FloatingPointError` naming the step and
   the loss terms; losses are checked (one host sync) at every log step and before every
@@ -37,7 +46,7 @@ from pointrend_jax.training import checkpointing
 from pointrend_jax.training import mesh as mesh_lib
 from pointrend_jax.training import optimizer as optimizer_lib
 from pointrend_jax.training.logging import MetricWriter, ProgressBar
-from pointrend_jax.training.loop import Evaluator
+from pointrend_jax.training.evaluator import Evaluator
 from pointrend_jax.training.step import LossFn, TrainState, create_train_state, make_train_step
 
 __all__ = ["DataIterator", "InMemoryIterator", "train_loop", "validate_config", "build_run_model",
@@ -86,9 +95,7 @@ class InMemoryIterator:
     self.position = int(state["position"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Loop.
-# --------------------------------------------------------------------------------------------------
+# --- Loop ---
 
 
 def _cfg(config: ml_collections.ConfigDict, dotted: str, default: Any) -> Any:
@@ -266,9 +273,7 @@ def train_loop(config: ml_collections.ConfigDict,
   return state
 
 
-# --------------------------------------------------------------------------------------------------
-# Model and weights.
-# --------------------------------------------------------------------------------------------------
+# --- Model and weights ---
 
 
 def build_run_model(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> nnx.Module:
@@ -298,9 +303,7 @@ def init_weights(model: nnx.Module, config: ml_collections.ConfigDict) -> str:
   return load_weights(model, local, backbone_only_ok=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Training / evaluation entry points.
-# --------------------------------------------------------------------------------------------------
+# --- Training / evaluation entry points ---
 
 
 class _SlowIterator:
@@ -378,10 +381,10 @@ def _write_summary(config: ml_collections.ConfigDict, workdir: str, metrics: Map
 def _pictures(evaluator: Evaluator, workdir: str) -> None:
   if not evaluator.last_visuals or jax.process_index() != 0:
     return
-  from pointrend_jax.training import demo_pictures
+  from pointrend_jax import visualization
   out = os.path.join(workdir, "pictures")
-  paths = demo_pictures.write_pictures(evaluator.last_visuals, evaluator.split.class_names,
-                                       out, threshold=evaluator.threshold)
+  paths = visualization.write_pictures(evaluator.last_visuals, evaluator.split.class_names,
+                                       out, mask_threshold=evaluator.threshold)
   logger.info("wrote %d pictures to %s", len(paths), out)
 
 

@@ -16,31 +16,16 @@ from conftest import PARITY_DIR, SHARED_DIR
 from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
 from pointrend_jax.errors import CheckpointError
 from pointrend_jax.errors import ConfigError
+from pointrend_jax.modeling import postprocess
 from pointrend_jax.modeling import zoo as zoo_lib
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
-from pointrend_jax.modeling.meta_arch import (PointRendRCNN, abstract_model, make_predict_fn,
-                                              postprocess_instances)
+from pointrend_jax.modeling.meta_arch import PointRendRCNN, abstract_model
+from pointrend_jax.modeling.predict import PredictProgram
 from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor
 
 MANIFESTS = SHARED_DIR / "spec" / "checkpoints"
 
-# ResNet-18 GN, 3 classes, 128x128: a minutes-free instance model.
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64,
-                    "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 
 
 def _manifest(stem: str) -> dict:
@@ -182,11 +167,6 @@ def test_config_replace_and_dict_errors():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_cfg() -> ModelConfig:
-  return from_detectron2_yaml(TINY_YAML)
-
-
 def test_load_d2_model_reports_by_name(tiny_cfg):
   model = abstract_model(tiny_cfg)
   names = d2_model_names(model)
@@ -250,45 +230,31 @@ def _numpy_init(model, seed: int = 0) -> None:
 def test_tiny_predict_compiles_once_and_handles_no_detections(tiny_cfg):
   model = abstract_model(tiny_cfg)
   _numpy_init(model)
-  predict = make_predict_fn(model, return_proposals=True)
+  program = PredictProgram(model)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
   sizes = np.array([[128, 128], [100, 90]], np.int32)
-  out = predict(images, sizes)
+  out = program(images, sizes)
   d, s = 20, model.mask_side
   assert s == 224
   assert {k: v.shape for k, v in out.items()} == {
       "boxes": (2, d, 4), "scores": (2, d), "classes": (2, d), "valid": (2, d),
-      "mask_logits": (2, d, s, s), "proposal_boxes": (2, 100, 4), "proposal_logits": (2, 100),
-      "proposal_valid": (2, 100)}
+      "mask_probs": (2, d, s, s), "coarse_probs": (2, d, 7, 7)}
   # detectron2's init gives near-uniform class scores (1/4 > 0.05): there are detections.
   assert bool(out["valid"].all())
   boxes = np.asarray(out["boxes"])
   assert boxes[1, :, 2].max() <= 90 and boxes[1, :, 3].max() <= 100
 
-  # Background wins everywhere: nothing passes the score threshold; same compiled function.
+  # Background wins everywhere: nothing passes the score threshold; same compiled program.
   model.roi_heads.box_predictor.cls_score.bias[...] = jnp.zeros((4,)).at[3].set(100.0)
-  out = predict(rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8),
-                np.array([[64, 128], [128, 32]], np.int32))
-  assert predict.num_traces() == 1
+  program.update(model)
+  sizes = np.array([[64, 128], [128, 32]], np.int32)
+  out = program(rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8), sizes)
+  assert list(program.compile_seconds) == [(2, 128, 128)]
   assert not bool(out["valid"].any()) and float(jnp.abs(out["boxes"]).max()) == 0.0
-  assert np.isfinite(np.asarray(out["mask_logits"])).all()
-  results = postprocess_instances(out, np.array([[64, 128], [128, 32]]),
-                                  np.array([[32, 64], [256, 64]]))
-  assert [r["masks"].shape for r in results] == [(0, 32, 64), (0, 256, 64)]
-  assert all(r["boxes"].shape == (0, 4) for r in results)
-
-
-def test_postprocess_instances_pastes_at_original_size():
-  d = 3
-  outputs = dict(
-      boxes=jnp.array([[[10., 20., 50., 60.], [0., 0., 0., 0.], [30., 30., 30., 80.]]]),
-      scores=jnp.array([[0.9, 0.0, 0.5]]), classes=jnp.array([[2, 0, 1]]),
-      valid=jnp.array([[True, False, True]]),
-      mask_logits=jnp.full((1, d, 28, 28), 5.0))
-  (res,) = postprocess_instances(outputs, np.array([[100, 120]]), np.array([[50, 60]]))
-  # Row 1 is invalid, row 2 has zero width: one instance, scaled by 0.5.
-  np.testing.assert_allclose(res["boxes"], [[5., 10., 25., 30.]])
-  assert res["classes"].tolist() == [2] and res["index"].tolist() == [0]
-  m = res["masks"][0]
-  assert m.shape == (50, 60) and m[10:30, 5:25].all() and m.sum() == 400
+  assert np.isfinite(np.asarray(out["mask_probs"])).all()
+  out = {k: np.asarray(v) for k, v in out.items()}
+  for i, orig in enumerate([(32, 64), (256, 64)]):
+    inst, _ = postprocess.instances({k: v[i] for k, v in out.items()}, orig, sizes[i],
+                                    ["a", "b", "c"])
+    assert inst.masks.shape == (0,) + orig and inst.boxes.shape == (0, 4)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import PARITY_DIR, SHARED_DIR
 from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone, load_d2_backbone
-from pointrend_jax.modeling.postprocess import compact, detector_postprocess, paste_masks
+from pointrend_jax.modeling import postprocess
 from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_names,
                                               fast_rcnn_inference, load_d2_roi_heads)
 from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
@@ -32,8 +32,6 @@ INSTANCE_STEMS = {"pointrend_rcnn_R_50_FPN_1x_coco": 80, "pointrend_rcnn_R_50_FP
                   "pointrend_rcnn_X_101_32x8d_FPN_3x_coco": 80,
                   "pointrend_rcnn_R_50_FPN_1x_cityscapes": 8}
 ATOL = RTOL = 1e-3
-# (max abs error, max abs error / max |expected|) per golden array, printed by the last test.
-ERRORS: dict[str, tuple[float, float]] = {}
 
 
 def _manifest(stem: str) -> dict:
@@ -54,8 +52,6 @@ def _recipe_weights(stem: str, prefixes: tuple[str, ...]) -> dict[str, np.ndarra
 def _check(name: str, actual, expected, atol: float = ATOL, rtol: float = RTOL) -> None:
   a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert a.shape == e.shape, (name, a.shape, e.shape)
-  err = float(np.max(np.abs(a - e))) if e.size else 0.0
-  ERRORS[name] = (err, err / max(float(np.max(np.abs(e))), 1e-12))
   np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=name)
 
 
@@ -126,11 +122,8 @@ def r50(golden):
     pooled = roi_heads.pool_boxes(feats, golden_proposals, gvalid)
     cls_logits, deltas = roi_heads.box_outputs(feats, golden_proposals, gvalid)
     gdets = roi_heads.inference(cls_logits, deltas, golden_proposals, gvalid, image_sizes)
-    final_boxes, final_valid = detector_postprocess(dets.boxes, dets.valid, image_sizes,
-                                                    jnp.array([[400, 600]]))
     return dict(logits=out.logits, deltas=out.deltas, proposals=props, dets=dets,
-                pooled=pooled, cls_logits=cls_logits, box_deltas=deltas, gdets=gdets,
-                final_boxes=final_boxes, final_valid=final_valid)
+                pooled=pooled, cls_logits=cls_logits, box_deltas=deltas, gdets=gdets)
 
   t = time.perf_counter()
   out = forward(state, x, image_sizes, golden["proposal_boxes"][None])
@@ -169,7 +162,6 @@ def test_anchors(r50, golden):
     assert anchors[i].shape[0] == golden[f"anchors_{level}_count"]
     np.testing.assert_array_equal(anchors[i][:12], golden[f"anchors_{level}_first12"])
   np.testing.assert_array_equal(anchors[4], golden["anchors_p6"])
-  ERRORS["anchors_* (bit-exact)"] = (0.0, 0.0)
 
 
 def test_proposals_as_sets(r50, golden):
@@ -190,7 +182,6 @@ def test_proposals_as_sets(r50, golden):
          rtol=1e-5)
   _check("proposal_logits (matched)", logits[j[m]], golden["proposal_logits"][m], atol=1e-4,
          rtol=0)
-  ERRORS["proposals unmatched (count)"] = (float((~m).sum()), 0.0)
   # proposal_levels = the pooler level of each golden proposal; ours for the matched ones.
   gl = np.asarray(assign_boxes_to_levels(jnp.asarray(golden["proposal_boxes"])))
   np.testing.assert_array_equal(gl, golden["proposal_levels"])
@@ -249,8 +240,10 @@ def test_detections_end_to_end(r50, golden):
 def test_final_after_postprocess(r50, golden):
   out, _ = r50
   dets = out["dets"]
-  final = compact(dict(boxes=out["final_boxes"][0], scores=dets.scores[0],
-                       classes=dets.classes[0]), out["final_valid"][0])
+  row = dict(boxes=dets.boxes[0], scores=dets.scores[0], classes=dets.classes[0],
+             valid=dets.valid[0], mask_probs=np.zeros((len(dets.scores[0]), 1, 1), np.float32))
+  inst, _ = postprocess.instances(row, (400, 600), (800, 1200), [str(c) for c in range(80)])
+  final = dict(boxes=inst.boxes, scores=inst.scores, classes=inst.classes)
   assert len(final["boxes"]) == len(golden["final_boxes"])
   j, m = _match_detections(golden["final_boxes"], golden["final_scores"], golden["final_classes"],
                            final["boxes"], final["scores"], final["classes"])
@@ -437,11 +430,11 @@ def test_single_compile_and_no_detections():
   assert len(traces) == 1  # Weights are state, not constants.
   assert props.valid.any() and not dets.valid.any()
   assert float(jnp.abs(dets.boxes).max()) == 0.0 and float(dets.scores.max()) == 0.0
-  boxes, valid = detector_postprocess(dets.boxes, dets.valid, sizes, jnp.array([[64, 96]] * 2))
-  assert not valid.any()
-  masks = paste_masks(jnp.full((20, 28, 28), 0.9), boxes[0], valid[0], (64, 96))
-  assert masks.shape == (20, 64, 96) and not masks.any()
-  assert compact(dict(boxes=boxes[0]), valid[0])["boxes"].shape == (0, 4)
+  row = dict(boxes=np.asarray(dets.boxes[0]), scores=np.asarray(dets.scores[0]),
+             classes=np.asarray(dets.classes[0]), valid=np.asarray(dets.valid[0]),
+             mask_probs=np.full((20, 28, 28), 0.9, np.float32))
+  inst, _ = postprocess.instances(row, (64, 96), sizes[0], ["a", "b", "c"])
+  assert inst.masks.shape == (0, 64, 96) and inst.boxes.shape == (0, 4)
 
   # An empty image (size 0): every proposal is clipped empty, nothing downstream.
   props, dets = predict(rpn, heads, _features(2, (128, 192), seed=1),
@@ -450,17 +443,13 @@ def test_single_compile_and_no_detections():
 
 
 def test_postprocess_scales_clips_and_drops_empty():
-  boxes = jnp.array([[[10., 20., 30., 40.], [-5., 0., 250., 100.], [50., 50., 50., 90.]]])
-  valid = jnp.array([[True, True, True]])
-  out, ok = detector_postprocess(boxes, valid, jnp.array([[100, 200]]), jnp.array([[50, 100]]))
-  np.testing.assert_array_equal(ok, [[True, True, False]])
-  np.testing.assert_allclose(out[0, :2], [[5, 10, 15, 20], [0, 0, 100, 50]])
-  masks = paste_masks(jnp.ones((3, 28, 28)), out[0], ok[0], (50, 100))
-  assert masks[0, 10:20, 5:15].all() and not masks[0, :, 20:].any() and not masks[2].any()
+  row = dict(boxes=np.array([[10., 20., 30., 40.], [-5., 0., 250., 100.], [50., 50., 50., 90.]],
+                            np.float32),
+             scores=np.ones(3, np.float32), classes=np.zeros(3, np.int32),
+             valid=np.ones(3, bool), mask_probs=np.ones((3, 28, 28), np.float32))
+  inst, rows = postprocess.instances(row, (50, 100), (100, 200), ["a"])
+  assert rows.tolist() == [0, 1]
+  np.testing.assert_allclose(inst.boxes, [[5, 10, 15, 20], [0, 0, 100, 50]])
+  masks = inst.masks
+  assert masks[0, 10:20, 5:15].all() and not masks[0, :, 20:].any()
 
-
-def test_zz_report_errors():
-  """Prints the measured errors of the parity tests (run with -s)."""
-  print("\ngolden array: max abs error, max abs error / max |expected|")
-  for k, (a, r) in ERRORS.items():
-    print(f"  {k:36s} {a:.3e} {r:.3e}")

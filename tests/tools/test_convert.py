@@ -53,6 +53,7 @@ def r50_pkl(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_convert_infers_config_and_round_trips(r50_pkl, tmp_path):
   out = tmp_path / "converted"
   proc = _cli(str(r50_pkl), str(out))
@@ -92,6 +93,7 @@ def test_mismatched_config_is_one_line(r50_pkl, tmp_path, capsys):
   assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_malicious_and_truncated_files_are_refused(r50_pkl, tmp_path):
   marker = tmp_path / "pwned"
 

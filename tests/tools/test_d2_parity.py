@@ -18,6 +18,7 @@ def golden():
     return {k: f[k] for k in f.files}
 
 
+@pytest.mark.slow
 def test_cli_passes_on_shared_ops_golden():
   proc = subprocess.run(
       [sys.executable, "-m", "pointrend_jax.tools.d2_parity", str(OPS_GOLDEN)],

@@ -38,6 +38,7 @@ def _names(folder) -> list[str]:
     return list(f.files)
 
 
+@pytest.mark.slow
 def test_cli_passes_on_both_model_fixtures():
   proc = subprocess.run(
       [sys.executable, "-m", "pointrend_jax.tools.d2_parity", str(R50), str(SEMANTIC)],
@@ -72,6 +73,7 @@ def _copy_folder(src, dst, expected=None, meta=None):
   return dst
 
 
+@pytest.mark.slow
 def test_perturbed_unknown_and_unsupported_recipe_fail(tmp_path, capsys):
   golden = dict(np.load(SEMANTIC / "expected.npz"))
   bad = dict(golden)

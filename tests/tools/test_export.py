@@ -24,6 +24,8 @@ from pointrend_jax.tools import export as export_tool
 from pointrend_jax.modeling import zoo
 from pointrend_jax.training import train
 
+pytestmark = pytest.mark.slow  # every test uses the tiny training run
+
 
 def _tiny_config():
   if str(REPO_ROOT) not in sys.path:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -15,23 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from pointrend_jax.modeling.zoo import from_detectron2_yaml
 from pointrend_jax.tools import predict, visualize_points
 
-TINY_YAML = {
-    "_BASE_": "Base-PointRend-RCNN-FPN.yaml",
-    "MODEL": {
-        "RESNETS": {"DEPTH": 18, "NORM": "GN", "RES2_OUT_CHANNELS": 64, "STEM_OUT_CHANNELS": 32},
-        "FPN": {"OUT_CHANNELS": 32},
-        "RPN": {"PRE_NMS_TOPK_TEST": 200, "POST_NMS_TOPK_TEST": 100},
-        "ROI_HEADS": {"NUM_CLASSES": 3},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"CONV_DIM": 32, "FC_DIM": 64},
-        "POINT_HEAD": {"NUM_CLASSES": 3, "FC_DIM": 32},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 20},
-    "INPUT": {"MIN_SIZE_TEST": 128, "MAX_SIZE_TEST": 128},
-}
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -48,12 +32,9 @@ def _one_line_error(stderr: str, prog: str, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_cfg):
   d = tmp_path_factory.mktemp("inputs")
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    cfg = from_detectron2_yaml(TINY_YAML)
-  (d / "tiny.json").write_text(cfg.to_json())
+  (d / "tiny.json").write_text(tiny_cfg.to_json())
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[0:90, 0:120]
   img = np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8)
@@ -64,6 +45,7 @@ def files(tmp_path_factory):
   return d
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_png_and_json(files, tmp_path):
   out = tmp_path / "out"
   proc = _cli("predict", "--config", str(files / "tiny.json"), "--weights", "random",
@@ -105,6 +87,7 @@ def test_predict_cli_missing_input_and_help(files, tmp_path):
     assert flag in proc.stdout
 
 
+@pytest.mark.slow
 def test_visualize_points_writes_panels(files, tmp_path, capsys):
   out = tmp_path / "panels"
   args = ["--config", str(files / "tiny.json"), "--weights", "random",
@@ -123,6 +106,7 @@ def test_visualize_points_writes_panels(files, tmp_path, capsys):
   _one_line_error(capsys.readouterr().err, "visualize_points", "broken.png")
 
 
+@pytest.mark.slow
 def test_predict_main_in_process_semantic_refused_by_visualize(files, tmp_path, capsys):
   # In-process entry point with a directory input (expanded to its images; broken one fails).
   code = predict.main(["--config", str(files / "tiny.json"), "--weights", "random",

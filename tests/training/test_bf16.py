@@ -170,6 +170,7 @@ def _check_bf16_run(runs, loss_names, overfit_factor):
   assert np.mean(losses[-3:]) < overfit_factor * np.mean(losses[:3]), losses
 
 
+@pytest.mark.slow
 def test_instance_train_step_bf16():
   config = tiny_instance_config()
   config.solver.update(base_lr=0.005, warmup_iters=0, steps=())
@@ -179,6 +180,7 @@ def test_instance_train_step_bf16():
   _check_bf16_run(runs, L.LOSS_NAMES, 0.75)
 
 
+@pytest.mark.slow
 def test_semantic_train_step_bf16():
   config = tiny_semantic_config()
   config.model.overrides.point_head.train_num_points = 48
@@ -241,14 +243,20 @@ def test_loop_builds_the_model_in_train_compute_dtype():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_instance_predict_bf16_returns_float32():
-  from pointrend_jax.modeling.meta_arch import make_predict_fn
   models = _models(tiny_instance_config())
   batch = instance_batch()
   images, sizes = jnp.asarray(batch["image"][:2]), jnp.asarray(batch["image_size"][:2])
-  predict = make_predict_fn(models["bfloat16"], return_intermediates=True)
-  out = predict(images, sizes)
-  assert predict.num_traces() == 1
+  traces = []
+
+  @nnx.jit
+  def predict(m, images, sizes):
+    traces.append(images.shape)
+    return m.predict(images, sizes, return_intermediates=True)
+
+  out = predict(models["bfloat16"], images, sizes)
+  assert len(traces) == 1
   inter = out["intermediates"]
   assert inter["features"]["p2"].dtype == BF16  # the model did compute in bf16
   for k in ("boxes", "scores", "mask_logits"):
@@ -260,7 +268,7 @@ def test_instance_predict_bf16_returns_float32():
   assert inter["mask"]["coarse_logits"].dtype == F32
   assert _float_dtypes(nnx.state(models["bfloat16"])) == {F32}
   # The RPN logits equal float32's up to bf16 rounding (later stages select discrete boxes).
-  ref = make_predict_fn(models["float32"], return_intermediates=True)(images, sizes)
+  ref = predict(models["float32"], images, sizes)
   assert ref["intermediates"]["features"]["p2"].dtype == F32
   for got, want in zip(inter["rpn_logits"], ref["intermediates"]["rpn_logits"]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want),
@@ -278,6 +286,7 @@ def test_predictor_dtype():
     Predictor(model.cfg, model, dtype="float16")
 
 
+@pytest.mark.slow
 def test_semantic_inference_bf16_returns_float32():
   models = _models(tiny_semantic_config())
   batch = _semantic_batch()

@@ -68,7 +68,7 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
 
 
-def _wait_for(predicate, proc, timeout=240, what=""):
+def _wait_for(predicate, proc, timeout=600, what=""):
   end = time.time() + timeout
   while time.time() < end:
     if predicate():
@@ -98,6 +98,7 @@ def reference_run(tmp_path_factory):
   return workdir, res
 
 
+@pytest.mark.slow
 def test_tiny_run_logs_losses_eval_and_pictures(reference_run):
   workdir, res = reference_run
   records = read_metrics(workdir)
@@ -130,6 +131,7 @@ def test_tiny_run_logs_losses_eval_and_pictures(reference_run):
   assert "eval/segm/AP" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
   ref_dir, _ = reference_run
   workdir = tmp_path / "killed"
@@ -150,6 +152,7 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     assert abs(resumed[step] - ref[step]) <= 1e-6, (step, resumed[step], ref[step])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "term"
   proc = subprocess.Popen(_cmd(workdir, "--config.train.debug_step_delay_s=1.5", mode="train"),
@@ -166,6 +169,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
   assert max(_losses(workdir)) == steps[-1]
 
 
+@pytest.mark.slow
 def test_eval_with_missing_coco_fails_helpfully(tmp_path):
   missing = tmp_path / "nowhere" / "instances_val2017.json"
   res = _run([sys.executable, "launch.py", "--config=configs/r50_fpn_1x_coco.py",
@@ -215,6 +219,7 @@ def test_config_loads_with_required_keys(path):
   assert mcfg.is_semantic == ("semantic" in path.stem)
 
 
+@pytest.mark.slow
 def test_semantic_synthetic_run(tmp_path):
   res = _run([sys.executable, "launch.py", "--config=configs/synthetic_semantic.py",
               f"--workdir={tmp_path}", "--config.data.synthetic.num_train=4",
@@ -238,6 +243,7 @@ def test_semantic_synthetic_run(tmp_path):
   assert "mIoU" in res.stdout
 
 
+@pytest.mark.slow
 def test_init_weights_backbone_full_and_orbax(tmp_path):
   import pickle
   from flax import nnx

@@ -416,6 +416,7 @@ def tiny_run():
   return metrics, extra, step
 
 
+@pytest.mark.slow
 def test_tiny_instance_model_overfits(tiny_run):
   metrics, _, _ = tiny_run
   for m in metrics:
@@ -429,6 +430,7 @@ def test_tiny_instance_model_overfits(tiny_run):
     assert metrics[-1][k] < metrics[0][k], (k, metrics[0][k], metrics[-1][k])
 
 
+@pytest.mark.slow
 def test_empty_images_and_batches_train_finitely(tiny_run):
   _, extra, _ = tiny_run
   for m in extra:
@@ -440,6 +442,7 @@ def test_empty_images_and_batches_train_finitely(tiny_run):
   assert none["loss_rpn_cls"] > 0 and none["loss_cls"] > 0
 
 
+@pytest.mark.slow
 def test_second_step_does_not_recompile(tiny_run):
   _, _, step = tiny_run
   assert step.num_traces == 1

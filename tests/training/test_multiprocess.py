@@ -33,6 +33,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # three training processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "_multiprocess_worker.py")

@@ -166,6 +166,7 @@ def test_config_values_rejected_before_training(tmp_path):
     train.train_and_evaluate(config, tmp_path / "b")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["class_mismatch", "unknown_override"])
 def test_launch_reports_config_errors_in_one_line(tmp_path, case):
   """Both fail before any compilation (about a second each)."""

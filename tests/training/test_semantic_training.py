@@ -16,6 +16,8 @@ from _tiny_batches import semantic_pair
 from _tiny_models import tiny_semantic_config, tiny_model
 import pytest
 
+pytestmark = pytest.mark.slow  # one training subprocess with 8 host devices
+
 STEPS_1 = 6  # steps on the 1-device mesh (overfitting check)
 STEPS_8 = 2  # steps on the 8-device mesh (compared with the first two 1-device steps)
 
