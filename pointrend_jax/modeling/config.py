@@ -22,27 +22,14 @@ from typing import Any
 
 from pointrend_jax.errors import ConfigError
 
-__all__ = [
-    "ResNetConfig",
-    "FPNConfig",
-    "AnchorConfig",
-    "RPNConfig",
-    "ROIHeadsConfig",
-    "BoxHeadConfig",
-    "MaskHeadConfig",
-    "PointHeadConfig",
-    "SemSegHeadConfig",
-    "InputConfig",
-    "ModelConfig",
-    "convert_value",
-]
+__all__ = ["ResNetConfig", "FPNConfig", "AnchorConfig", "RPNConfig", "ROIHeadsConfig",
+           "BoxHeadConfig", "MaskHeadConfig", "PointHeadConfig", "SemSegHeadConfig", "InputConfig",
+           "ModelConfig", "convert_value"]
 
 
 _frozen = dataclasses.dataclass(frozen=True)
 
-# --------------------------------------------------------------------------------------------------
-# Dataclasses.
-# --------------------------------------------------------------------------------------------------
+# --- Dataclasses ---
 
 
 @_frozen
@@ -285,23 +272,22 @@ def convert_value(tp: Any, value: Any, where: str) -> Any:
       raise ConfigError(f"{where}: expected a list, got {value!r}")
     args = typing.get_args(tp)
     return tuple(convert_value(args[0], v, where) for v in value)
-  if tp is bool:
-    if not isinstance(value, bool):
-      raise ConfigError(f"{where}: expected a bool, got {value!r}")
-    return value
-  if tp is int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-      raise ConfigError(f"{where}: expected an int, got {value!r}")
-    return int(value)
-  if tp is float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-  if tp is str:
-    if not isinstance(value, str):
-      raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-  raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+  if tp not in _SCALARS:
+    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+  what, ok = _SCALARS[tp]
+  if not ok(value):
+    raise ConfigError(f"{where}: expected {what}, got {value!r}")
+  return tp(value)
+
+
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+# Field type -> (what the error says was expected, test of a yaml / JSON value).
+_SCALARS: dict[type, tuple[str, Any]] = {
+    bool: ("a bool", lambda v: isinstance(v, bool)),
+    int: ("an int", lambda v: _number(v) and int(v) == v),
+    float: ("a number", _number),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
 
 def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:

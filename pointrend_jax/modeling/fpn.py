@@ -39,8 +39,7 @@ class FPN(nnx.Module):
     in_features: bottom-up feature names, finest first.
     out_channels: FPN width.
     norm: "" (detectron2 default; convs then have bias) or a ``get_norm`` name.
-    dtype, param_dtype, precision: compute dtype, variable dtype and conv precision of the FPN
-      convs (see :class:`~pointrend_jax.modeling.layers.Conv2d`); ``bottom_up`` has its own.
+    dtype, param_dtype, precision: of the FPN convs (``bottom_up`` has its own).
     rngs: initializer RNGs (c2_xavier_fill, zero bias).
 
   Call: ``x`` (N, H, W, 3) normalized image, H and W multiples of ``size_divisibility`` ->
@@ -104,23 +103,12 @@ class FPN(nnx.Module):
     return {name: results[name] for name in self.out_features}
 
 
-def build_resnet_fpn_backbone(
-    *,
-    depth: int = 50,
-    num_groups: int = 1,
-    width_per_group: int = 64,
-    stride_in_1x1: bool = True,
-    norm: str = "FrozenBN",
-    freeze_at: int = 2,
-    out_channels: int = 256,
-    fpn_norm: str = "",
-    stem_out_channels: int = 64,
-    res2_out_channels: int | None = None,
-    dtype: DType = jnp.float32,
-    param_dtype: DType = jnp.float32,
-    precision: jax.lax.PrecisionLike = None,
-    rngs: nnx.Rngs,
-) -> FPN:
+def build_resnet_fpn_backbone(*, depth: int = 50, num_groups: int = 1, width_per_group: int = 64,
+                              stride_in_1x1: bool = True, norm: str = "FrozenBN",
+                              freeze_at: int = 2, out_channels: int = 256, fpn_norm: str = "",
+                              stem_out_channels: int = 64, res2_out_channels: int | None = None,
+                              dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+                              precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs) -> FPN:
   """detectron2 ``build_resnet_fpn_backbone`` from plain arguments (defaults: R-50 MSRA).
 
   Configs: R50/R101 (``depth``), X101-32x8d (``depth=101, num_groups=32, width_per_group=8,
@@ -152,22 +140,7 @@ def d2_backbone_names(module: FPN | ResNet,
 
 def load_d2_backbone(module: FPN | ResNet, state: Mapping[str, np.ndarray],
                      prefix: str = "backbone.", *, strict: bool = True) -> set[str]:
-  """Loads detectron2 backbone weights (flat v2 names, PyTorch layouts) into ``module``.
-
-  Conv weights are transposed OIHW -> HWIO (grouped convs need no permutation); norm vectors
-  are copied. Entries of ``state`` outside the backbone are ignored.
-
-  Args:
-    module: an :class:`FPN` (names ``prefix + "fpn_lateral2.weight"``, ``prefix +
-      "bottom_up.stem.conv1.weight"``, ...) or a bare :class:`ResNet` (``prefix + "bottom_up."``).
-    state: ``{name: np.ndarray}`` as read from a detectron2 checkpoint.
-    prefix: the backbone prefix in ``state``.
-    strict: raise on variables without an entry (otherwise they keep their values).
-
-  Returns:
-    The names of ``state`` that were assigned.
-
-  Raises:
-    KeyError: (strict) missing entries, listed. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`~.layers.load_d2_state` of a backbone: an :class:`FPN` (names ``prefix +
+  "fpn_lateral2.weight"``, ``prefix + "bottom_up.stem.conv1.weight"``, ...) or a bare
+  :class:`ResNet` (``prefix + "bottom_up."``). Grouped convs need no permutation."""
   return load_d2_state(module, state, _backbone_prefix(module, prefix), strict=strict)

@@ -54,9 +54,7 @@ class FrozenStat(Frozen):
 # Filter of the variables an optimizer should update.
 TRAINABLE = nnx.Param
 
-# --------------------------------------------------------------------------------------------------
-# Precision: constructor arguments of every module (``dtype``, ``param_dtype``, ``precision``).
-# --------------------------------------------------------------------------------------------------
+# --- Precision: module constructor arguments (``dtype``, ``param_dtype``, ``precision``) ---
 
 # Compute dtypes a model may be built with. float16 would need loss scaling in training, which is
 # not implemented.
@@ -93,9 +91,7 @@ def resolve_precision(dtype: DType, precision: jax.lax.PrecisionLike) -> jax.lax
   return precision
 
 
-# --------------------------------------------------------------------------------------------------
-# Initializers (HWIO conv kernels or (in, out) dense kernels; fan computed like PyTorch).
-# --------------------------------------------------------------------------------------------------
+# --- Initializers (HWIO conv kernels or (in, out) dense kernels; fan computed like PyTorch) ---
 
 # fvcore c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. plain (not
 # truncated) normal with std sqrt(2 / fan_out), fan_out = O * kh * kw (not divided by groups).
@@ -104,9 +100,7 @@ c2_msra_fill: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_out",
 c2_xavier_fill: Initializer = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
-# --------------------------------------------------------------------------------------------------
-# Normalization layers. Variable names equal detectron2's buffer / parameter names.
-# --------------------------------------------------------------------------------------------------
+# --- Normalization layers. Variable names equal detectron2's buffer / parameter names ---
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -226,15 +220,9 @@ def get_norm(norm: str | None, channels: int, *, frozen: bool = False, dtype: DT
              param_dtype: DType = jnp.float32) -> nnx.Module | None:
   """detectron2 ``get_norm`` for the backbone norms.
 
-  Args:
-    norm: "" / None (no norm), "FrozenBN", "BN" (also "SyncBN"), or "GN" (32 groups).
-    channels: number of channels C.
-    frozen: the norm belongs to a frozen stage. As in detectron2's ``freeze()``, BN becomes
-      FrozenBN and GN keeps its affine parameters fixed (``FrozenParam``).
-    dtype, param_dtype: output dtype and variable dtype of the norm.
-
-  Returns:
-    The norm module, or None.
+  ``norm``: "" / None (no norm: returns None), "FrozenBN", "BN" (also "SyncBN"), or "GN" (32
+  groups). ``frozen``: the norm belongs to a frozen stage; as in detectron2's ``freeze()``, BN
+  becomes FrozenBN and GN keeps its affine parameters fixed (``FrozenParam``).
   """
   if not norm:
     return None
@@ -248,9 +236,7 @@ def get_norm(norm: str | None, channels: int, *, frozen: bool = False, dtype: DT
   raise ValueError(f"unknown norm {norm!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Convolution and dense layers.
-# --------------------------------------------------------------------------------------------------
+# --- Convolution and dense layers ---
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -270,26 +256,14 @@ class Conv2d(nnx.Module):
     norm: a norm module applied after the conv, or None.
   """
 
-  def __init__(
-      self,
-      in_channels: int,
-      out_channels: int,
-      kernel_size: int | tuple[int, int],
-      *,
-      stride: int | tuple[int, int] = 1,
-      padding: int | tuple[int, int] = 0,
-      dilation: int | tuple[int, int] = 1,
-      groups: int = 1,
-      use_bias: bool = True,
-      norm: nnx.Module | None = None,
-      kernel_init: Initializer = c2_msra_fill,
-      bias_init: Initializer = jax.nn.initializers.zeros,
-      param_type: type[nnx.Variable] = nnx.Param,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
+               stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+               dilation: int | tuple[int, int] = 1, groups: int = 1, use_bias: bool = True,
+               norm: nnx.Module | None = None, kernel_init: Initializer = c2_msra_fill,
+               bias_init: Initializer = jax.nn.initializers.zeros,
+               param_type: type[nnx.Variable] = nnx.Param, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               rngs: nnx.Rngs):
     if in_channels % groups or out_channels % groups:
       raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
     kh, kw = _pair(kernel_size)
@@ -318,14 +292,9 @@ class Conv2d(nnx.Module):
     dtype = self.dtype
     ph, pw = self.padding
     # ops.conv2d: XLA's own kernel gradient of a conv is 4-10x slower on CPU (see its docs).
-    y = conv_lib.conv2d(
-        x.astype(dtype), kernel.astype(dtype),
-        stride=self.stride,
-        padding=((ph, ph), (pw, pw)),
-        dilation=self.dilation,
-        groups=self.groups,
-        precision=resolve_precision(dtype, self.precision),
-    )
+    y = conv_lib.conv2d(x.astype(dtype), kernel.astype(dtype), stride=self.stride,
+                        padding=((ph, ph), (pw, pw)), dilation=self.dilation, groups=self.groups,
+                        precision=resolve_precision(dtype, self.precision))
     if bias is not None:
       y = y + bias.astype(dtype)
     if self.norm is not None:
@@ -367,9 +336,7 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
       ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
-# --------------------------------------------------------------------------------------------------
-# detectron2 state-dict names <-> module variables.
-# --------------------------------------------------------------------------------------------------
+# --- detectron2 state-dict names <-> module variables ---
 
 
 def _variables(module: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Variable]]:
@@ -418,19 +385,12 @@ def load_d2_state(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: s
                   *, strict: bool = True) -> set[str]:
   """Assigns detectron2 (PyTorch-layout) arrays to the variables of ``module`` in place.
 
-  Args:
-    module: the module (concrete or abstract from ``nnx.eval_shape``; abstract variables are
-      replaced by the loaded arrays).
-    state: flat ``{detectron2 name: array}``; entries not belonging to ``module`` are ignored.
-    prefix: detectron2 name prefix of ``module`` (e.g. ``"backbone."``).
-    strict: if True, a variable of ``module`` without an entry in ``state`` is an error;
-      otherwise it keeps its current value.
-
-  Returns:
-    The set of names of ``state`` that were used.
+  ``module`` may be abstract (``nnx.eval_shape``; its variables get the loaded arrays).
+  ``state`` is flat ``{detectron2 name: array}``, ``prefix`` the name prefix of ``module`` (e.g.
+  ``"backbone."``); entries outside ``module`` are ignored. Returns the names used.
 
   Raises:
-    KeyError: missing entries (strict), listing the names.
+    KeyError: (``strict``) variables without an entry, listed; otherwise they keep their value.
     ValueError: an entry's shape differs from the module's, naming the entry.
   """
   used, missing = set(), []

@@ -13,15 +13,14 @@ Conventions:
   state-dict names are the paths after ``roi_heads.mask_head.``. Point-head layers are kernel-1
   ``Conv1d`` in detectron2 (weight ``(out, in, 1)``) and :class:`PointwiseConv1d` (a dense layer)
   here; :func:`d2_names` / :func:`load_d2` translate the layout.
-* Flatten order: the coarse head transposes its ``[R, 7, 7, C]`` activations to ``[R, C, 7, 7]``
-  before flattening (index ``c*49 + y*7 + x``, as PyTorch), so ``fc1``'s kernel is exactly the
-  transposed PyTorch weight and checkpoints load and save without permutation.
+* Flatten order: the coarse head flattens ``[R, C, 7, 7]`` (index ``c*49 + y*7 + x``, as
+  PyTorch), so ``fc1``'s kernel is the transposed PyTorch weight, loaded without permutation.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,23 +40,13 @@ from pointrend_jax.ops.point_selection import (instance_uncertainty,
 Array = jax.Array
 Features = Array | Mapping[str, Array]
 
-__all__ = [
-    "PointwiseConv1d",
-    "ConvFCHead",
-    "StandardPointHead",
-    "PointRendMaskHead",
-    "subdivision_schedule",
-    "d2_names",
-    "load_d2",
-    "d2_mask_head_names",
-    "load_d2_mask_head",
-]
+__all__ = ["PointwiseConv1d", "ConvFCHead", "StandardPointHead", "PointRendMaskHead",
+           "subdivision_schedule", "subdivide", "d2_names", "load_d2", "d2_mask_head_names",
+           "load_d2_mask_head"]
 
 _prediction_init = jax.nn.initializers.normal(0.001)
 
-# --------------------------------------------------------------------------------------------------
-# Layers.
-# --------------------------------------------------------------------------------------------------
+# --- Layers ---
 
 
 class PointwiseConv1d(Linear):
@@ -87,20 +76,7 @@ def d2_names(module: nnx.Module, prefix: str = "") -> dict[str, tuple[int, ...]]
 
 def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "", *,
             strict: bool = True) -> set[str]:
-  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``.
-
-  Args:
-    module: concrete or abstract (``nnx.eval_shape``) module.
-    state: flat ``{detectron2 name: array}``; entries outside ``module`` are ignored.
-    prefix: detectron2 name prefix of ``module``.
-    strict: raise on variables without an entry.
-
-  Returns:
-    The names of ``state`` that were assigned.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``."""
   conv1d = _pointwise_conv_weights(module, prefix)
   if not conv1d & state.keys():
     return load_d2_state(module, state, prefix, strict=strict)
@@ -114,9 +90,7 @@ def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "
   return load_d2_state(module, view, prefix, strict=strict)
 
 
-# --------------------------------------------------------------------------------------------------
-# Coarse head and point head.
-# --------------------------------------------------------------------------------------------------
+# --- Coarse head and point head ---
 
 
 class ConvFCHead(nnx.Module):
@@ -127,22 +101,18 @@ class ConvFCHead(nnx.Module):
   ``(C_out, S, S)`` and returned NHWC.
 
   Args:
-    in_channels: channels of the pooled features (256).
-    input_side: side of the pooled grid (14).
+    in_channels, input_side: channels and grid side of the pooled features (256, 14).
     num_classes: mask classes ``C_out`` (80 COCO, 8 Cityscapes, 1 class-agnostic).
     output_side: side ``S`` of the output (7).
-    conv_dim: width of the convs (256).
-    fc_dims: widths of ``fc1..``, (1024, 1024).
-    dtype, param_dtype, precision: compute dtype, variable dtype and conv / matmul precision of
-      every layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
+    conv_dim, fc_dims: width of the convs (256) and of ``fc1..`` ((1024, 1024)).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Conv2d`).
     rngs: initializer RNGs (convs c2_msra_fill; fcs c2_xavier_fill; prediction N(0, 0.001)).
   """
 
   def __init__(self, in_channels: int = 256, input_side: int = 14, *, num_classes: int,
-               output_side: int = 7, conv_dim: int = 256,
-               fc_dims: Sequence[int] = (1024, 1024), dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               output_side: int = 7, conv_dim: int = 256, fc_dims: Sequence[int] = (1024, 1024),
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: lax.PrecisionLike = None, rngs: nnx.Rngs):
     if input_side % 2:
       raise ValueError(f"input_side must be even (2x2/2 conv), got {input_side}")
     self.num_classes = num_classes
@@ -186,11 +156,9 @@ class StandardPointHead(nnx.Module):
   Args:
     in_channels: fine-grained feature channels (256 for p2).
     num_classes: output classes ``C`` (1 if class-agnostic); also the coarse input width.
-    fc_dim: hidden width (256).
-    num_fc: hidden layers (3).
+    fc_dim, num_fc: hidden width and number of hidden layers (256, 3).
     coarse_pred_each_layer: True for instance, False for semantic PointRend.
-    dtype, param_dtype, precision: compute dtype, variable dtype and matmul precision of every
-      layer (see :class:`~pointrend_jax.modeling.layers.Linear`).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Linear`).
     rngs: initializer RNGs (fc c2_msra_fill, fan_out = fc_dim; predictor N(0, 0.001)).
   """
 
@@ -226,9 +194,7 @@ class StandardPointHead(nnx.Module):
     return self.predictor(x).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# PointRend mask head.
-# --------------------------------------------------------------------------------------------------
+# --- PointRend mask head ---
 
 
 def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple[int, int]:
@@ -249,6 +215,32 @@ def subdivision_schedule(output_side: int, steps: int, num_points: int) -> tuple
   return res, steps
 
 
+def subdivide(logits: Array, steps: int, num_points: int, uncertainty: Callable[[Array], Array],
+              point_logits: Callable[[Array], Array]) -> tuple[Array, dict[str, tuple[Array, ...]]]:
+  """detectron2's subdivision inference (spec §3.6, §4.4) on ``logits [N, H, W, C]``.
+
+  ``steps`` x [bilinear x2; the ``num_points`` most uncertain cells of ``uncertainty(logits)``
+  ``[N, H, W]``; ``point_logits(points [N, K, 2]) -> [N, K, C]`` scattered into them]. Returns
+  the refined ``[N, H * 2**steps, W * 2**steps, C]`` and per-step tuples ``upsampled`` (before
+  the scatter), ``uncertainty``, ``indices [N, K]`` (flat row-major, top-k order), ``points``
+  (cell centres, the frame of ``logits``) and ``point_logits``.
+  """
+  n, c = logits.shape[0], logits.shape[-1]
+  rows = jnp.arange(n)[:, None]
+  trace = {k: [] for k in ("upsampled", "uncertainty", "indices", "points", "point_logits")}
+  for _ in range(steps):
+    logits = interpolate_bilinear_x2(logits)
+    h, w = logits.shape[1:3]
+    u = uncertainty(logits)
+    indices, points = uncertain_points_on_grid(u, num_points)
+    values = point_logits(points)
+    for k, v in zip(trace, (logits, u, indices, points, values)):
+      trace[k].append(v)
+    logits = logits.reshape(n, h * w, c).at[rows, indices].set(values, unique_indices=True)
+    logits = logits.reshape(n, h, w, c)
+  return logits, {k: tuple(v) for k, v in trace.items()}
+
+
 class PointRendMaskHead(nnx.Module):
   """detectron2 ``PointRendMaskHead``: ``coarse_head`` (:class:`ConvFCHead`) + ``point_head``.
 
@@ -265,36 +257,19 @@ class PointRendMaskHead(nnx.Module):
     cls_agnostic_mask: one mask channel for all classes.
     train_num_points, oversample_ratio, importance_sample_ratio: training points (196, 3, .75).
     subdivision_steps, subdivision_num_points: inference (5, 784 -> effective 28 + 3 steps).
-    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
-      matmul precision; the logits leave the heads in float32).
-    rngs: initializer RNGs.
+    dtype, param_dtype, precision: passed to both heads (the logits leave them in float32).
   """
 
-  def __init__(
-      self,
-      num_classes: int = 80,
-      *,
-      in_features: Sequence[str] = ("p2",),
-      feature_strides: Sequence[int] = (4,),
-      in_channels: int = 256,
-      pooler_resolution: int = 14,
-      conv_dim: int = 256,
-      fc_dims: Sequence[int] = (1024, 1024),
-      output_side: int = 7,
-      point_fc_dim: int = 256,
-      point_num_fc: int = 3,
-      coarse_pred_each_layer: bool = True,
-      cls_agnostic_mask: bool = False,
-      train_num_points: int = 196,
-      oversample_ratio: float = 3.0,
-      importance_sample_ratio: float = 0.75,
-      subdivision_steps: int = 5,
-      subdivision_num_points: int = 784,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, num_classes: int = 80, *, in_features: Sequence[str] = ("p2",),
+               feature_strides: Sequence[int] = (4,), in_channels: int = 256,
+               pooler_resolution: int = 14, conv_dim: int = 256,
+               fc_dims: Sequence[int] = (1024, 1024), output_side: int = 7, point_fc_dim: int = 256,
+               point_num_fc: int = 3, coarse_pred_each_layer: bool = True,
+               cls_agnostic_mask: bool = False, train_num_points: int = 196,
+               oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+               subdivision_steps: int = 5, subdivision_num_points: int = 784,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: lax.PrecisionLike = None, rngs: nnx.Rngs):
     if len(in_features) != len(feature_strides):
       raise ValueError("in_features and feature_strides must have the same length")
     self.num_classes = num_classes
@@ -321,9 +296,7 @@ class PointRendMaskHead(nnx.Module):
     """Side of the inference mask logits (224 with the default schedule)."""
     return self.subdivision_init_resolution * 2 ** self.subdivision_steps
 
-  # ------------------------------------------------------------------------------------------------
-  # Building blocks.
-  # ------------------------------------------------------------------------------------------------
+  # --- Building blocks ---
 
   def _levels(self, features: Features) -> list[Array]:
     if isinstance(features, Mapping):
@@ -354,10 +327,8 @@ class PointRendMaskHead(nnx.Module):
     The coarse head's input is the FPN map sampled on a regular ``14 x 14`` grid in each box
     (spec §3.2; grid_sample semantics, so taps outside the map read 0).
 
-    Args:
-      features: p2 ``[N, H, W, 256]`` or the FPN dict.
-      boxes: ``[R, 4]`` image pixels (no gradient).
-      batch_index: ``[R]`` image of each box.
+    ``features``: p2 ``[N, H, W, 256]`` or the FPN dict; ``boxes [R, 4]`` image pixels (no
+    gradient) of images ``batch_index [R]``.
     """
     r = boxes.shape[0]
     s = self.pooler_resolution
@@ -376,9 +347,7 @@ class PointRendMaskHead(nnx.Module):
     coarse = point_sample(coarse_logits, points_in_box)
     return self.point_head(fine, coarse)
 
-  # ------------------------------------------------------------------------------------------------
-  # Training.
-  # ------------------------------------------------------------------------------------------------
+  # --- Training ---
 
   def forward_train(self, features: Features, boxes: Array, batch_index: Array,
                     gt_classes: Array, key: Array) -> dict[str, Array]:
@@ -405,16 +374,10 @@ class PointRendMaskHead(nnx.Module):
         self.train_num_points, self.oversample_ratio, self.importance_sample_ratio)
     fine, points_in_image = self.fine_grained_features(features, boxes, batch_index, points)
     logits = self.point_head(fine, point_sample(coarse, points))
-    return {
-        "coarse_logits": coarse,
-        "point_coords": points,
-        "points_in_image": points_in_image,
-        "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0],
-    }
+    return {"coarse_logits": coarse, "point_coords": points, "points_in_image": points_in_image,
+            "point_logits": jnp.take_along_axis(logits, cls[:, None, None], axis=-1)[..., 0]}
 
-  # ------------------------------------------------------------------------------------------------
-  # Inference.
-  # ------------------------------------------------------------------------------------------------
+  # --- Inference ---
 
   def subdivision_inference(self, features: Features, boxes: Array, batch_index: Array,
                             classes: Array, *, return_intermediates: bool = False
@@ -451,39 +414,22 @@ class PointRendMaskHead(nnx.Module):
 
     res = self.subdivision_init_resolution
     grid = jnp.broadcast_to(regular_grid_points(res), (d, res * res, 2))
-    mask = class_point_logits(grid).reshape(d, res, res)
-    inter = {
-        "coarse_logits": coarse,
-        "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None],
-                                                   axis=-1)[..., 0],
-        "init_logits": mask,
-        "upsampled": [], "indices": [], "points_in_box": [], "point_logits": [],
-    }
+    init = class_point_logits(grid).reshape(d, res, res)
     # detectron2 returns after step 0 when there are no detections at all.
-    steps = self.subdivision_steps if d > 0 else 0
-    rows = jnp.arange(d)[:, None]
-    for _ in range(steps):
-      mask = interpolate_bilinear_x2(mask[..., None])[..., 0]
-      h, w = mask.shape[1:]
-      indices, points = uncertain_points_on_grid(instance_uncertainty(mask[..., None]),
-                                                 self.subdivision_num_points)
-      values = class_point_logits(points)
-      inter["upsampled"].append(mask)
-      mask = mask.reshape(d, h * w).at[rows, indices].set(values, unique_indices=True)
-      mask = mask.reshape(d, h, w)
-      inter["indices"].append(indices)
-      inter["points_in_box"].append(points)
-      inter["point_logits"].append(values)
+    mask, trace = subdivide(init[..., None], self.subdivision_steps if d > 0 else 0,
+                            self.subdivision_num_points, instance_uncertainty,
+                            lambda points: class_point_logits(points)[..., None])
     if not return_intermediates:
-      return mask
-    for k in ("upsampled", "indices", "points_in_box", "point_logits"):
-      inter[k] = tuple(inter[k])
-    return mask, inter
+      return mask[..., 0]
+    return mask[..., 0], {
+        "coarse_logits": coarse, "init_logits": init,
+        "coarse_logits_class": jnp.take_along_axis(coarse, cls[:, None, None, None], -1)[..., 0],
+        "upsampled": tuple(u[..., 0] for u in trace["upsampled"]), "indices": trace["indices"],
+        "points_in_box": trace["points"],
+        "point_logits": tuple(v[..., 0] for v in trace["point_logits"])}
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoint names.
-# --------------------------------------------------------------------------------------------------
+# --- Checkpoint names ---
 
 MASK_HEAD_PREFIX = "roi_heads.mask_head."
 
@@ -496,10 +442,6 @@ def d2_mask_head_names(head: PointRendMaskHead,
 
 def load_d2_mask_head(head: PointRendMaskHead, state: Mapping[str, np.ndarray],
                       prefix: str = MASK_HEAD_PREFIX, *, strict: bool = True) -> set[str]:
-  """Loads ``roi_heads.mask_head.{coarse_head,point_head}.*`` (PyTorch layouts) into ``head``.
-
-  Linear weights are transposed, the 2x2 conv OIHW -> HWIO, Conv1d ``(out, in, 1)`` weights
-  squeezed and transposed; ``coarse_head.fc1`` needs no permutation (see the module docstring).
-  Other entries of ``state`` are ignored. Returns the names used.
-  """
+  """Loads ``roi_heads.mask_head.*`` (PyTorch layouts; ``coarse_head.fc1`` needs no permutation,
+  see the module docstring) into ``head``; returns the names used."""
   return load_d2(head, state, prefix, strict=strict)

@@ -16,18 +16,12 @@ from pointrend_jax.modeling.layers import Conv2d, DType, FrozenParam, get_norm, 
 
 Array = jax.Array
 
-BLOCKS_PER_STAGE = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                    152: (3, 8, 36, 3)}
 
 
 def _conv(in_ch: int, out_ch: int, k: int, *, norm: str, frozen: bool, dtype: DType,
-          param_dtype: DType, precision: jax.lax.PrecisionLike, rngs: nnx.Rngs,
-          **kwargs) -> Conv2d:
+          param_dtype: DType, precision: jax.lax.PrecisionLike, rngs: nnx.Rngs, **kwargs) -> Conv2d:
   """Backbone conv: no bias, norm, c2_msra_fill init; FrozenParam kernel in frozen stages."""
   return Conv2d(in_ch, out_ch, k, use_bias=False,
                 norm=get_norm(norm, out_ch, frozen=frozen, dtype=dtype, param_dtype=param_dtype),
@@ -39,9 +33,8 @@ class BasicStem(nnx.Module):
   """conv 7x7/2 pad 3 -> norm -> ReLU -> max-pool 3x3/2 pad 1 (output stride 4)."""
 
   def __init__(self, in_channels: int = 3, out_channels: int = 64, *, norm: str = "FrozenBN",
-               frozen: bool = False, dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               frozen: bool = False, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.conv1 = _conv(in_channels, out_channels, 7, stride=2, padding=3, norm=norm,
                        frozen=frozen, dtype=dtype, param_dtype=param_dtype, precision=precision,
                        rngs=rngs)
@@ -115,32 +108,18 @@ class ResNet(nnx.Module):
     in_channels, stem_out_channels, res2_out_channels: widths (detectron2 defaults 3, 64 and
       256 for bottleneck / 64 for basic-block ResNets when ``res2_out_channels`` is None).
     res5_dilation: 1 or 2 (2: res5 keeps stride 16 and uses dilated 3x3 convs).
-    dtype, param_dtype, precision: compute dtype, variable dtype and conv precision of every
-      layer (see :class:`~pointrend_jax.modeling.layers.Conv2d`).
+    dtype, param_dtype, precision: of every layer (see :class:`~.layers.Conv2d`).
     rngs: initializer RNGs (convs: c2_msra_fill).
 
   Call: ``x`` (N, H, W, in_channels) float32 -> ``{name: (N, H/stride, W/stride, C)}``.
   """
 
-  def __init__(
-      self,
-      depth: int = 50,
-      *,
-      num_groups: int = 1,
-      width_per_group: int = 64,
-      stride_in_1x1: bool = True,
-      norm: str = "FrozenBN",
-      freeze_at: int = 2,
-      out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
-      in_channels: int = 3,
-      stem_out_channels: int = 64,
-      res2_out_channels: int | None = None,
-      res5_dilation: int = 1,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, depth: int = 50, *, num_groups: int = 1, width_per_group: int = 64,
+               stride_in_1x1: bool = True, norm: str = "FrozenBN", freeze_at: int = 2,
+               out_features: Sequence[str] = ("res2", "res3", "res4", "res5"), in_channels: int = 3,
+               stem_out_channels: int = 64, res2_out_channels: int | None = None,
+               res5_dilation: int = 1, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if depth not in BLOCKS_PER_STAGE:
       raise ValueError(f"unsupported ResNet depth {depth}")
     basic = depth in (18, 34)

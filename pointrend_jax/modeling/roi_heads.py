@@ -35,15 +35,8 @@ from pointrend_jax.ops.poolers import multilevel_roi_align
 
 Array = jax.Array
 
-__all__ = [
-    "FastRCNNConvFCHead",
-    "FastRCNNOutputLayers",
-    "Detections",
-    "StandardROIHeads",
-    "fast_rcnn_inference",
-    "d2_roi_heads_names",
-    "load_d2_roi_heads",
-]
+__all__ = ["FastRCNNConvFCHead", "FastRCNNOutputLayers", "Detections", "StandardROIHeads",
+           "fast_rcnn_inference", "d2_roi_heads_names", "load_d2_roi_heads"]
 
 
 class FastRCNNConvFCHead(nnx.Module):
@@ -52,14 +45,13 @@ class FastRCNNConvFCHead(nnx.Module):
   Args:
     in_channels, resolution: pooled input ``[R, resolution, resolution, in_channels]``.
     num_fc, fc_dim: ``fc1 .. fc{num_fc}`` of width ``fc_dim`` (2 x 1024 in Base-RCNN-FPN).
-    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear`.
+    dtype, param_dtype, precision: see :class:`~.layers.Linear`.
     rngs: initializer RNGs (c2_xavier_fill, zero bias).
   """
 
   def __init__(self, in_channels: int = 256, resolution: int = 7, *, num_fc: int = 2,
-               fc_dim: int = 1024, dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               fc_dim: int = 1024, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if num_fc < 1:
       raise ValueError("FastRCNNConvFCHead needs at least one FC layer (NUM_CONV is not supported)")
     self.num_fc = num_fc
@@ -84,8 +76,7 @@ class FastRCNNOutputLayers(nnx.Module):
   Args:
     in_features: box-head width.
     num_classes: ``K`` foreground classes (80 COCO, 8 Cityscapes).
-    dtype, param_dtype, precision: see :class:`~pointrend_jax.modeling.layers.Linear` (the
-      outputs are float32 either way).
+    dtype, param_dtype, precision: see :class:`~.layers.Linear` (outputs are float32 anyway).
     rngs: initializer RNGs (cls Normal(0, 0.01), box Normal(0, 0.001), zero bias).
   """
 
@@ -143,24 +134,15 @@ def _inference_one(cls_logits: Array, box_deltas: Array, proposals: Array, propo
   flat_cls = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (r, k)).reshape(r * k)
   keep, valid = batched_nms(flat_boxes, flat_scores, flat_cls, nms_thresh, topk,
                             cand.reshape(r * k), coordinate_trick=coordinate_trick)
-  return Detections(
-      boxes=jnp.where(valid[:, None], flat_boxes[keep], 0.0),
-      scores=jnp.where(valid, flat_scores[keep], 0.0),
-      classes=jnp.where(valid, flat_cls[keep], 0),
-      valid=valid,
-      proposal_index=jnp.where(valid, keep // k, 0).astype(jnp.int32),
-  )
+  return Detections(boxes=jnp.where(valid[:, None], flat_boxes[keep], 0.0),
+                    scores=jnp.where(valid, flat_scores[keep], 0.0),
+                    classes=jnp.where(valid, flat_cls[keep], 0), valid=valid,
+                    proposal_index=jnp.where(valid, keep // k, 0).astype(jnp.int32))
 
 
-def fast_rcnn_inference(cls_logits: Array,
-                        box_deltas: Array,
-                        proposals: Array,
-                        proposal_valid: Array,
-                        image_sizes: Array,
-                        *,
-                        score_thresh: float = 0.05,
-                        nms_thresh: float = 0.5,
-                        topk_per_image: int = 100,
+def fast_rcnn_inference(cls_logits: Array, box_deltas: Array, proposals: Array,
+                        proposal_valid: Array, image_sizes: Array, *, score_thresh: float = 0.05,
+                        nms_thresh: float = 0.5, topk_per_image: int = 100,
                         box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                         scale_clamp: float = DEFAULT_SCALE_CLAMP,
                         coordinate_trick: bool = False) -> Detections:
@@ -209,27 +191,16 @@ class StandardROIHeads(nnx.Module):
       exact worst case for boxes inside such an image (cost bound only; ``None`` = exact for
       every box).
     dtype, param_dtype, precision: of the box head and predictor layers.
-    rngs: initializer RNGs.
   """
 
-  def __init__(self,
-               num_classes: int,
-               in_channels: int = 256,
-               *,
+  def __init__(self, num_classes: int, in_channels: int = 256, *,
                in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
-               strides: Sequence[int] = (4, 8, 16, 32),
-               pooler_resolution: int = 7,
-               pooler_sampling_ratio: int = 0,
-               num_fc: int = 2,
-               fc_dim: int = 1024,
-               score_thresh: float = 0.05,
-               nms_thresh: float = 0.5,
-               detections_per_image: int = 100,
+               strides: Sequence[int] = (4, 8, 16, 32), pooler_resolution: int = 7,
+               pooler_sampling_ratio: int = 0, num_fc: int = 2, fc_dim: int = 1024,
+               score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
                box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-               max_image_side: float | None = None,
-               dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32,
-               precision: jax.lax.PrecisionLike = None,
+               max_image_side: float | None = None, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, precision: jax.lax.PrecisionLike = None,
                rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} ROI features but {len(strides)} strides")
@@ -249,15 +220,10 @@ class StandardROIHeads(nnx.Module):
     self.box_predictor = FastRCNNOutputLayers(fc_dim, num_classes=num_classes, **kw)
 
   def pool_boxes(self, features: Mapping[str, Array], boxes: Array, valid: Array) -> Array:
-    """ROIAlignV2 features of per-image boxes.
+    """ROIAlignV2 features ``[B*R, res, res, C]`` (image-major) of boxes ``[B, R, 4]``.
 
-    Args:
-      features: ``{name: [B, H_l, W_l, C]}`` containing ``in_features``.
-      boxes: ``[B, R, 4]``.
-      valid: ``[B, R]`` bool; invalid boxes are pooled as empty boxes (zeros, no cost).
-
-    Returns:
-      ``[B*R, res, res, C]``, image-major.
+    ``features``: ``{name: [B, H_l, W_l, C]}`` containing ``in_features``. Boxes not ``valid``
+    (``[B, R]``) are pooled as empty boxes (zeros, no cost).
     """
     b, r = boxes.shape[:2]
     flat = jnp.where(valid[..., None], boxes, 0.0).reshape(b * r, 4)
@@ -276,9 +242,8 @@ class StandardROIHeads(nnx.Module):
     cls_logits, deltas = self.box_predictor(x)
     return cls_logits.reshape(b, r, -1), deltas.reshape(b, r, -1)
 
-  def inference(self, cls_logits: Array, box_deltas: Array, proposals: Array,
-                proposal_valid: Array, image_sizes: Array, *,
-                coordinate_trick: bool = False) -> Detections:
+  def inference(self, cls_logits: Array, box_deltas: Array, proposals: Array, proposal_valid: Array,
+                image_sizes: Array, *, coordinate_trick: bool = False) -> Detections:
     """:func:`fast_rcnn_inference` with this head's test settings."""
     return fast_rcnn_inference(cls_logits, box_deltas, proposals, proposal_valid, image_sizes,
                                score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
@@ -301,12 +266,6 @@ def d2_roi_heads_names(module: StandardROIHeads,
 
 def load_d2_roi_heads(module: StandardROIHeads, state: Mapping[str, np.ndarray],
                       prefix: str = "roi_heads.", *, strict: bool = True) -> set[str]:
-  """Loads detectron2 ``roi_heads.box_head.*`` / ``roi_heads.box_predictor.*`` weights.
-
-  Linear weights ``(out, in)`` are transposed to ``(in, out)``; fc1 needs no permutation (see the
-  module docstring). Returns the names used.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`~.layers.load_d2_state` of ``roi_heads.box_head.*`` / ``roi_heads.box_predictor.*``
+  (fc1 needs no permutation, see the module docstring); returns the names used."""
   return load_d2_state(module, state, prefix, strict=strict)

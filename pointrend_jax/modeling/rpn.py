@@ -13,11 +13,6 @@ Conventions:
   int holds each image's unpadded ``(H', W')``.
 * Module paths equal detectron2's: the state-dict names are the :class:`RPN` paths after
   ``proposal_generator.`` (``rpn_head.conv.weight``, ``rpn_head.objectness_logits.bias``, ...).
-
-Proposal selection (:func:`find_top_rpn_proposals`) has fixed-size outputs with a validity mask:
-per level the top ``min(pre_nms_topk, H_l*W_l*A)`` logits, NMS per level (vmapped over levels and
-images; identical to detectron2's level-batched NMS because levels never suppress each other),
-then the ``post_nms_topk`` best survivors by logit across levels.
 """
 
 from __future__ import annotations
@@ -38,15 +33,8 @@ from pointrend_jax.ops.nms import nms
 
 Array = jax.Array
 
-__all__ = [
-    "StandardRPNHead",
-    "Proposals",
-    "RPNOutput",
-    "RPN",
-    "find_top_rpn_proposals",
-    "d2_rpn_names",
-    "load_d2_rpn",
-]
+__all__ = ["StandardRPNHead", "Proposals", "RPNOutput", "RPN", "find_top_rpn_proposals",
+           "d2_rpn_names", "load_d2_rpn"]
 
 # detectron2 initialises every RPN conv with Normal(0, 0.01) and zero bias.
 _rpn_init = jax.nn.initializers.normal(0.01)
@@ -72,16 +60,9 @@ class StandardRPNHead(nnx.Module):
     self.anchor_deltas = Conv2d(in_channels, num_anchors * box_dim, 1, **kw)
 
   def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
-    """Per-level objectness logits and anchor deltas in anchor order.
-
-    Args:
-      features: per level ``[B, H_l, W_l, C]``.
-
-    Returns:
-      ``(logits, deltas)``: lists over levels of ``[B, H_l*W_l*A]`` and
-      ``[B, H_l*W_l*A, box_dim]``, float32 whatever the compute dtype (they go into top-k,
-      box decoding and the losses).
-    """
+    """Per-level ``[B, H_l, W_l, C]`` -> per-level objectness logits ``[B, H_l*W_l*A]`` and
+    anchor deltas ``[B, H_l*W_l*A, box_dim]`` in anchor order, float32 whatever the compute
+    dtype (they go into top-k, box decoding and the losses)."""
     logits, deltas = [], []
     for x in features:
       t = jax.nn.relu(self.conv(x))
@@ -140,14 +121,9 @@ def _level_candidates(logits: Array, deltas: Array, anchors: np.ndarray, image_s
   return boxes, top_logits, valid
 
 
-def find_top_rpn_proposals(logits: Sequence[Array],
-                           deltas: Sequence[Array],
-                           anchors: Sequence[np.ndarray | Array],
-                           image_sizes: Array,
-                           *,
-                           pre_nms_topk: int,
-                           post_nms_topk: int,
-                           nms_thresh: float = 0.7,
+def find_top_rpn_proposals(logits: Sequence[Array], deltas: Sequence[Array],
+                           anchors: Sequence[np.ndarray | Array], image_sizes: Array, *,
+                           pre_nms_topk: int, post_nms_topk: int, nms_thresh: float = 0.7,
                            min_box_size: float = 0.0,
                            box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
                            scale_clamp: float = DEFAULT_SCALE_CLAMP) -> Proposals:
@@ -156,7 +132,9 @@ def find_top_rpn_proposals(logits: Sequence[Array],
   Per image and level: the ``min(pre_nms_topk, H_l*W_l*A)`` highest logits (sorted); their
   anchors decoded; non-finite boxes/logits dropped; boxes clipped to the image's unpadded size;
   boxes with width or height ``<= min_box_size`` dropped; greedy NMS (IoU ``> nms_thresh``)
-  within each level; then the ``post_nms_topk`` best survivors over all levels by logit.
+  within each level (vmapped over levels and images; the same as detectron2's level-batched NMS
+  because levels never suppress each other); then the ``post_nms_topk`` best survivors over all
+  levels by logit.
 
   Args:
     logits: per level ``[B, N_l]`` objectness logits in anchor order.
@@ -165,9 +143,8 @@ def find_top_rpn_proposals(logits: Sequence[Array],
     image_sizes: ``[B, 2]`` int unpadded ``(H', W')``.
     pre_nms_topk: per-level candidate count (test 1000, train 2000 in Base-RCNN-FPN).
     post_nms_topk: proposals per image (1000), the static output size ``P``.
-    nms_thresh: RPN NMS IoU threshold.
-    min_box_size: PROPOSAL_GENERATOR.MIN_SIZE.
-    box_reg_weights: RPN.BBOX_REG_WEIGHTS.
+    nms_thresh, min_box_size, box_reg_weights: RPN.NMS_THRESH, PROPOSAL_GENERATOR.MIN_SIZE,
+      RPN.BBOX_REG_WEIGHTS.
     scale_clamp: clamp of ``dw, dh`` before ``exp``.
 
   Returns:
@@ -216,12 +193,9 @@ def find_top_rpn_proposals(logits: Sequence[Array],
   gather = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)),
                                          axis=1)
   out_valid = gather(cand_valid)
-  return Proposals(
-      boxes=jnp.where(out_valid[..., None], gather(cand_boxes), 0.0),
-      logits=jnp.where(out_valid, gather(cand_scores), 0.0),
-      valid=out_valid,
-      levels=jnp.where(out_valid, gather(cand_levels), 0),
-  )
+  return Proposals(boxes=jnp.where(out_valid[..., None], gather(cand_boxes), 0.0),
+                   logits=jnp.where(out_valid, gather(cand_scores), 0.0), valid=out_valid,
+                   levels=jnp.where(out_valid, gather(cand_levels), 0))
 
 
 class RPN(nnx.Module):
@@ -239,23 +213,16 @@ class RPN(nnx.Module):
     rngs: initializer RNGs (Normal(0, 0.01), zero bias).
   """
 
-  def __init__(self,
-               in_channels: int = 256,
-               *,
+  def __init__(self, in_channels: int = 256, *,
                in_features: Sequence[str] = ("p2", "p3", "p4", "p5", "p6"),
                strides: Sequence[int] = anchors_lib.DEFAULT_STRIDES,
                sizes: Sequence[Sequence[float]] = anchors_lib.DEFAULT_SIZES,
                aspect_ratios: Sequence[float] = anchors_lib.DEFAULT_ASPECT_RATIOS,
-               offset: float = 0.0,
-               pre_nms_topk: tuple[int, int] = (2000, 1000),
-               post_nms_topk: tuple[int, int] = (1000, 1000),
-               nms_thresh: float = 0.7,
-               min_box_size: float = 0.0,
-               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-               dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32,
-               precision: jax.lax.PrecisionLike = None,
-               rngs: nnx.Rngs):
+               offset: float = 0.0, pre_nms_topk: tuple[int, int] = (2000, 1000),
+               post_nms_topk: tuple[int, int] = (1000, 1000), nms_thresh: float = 0.7,
+               min_box_size: float = 0.0, box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if len(in_features) != len(strides):
       raise ValueError(f"{len(in_features)} RPN features but {len(strides)} strides")
     self.in_features = tuple(in_features)
@@ -315,9 +282,5 @@ def d2_rpn_names(module: RPN, prefix: str = "proposal_generator.") -> dict[str, 
 
 def load_d2_rpn(module: RPN, state: Mapping[str, np.ndarray], prefix: str = "proposal_generator.",
                 *, strict: bool = True) -> set[str]:
-  """Loads detectron2 RPN weights (OIHW convs -> HWIO); returns the names used.
-
-  Raises:
-    KeyError: (strict) missing entries. ValueError: a shape mismatch, naming the entry.
-  """
+  """:func:`~.layers.load_d2_state` of the RPN (OIHW convs -> HWIO); returns the names used."""
   return load_d2_state(module, state, prefix, strict=strict)

@@ -21,30 +21,21 @@ from flax import nnx
 
 from pointrend_jax.modeling.fpn import FPN
 from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
-from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2
+from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2, subdivide
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
-from pointrend_jax.ops.point_selection import (semantic_uncertainty, uncertain_points_on_grid,
-                                               uncertain_points_with_randomness)
+from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_points_with_randomness
 
 Array = jax.Array
 
-__all__ = [
-    "resize_bilinear",
-    "SemSegFPNHead",
-    "PointRendSemSegHead",
-    "PointRendSemanticSegmentor",
-    "d2_semantic_names",
-    "load_d2_semantic",
-]
+__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor",
+           "d2_semantic_names", "load_d2_semantic"]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD defaults (BGR, MSRA weights).
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 PIXEL_STD_BGR = (1.0, 1.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------------
-# PyTorch bilinear resize.
-# --------------------------------------------------------------------------------------------------
+# --- PyTorch bilinear resize ---
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -86,12 +77,7 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   (``h0*(w0*a + w1*b) + h1*(w0*c + w1*d)``), the order of PyTorch's generic CPU kernel. For
   ``size = 2 * (H, W)`` it equals :func:`interpolate_bilinear_x2`.
 
-  Args:
-    x: ``[N, H, W, C]``.
-    size: static output ``(H_out, W_out)``.
-
-  Returns:
-    ``[N, H_out, W_out, C]``, dtype of ``x``.
+  ``x [N, H, W, C]`` -> ``[N, H_out, W_out, C]`` (dtype of ``x``) for a static ``size``.
   """
   x = jnp.asarray(x)
   if x.ndim != 4:
@@ -100,9 +86,7 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   return _resize_axis(_resize_axis(x, 2, out_w), 1, out_h)
 
 
-# --------------------------------------------------------------------------------------------------
-# Coarse head.
-# --------------------------------------------------------------------------------------------------
+# --- Coarse head ---
 
 
 class Upsample2x(nnx.Module):
@@ -176,9 +160,7 @@ class SemSegFPNHead(nnx.Module):
     return self.logits(self.fused_features(features))
 
 
-# --------------------------------------------------------------------------------------------------
-# PointRend semantic head.
-# --------------------------------------------------------------------------------------------------
+# --- PointRend semantic head ---
 
 
 class PointRendSemSegHead(nnx.Module):
@@ -192,35 +174,19 @@ class PointRendSemSegHead(nnx.Module):
     fc_dim, num_fc, coarse_pred_each_layer: point head (256, 3, False).
     train_num_points, oversample_ratio, importance_sample_ratio: training (2048, 3, 0.75).
     subdivision_steps, subdivision_num_points: inference (2, 8192).
-    dtype, param_dtype, precision: passed to both heads (compute dtype, variable dtype, conv /
-      matmul precision).
-    rngs: initializer RNGs.
+    dtype, param_dtype, precision: passed to both heads.
   """
 
-  def __init__(
-      self,
-      num_classes: int = 19,
-      *,
-      coarse_in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
-      coarse_feature_strides: Sequence[int] = (4, 8, 16, 32),
-      feature_channels: int = 256,
-      conv_dims: int = 128,
-      norm: str = "GN",
-      point_in_features: Sequence[str] = ("p2",),
-      point_in_channels: int = 256,
-      fc_dim: int = 256,
-      num_fc: int = 3,
-      coarse_pred_each_layer: bool = False,
-      train_num_points: int = 2048,
-      oversample_ratio: float = 3.0,
-      importance_sample_ratio: float = 0.75,
-      subdivision_steps: int = 2,
-      subdivision_num_points: int = 8192,
-      dtype: DType = jnp.float32,
-      param_dtype: DType = jnp.float32,
-      precision: jax.lax.PrecisionLike = None,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, num_classes: int = 19, *,
+               coarse_in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+               coarse_feature_strides: Sequence[int] = (4, 8, 16, 32), feature_channels: int = 256,
+               conv_dims: int = 128, norm: str = "GN", point_in_features: Sequence[str] = ("p2",),
+               point_in_channels: int = 256, fc_dim: int = 256, num_fc: int = 3,
+               coarse_pred_each_layer: bool = False, train_num_points: int = 2048,
+               oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+               subdivision_steps: int = 2, subdivision_num_points: int = 8192,
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     self.num_classes = num_classes
     self.point_in_features = tuple(point_in_features)
     self.train_num_points = train_num_points
@@ -273,30 +239,16 @@ class PointRendSemSegHead(nnx.Module):
     head = self.coarse_sem_seg_head
     fused = head.fused_features(features)
     coarse = head.logits(fused)
-    logits = coarse
-    n, c = coarse.shape[0], coarse.shape[-1]
-    rows = jnp.arange(n)[:, None]
-    inter = {"coarse_logits": coarse, "fused_features": fused, "upsampled": [],
-             "uncertainty": [], "indices": [], "point_coords": [], "point_logits": []}
-    for _ in range(self.subdivision_steps):
-      logits = interpolate_bilinear_x2(logits)
-      h, w = logits.shape[1:3]
-      uncertainty = semantic_uncertainty(logits)
-      indices, points = uncertain_points_on_grid(uncertainty, self.subdivision_num_points)
-      values = self.point_logits(features, coarse, points)
-      for k, v in (("upsampled", logits), ("uncertainty", uncertainty), ("indices", indices),
-                   ("point_coords", points), ("point_logits", values)):
-        inter[k].append(v)
-      logits = logits.reshape(n, h * w, c).at[rows, indices].set(values, unique_indices=True)
-      logits = logits.reshape(n, h, w, c)
+    logits, trace = subdivide(coarse, self.subdivision_steps, self.subdivision_num_points,
+                              semantic_uncertainty,
+                              lambda points: self.point_logits(features, coarse, points))
     if not return_intermediates:
       return logits
-    return logits, {k: tuple(v) if isinstance(v, list) else v for k, v in inter.items()}
+    trace["point_coords"] = trace.pop("points")
+    return logits, {"coarse_logits": coarse, "fused_features": fused, **trace}
 
 
-# --------------------------------------------------------------------------------------------------
-# Segmentor.
-# --------------------------------------------------------------------------------------------------
+# --- Segmentor ---
 
 
 class PointRendSemanticSegmentor(nnx.Module):
@@ -331,19 +283,11 @@ class PointRendSemanticSegmentor(nnx.Module):
   def preprocess(self, images: Array, image_sizes: Array | None = None) -> Array:
     """RGB ``[N, H, W, 3]`` -> normalized ``[N, Hp, Wp, 3]``, zero outside each image's
     ``image_sizes`` and on the added padding (``Hp, Wp`` = next multiples of 32)."""
-    x = jnp.asarray(images).astype(jnp.float32)
-    if self.input_format == "BGR":
-      x = x[..., ::-1]
-    x = (x - jnp.asarray(self.pixel_mean, jnp.float32)) / jnp.asarray(self.pixel_std,
-                                                                         jnp.float32)
-    n, h, w, _ = x.shape
-    if image_sizes is not None:
-      sizes = jnp.asarray(image_sizes).astype(jnp.int32)
-      valid = ((jnp.arange(h)[None, :, None] < sizes[:, 0, None, None])
-               & (jnp.arange(w)[None, None, :] < sizes[:, 1, None, None]))
-      x = jnp.where(valid[..., None], x, 0.0)
-    d = self.backbone.size_divisibility
-    return jnp.pad(x, ((0, 0), (0, -h % d), (0, -w % d), (0, 0)))
+    # Imported here: meta_arch (the instance model and build_model) imports this module.
+    from pointrend_jax.modeling.meta_arch import normalize_images
+    return normalize_images(images, image_sizes, pixel_mean=self.pixel_mean,
+                            pixel_std=self.pixel_std, input_format=self.input_format,
+                            size_divisibility=self.backbone.size_divisibility)
 
   def __call__(self, images: Array, image_sizes: Array | None = None, *,
                return_intermediates: bool = False) -> Array | tuple[Array, dict[str, Any]]:
@@ -362,15 +306,17 @@ def d2_semantic_names(model: PointRendSemanticSegmentor | PointRendSemSegHead,
                       prefix: str | None = None) -> dict[str, tuple[int, ...]]:
   """``{detectron2 name: PyTorch shape}`` (segmentor: ``backbone.*`` and ``sem_seg_head.*``;
   a bare head: ``sem_seg_head.*``). Abstract modules work too."""
-  if prefix is None:
-    prefix = "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""
-  return d2_names(model, prefix)
+  return d2_names(model, _semantic_prefix(model, prefix))
 
 
 def load_d2_semantic(model: PointRendSemanticSegmentor | PointRendSemSegHead,
                      state: Mapping[str, np.ndarray], prefix: str | None = None, *,
                      strict: bool = True) -> set[str]:
   """Loads a detectron2 semantic PointRend state dict (PyTorch layouts); returns names used."""
-  if prefix is None:
-    prefix = "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""
-  return load_d2(model, state, prefix, strict=strict)
+  return load_d2(model, state, _semantic_prefix(model, prefix), strict=strict)
+
+
+def _semantic_prefix(model: nnx.Module, prefix: str | None) -> str:
+  if prefix is not None:
+    return prefix
+  return "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""

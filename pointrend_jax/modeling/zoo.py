@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import os
 import pathlib
+import typing
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -221,9 +223,7 @@ ZOO_STEMS: dict[str, str] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading and merging yamls.
-# --------------------------------------------------------------------------------------------------
+# --- Loading and merging yamls ---
 
 
 def _decode(value: Any) -> Any:
@@ -294,9 +294,7 @@ def _resolve(raw: Mapping[str, Any], base_dir: pathlib.Path | None, seen: tuple[
   return _merge(parent, _decode(raw))
 
 
-# --------------------------------------------------------------------------------------------------
-# Parsing a merged detectron2 config.
-# --------------------------------------------------------------------------------------------------
+# --- Parsing a merged detectron2 config ---
 
 
 class _Reader:
@@ -313,23 +311,8 @@ class _Reader:
       node = node[part]
     return node
 
-  def _typed(self, key: str, tp: type) -> Any:
+  def typed(self, key: str, tp: Any) -> Any:
     return convert_value(tp, self.get(key), key)
-
-  def as_int(self, key: str) -> int:
-    return self._typed(key, int)
-
-  def as_float(self, key: str) -> float:
-    return self._typed(key, float)
-
-  def as_bool(self, key: str) -> bool:
-    return self._typed(key, bool)
-
-  def as_str(self, key: str) -> str:
-    return self._typed(key, str)
-
-  def as_tuple(self, key: str, tp: type) -> tuple:
-    return self._typed(key, tuple[tp, ...])
 
   def expect(self, key: str, allowed: Any, why: str = "") -> Any:
     value = self.get(key)
@@ -340,6 +323,18 @@ class _Reader:
       raise ConfigError(f"{key}: unsupported value {value!r} (supported: {shown})"
                         + (f"; {why}" if why else ""))
     return value
+
+
+def _section(r: _Reader, cls: type, section: str, keys: Mapping[str, str] | None = None,
+             **given: Any) -> Any:
+  """``cls`` with every field not ``given`` read from ``{section}.{FIELD}`` (or ``keys[field]``)."""
+  hints = typing.get_type_hints(cls)
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in given:
+      key = (keys or {}).get(f.name, f"{section}.{f.name.upper()}")
+      values[f.name] = r.typed(key, hints[f.name])
+  return cls(**values, **given)
 
 
 def _parse(r: _Reader) -> ModelConfig:
@@ -359,37 +354,27 @@ def _parse(r: _Reader) -> ModelConfig:
   r.expect("MODEL.FPN.FUSE_TYPE", "sum")
   r.expect("MODEL.FPN.NORM", ("", "GN", "BN", "SyncBN", "FrozenBN"))
   r.expect("INPUT.FORMAT", ("BGR", "RGB"))
-  pixel_mean = r.as_tuple("MODEL.PIXEL_MEAN", float)
-  pixel_std = r.as_tuple("MODEL.PIXEL_STD", float)
+  pixel_mean = r.typed("MODEL.PIXEL_MEAN", tuple[float, ...])
+  pixel_std = r.typed("MODEL.PIXEL_STD", tuple[float, ...])
   for key, v in (("MODEL.PIXEL_MEAN", pixel_mean), ("MODEL.PIXEL_STD", pixel_std)):
     if len(v) != 3:
       raise ConfigError(f"{key}: expected 3 values, got {list(v)}")
   if any(s == 0 for s in pixel_std):
     raise ConfigError(f"MODEL.PIXEL_STD: zero entry in {list(pixel_std)}")
-  depth = r.as_int("MODEL.RESNETS.DEPTH")
+  depth = r.typed("MODEL.RESNETS.DEPTH", int)
   if depth in (18, 34):
     # detectron2's BasicBlock ResNets require these (its build_resnet_backbone asserts them).
     r.expect("MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "ResNet-18/34 use 64")
     r.expect("MODEL.RESNETS.NUM_GROUPS", 1, "ResNet-18/34 have no groups")
     r.expect("MODEL.RESNETS.RES5_DILATION", 1, "ResNet-18/34 do not support dilation")
 
-  resnets = ResNetConfig(
-      depth=depth,
-      num_groups=r.as_int("MODEL.RESNETS.NUM_GROUPS"),
-      width_per_group=r.as_int("MODEL.RESNETS.WIDTH_PER_GROUP"),
-      stride_in_1x1=r.as_bool("MODEL.RESNETS.STRIDE_IN_1X1"),
-      norm=r.as_str("MODEL.RESNETS.NORM"),
-      freeze_at=r.as_int("MODEL.BACKBONE.FREEZE_AT"),
-      stem_out_channels=r.as_int("MODEL.RESNETS.STEM_OUT_CHANNELS"),
-      res2_out_channels=r.as_int("MODEL.RESNETS.RES2_OUT_CHANNELS"),
-      res5_dilation=r.as_int("MODEL.RESNETS.RES5_DILATION"),
-      out_features=tuple(levels))
-  fpn = FPNConfig(in_features=tuple(levels), out_channels=r.as_int("MODEL.FPN.OUT_CHANNELS"),
-                  norm=r.as_str("MODEL.FPN.NORM"))
+  resnets = _section(r, ResNetConfig, "MODEL.RESNETS", {"freeze_at": "MODEL.BACKBONE.FREEZE_AT"},
+                     depth=depth, out_features=tuple(levels))
+  fpn = _section(r, FPNConfig, "MODEL.FPN", in_features=tuple(levels))
   fpn_levels = ("p2", "p3", "p4", "p5", "p6")
 
   def features(key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    feats = r.as_tuple(key, str)
+    feats = r.typed(key, tuple[str, ...])
     if not feats or any(f not in allowed for f in feats):
       raise ConfigError(f"{key}: unsupported value {list(feats)} (features must be among "
                         f"{list(allowed)})")
@@ -397,42 +382,14 @@ def _parse(r: _Reader) -> ModelConfig:
       raise ConfigError(f"{key}: features must be distinct and finest first, got {list(feats)}")
     return feats
 
-  input_cfg = InputConfig(
-      format=r.as_str("INPUT.FORMAT"),
-      min_size_test=r.as_int("INPUT.MIN_SIZE_TEST"),
-      max_size_test=r.as_int("INPUT.MAX_SIZE_TEST"),
-      min_size_train=_int_tuple(r, "INPUT.MIN_SIZE_TRAIN"),
-      max_size_train=r.as_int("INPUT.MAX_SIZE_TRAIN"),
-      min_size_train_sampling=r.as_str("INPUT.MIN_SIZE_TRAIN_SAMPLING"),
-      random_flip=r.as_str("INPUT.RANDOM_FLIP"),
-      mask_format=r.as_str("INPUT.MASK_FORMAT"),
-      crop_enabled=r.as_bool("INPUT.CROP.ENABLED"),
-      crop_type=r.as_str("INPUT.CROP.TYPE"),
-      crop_size=r.as_tuple("INPUT.CROP.SIZE", float),
-      crop_single_category_max_area=r.as_float("INPUT.CROP.SINGLE_CATEGORY_MAX_AREA"),
-      color_aug_ssd=r.as_bool("INPUT.COLOR_AUG_SSD"))
+  input_cfg = _section(r, InputConfig, "INPUT",
+                       {f"crop_{k}": f"INPUT.CROP.{k.upper()}"
+                        for k in ("enabled", "type", "size", "single_category_max_area")},
+                       min_size_train=_int_tuple(r, "INPUT.MIN_SIZE_TRAIN"))
   point_feats = features("MODEL.POINT_HEAD.IN_FEATURES", fpn_levels[:4])
   r.expect("MODEL.POINT_HEAD.NAME", "StandardPointHead")
-  point_head = PointHeadConfig(
-      num_classes=r.as_int("MODEL.POINT_HEAD.NUM_CLASSES"),
-      in_features=point_feats,
-      fc_dim=r.as_int("MODEL.POINT_HEAD.FC_DIM"),
-      num_fc=r.as_int("MODEL.POINT_HEAD.NUM_FC"),
-      cls_agnostic_mask=r.as_bool("MODEL.POINT_HEAD.CLS_AGNOSTIC_MASK"),
-      coarse_pred_each_layer=r.as_bool("MODEL.POINT_HEAD.COARSE_PRED_EACH_LAYER"),
-      train_num_points=r.as_int("MODEL.POINT_HEAD.TRAIN_NUM_POINTS"),
-      oversample_ratio=r.as_float("MODEL.POINT_HEAD.OVERSAMPLE_RATIO"),
-      importance_sample_ratio=r.as_float("MODEL.POINT_HEAD.IMPORTANCE_SAMPLE_RATIO"),
-      subdivision_steps=r.as_int("MODEL.POINT_HEAD.SUBDIVISION_STEPS"),
-      subdivision_num_points=r.as_int("MODEL.POINT_HEAD.SUBDIVISION_NUM_POINTS"))
-  sem_seg_head = SemSegHeadConfig(
-      num_classes=r.as_int("MODEL.SEM_SEG_HEAD.NUM_CLASSES"),
-      in_features=tuple(r.as_tuple("MODEL.SEM_SEG_HEAD.IN_FEATURES", str)),
-      convs_dim=r.as_int("MODEL.SEM_SEG_HEAD.CONVS_DIM"),
-      common_stride=r.as_int("MODEL.SEM_SEG_HEAD.COMMON_STRIDE"),
-      norm=r.as_str("MODEL.SEM_SEG_HEAD.NORM"),
-      ignore_value=r.as_int("MODEL.SEM_SEG_HEAD.IGNORE_VALUE"),
-      loss_weight=r.as_float("MODEL.SEM_SEG_HEAD.LOSS_WEIGHT"))
+  point_head = _section(r, PointHeadConfig, "MODEL.POINT_HEAD", in_features=point_feats)
+  sem_seg_head = _section(r, SemSegHeadConfig, "MODEL.SEM_SEG_HEAD")
   common = dict(meta_architecture=meta, pixel_mean=pixel_mean, pixel_std=pixel_std,
                 weights=str(r.get("MODEL.WEIGHTS") or ""), resnets=resnets, fpn=fpn,
                 input=input_cfg, point_head=point_head, sem_seg_head=sem_seg_head)
@@ -468,10 +425,8 @@ def _parse(r: _Reader) -> ModelConfig:
            "PointRendMaskHead samples its own points (no ROI pooler)")
 
   rpn_feats = features("MODEL.RPN.IN_FEATURES", fpn_levels)
-  sizes = r.get("MODEL.ANCHOR_GENERATOR.SIZES")
-  ratios = r.get("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
-  sizes = _anchor_lists(sizes, len(rpn_feats), "MODEL.ANCHOR_GENERATOR.SIZES")
-  ratios = _anchor_lists(ratios, len(rpn_feats), "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+  sizes = _anchor_lists(r, "MODEL.ANCHOR_GENERATOR.SIZES", len(rpn_feats))
+  ratios = _anchor_lists(r, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", len(rpn_feats))
   if any(rt != ratios[0] for rt in ratios):
     raise ConfigError("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS: different ratios per level are "
                       f"not supported, got {[list(x) for x in ratios]}")
@@ -479,54 +434,17 @@ def _parse(r: _Reader) -> ModelConfig:
     raise ConfigError("MODEL.ANCHOR_GENERATOR.SIZES: every level needs the same number of "
                       f"sizes, got {[list(x) for x in sizes]}")
   anchors = AnchorConfig(sizes=sizes, aspect_ratios=ratios[0],
-                         offset=r.as_float("MODEL.ANCHOR_GENERATOR.OFFSET"))
-  rpn = RPNConfig(
-      in_features=rpn_feats,
-      pre_nms_topk_train=r.as_int("MODEL.RPN.PRE_NMS_TOPK_TRAIN"),
-      pre_nms_topk_test=r.as_int("MODEL.RPN.PRE_NMS_TOPK_TEST"),
-      post_nms_topk_train=r.as_int("MODEL.RPN.POST_NMS_TOPK_TRAIN"),
-      post_nms_topk_test=r.as_int("MODEL.RPN.POST_NMS_TOPK_TEST"),
-      nms_thresh=r.as_float("MODEL.RPN.NMS_THRESH"),
-      min_size=r.as_float("MODEL.PROPOSAL_GENERATOR.MIN_SIZE"),
-      bbox_reg_weights=r.as_tuple("MODEL.RPN.BBOX_REG_WEIGHTS", float),
-      iou_thresholds=r.as_tuple("MODEL.RPN.IOU_THRESHOLDS", float),
-      iou_labels=r.as_tuple("MODEL.RPN.IOU_LABELS", int),
-      batch_size_per_image=r.as_int("MODEL.RPN.BATCH_SIZE_PER_IMAGE"),
-      positive_fraction=r.as_float("MODEL.RPN.POSITIVE_FRACTION"),
-      smooth_l1_beta=r.as_float("MODEL.RPN.SMOOTH_L1_BETA"),
-      loss_weight=r.as_float("MODEL.RPN.LOSS_WEIGHT"),
-      bbox_reg_loss_weight=r.as_float("MODEL.RPN.BBOX_REG_LOSS_WEIGHT"),
-      boundary_thresh=r.as_int("MODEL.RPN.BOUNDARY_THRESH"))
-  roi_heads = ROIHeadsConfig(
-      num_classes=r.as_int("MODEL.ROI_HEADS.NUM_CLASSES"),
-      in_features=features("MODEL.ROI_HEADS.IN_FEATURES", fpn_levels[:4]),
-      score_thresh_test=r.as_float("MODEL.ROI_HEADS.SCORE_THRESH_TEST"),
-      nms_thresh_test=r.as_float("MODEL.ROI_HEADS.NMS_THRESH_TEST"),
-      detections_per_image=r.as_int("TEST.DETECTIONS_PER_IMAGE"),
-      batch_size_per_image=r.as_int("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"),
-      positive_fraction=r.as_float("MODEL.ROI_HEADS.POSITIVE_FRACTION"),
-      iou_thresholds=r.as_tuple("MODEL.ROI_HEADS.IOU_THRESHOLDS", float),
-      iou_labels=r.as_tuple("MODEL.ROI_HEADS.IOU_LABELS", int),
-      proposal_append_gt=r.as_bool("MODEL.ROI_HEADS.PROPOSAL_APPEND_GT"))
-  box_head = BoxHeadConfig(
-      num_fc=r.as_int("MODEL.ROI_BOX_HEAD.NUM_FC"),
-      fc_dim=r.as_int("MODEL.ROI_BOX_HEAD.FC_DIM"),
-      pooler_resolution=r.as_int("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION"),
-      pooler_sampling_ratio=r.as_int("MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO"),
-      bbox_reg_weights=r.as_tuple("MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", float),
-      smooth_l1_beta=r.as_float("MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA"),
-      bbox_reg_loss_weight=r.as_float("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT"),
-      train_on_pred_boxes=r.as_bool("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES"))
+                         offset=r.typed("MODEL.ANCHOR_GENERATOR.OFFSET", float))
+  rpn = _section(r, RPNConfig, "MODEL.RPN", {"min_size": "MODEL.PROPOSAL_GENERATOR.MIN_SIZE"},
+                 in_features=rpn_feats)
+  roi_heads = _section(r, ROIHeadsConfig, "MODEL.ROI_HEADS",
+                       {"detections_per_image": "TEST.DETECTIONS_PER_IMAGE"},
+                       in_features=features("MODEL.ROI_HEADS.IN_FEATURES", fpn_levels[:4]))
+  box_head = _section(r, BoxHeadConfig, "MODEL.ROI_BOX_HEAD")
   if box_head.num_fc < 1:
     raise ConfigError("MODEL.ROI_BOX_HEAD.NUM_FC: at least one fc layer is required")
-  mask_head = MaskHeadConfig(
-      in_features=features("MODEL.ROI_MASK_HEAD.IN_FEATURES", fpn_levels[:4]),
-      pooler_resolution=r.as_int("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION"),
-      conv_dim=r.as_int("MODEL.ROI_MASK_HEAD.CONV_DIM"),
-      fc_dim=r.as_int("MODEL.ROI_MASK_HEAD.FC_DIM"),
-      num_fc=r.as_int("MODEL.ROI_MASK_HEAD.NUM_FC"),
-      output_side_resolution=r.as_int("MODEL.ROI_MASK_HEAD.OUTPUT_SIDE_RESOLUTION"),
-      cls_agnostic_mask=r.as_bool("MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK"))
+  mask_head = _section(r, MaskHeadConfig, "MODEL.ROI_MASK_HEAD",
+                       in_features=features("MODEL.ROI_MASK_HEAD.IN_FEATURES", fpn_levels[:4]))
   if mask_head.in_features != point_head.in_features:
     raise ConfigError(f"MODEL.ROI_MASK_HEAD.IN_FEATURES ({list(mask_head.in_features)}) must "
                       f"equal MODEL.POINT_HEAD.IN_FEATURES ({list(point_head.in_features)})")
@@ -548,8 +466,9 @@ def _int_tuple(r: _Reader, key: str) -> tuple[int, ...]:
   return convert_value(tuple[int, ...], value, key)
 
 
-def _anchor_lists(value: Any, num_levels: int, key: str) -> tuple[tuple[float, ...], ...]:
+def _anchor_lists(r: _Reader, key: str, num_levels: int) -> tuple[tuple[float, ...], ...]:
   """detectron2 ``_broadcast_params``: one list for all levels, or one list per level."""
+  value = r.get(key)
   if not isinstance(value, (list, tuple)) or not value:
     raise ConfigError(f"{key}: expected a list of lists, got {value!r}")
   if not isinstance(value[0], (list, tuple)):
@@ -625,9 +544,7 @@ def zoo_yaml(name: str) -> dict[str, Any]:
   return copy.deepcopy(_ZOO_YAMLS[key])
 
 
-# --------------------------------------------------------------------------------------------------
-# The run config's model section.
-# --------------------------------------------------------------------------------------------------
+# --- The run config's model section ---
 
 
 def _plain(value: Any) -> Any:

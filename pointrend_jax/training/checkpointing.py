@@ -35,16 +35,9 @@ from jax.experimental import multihost_utils
 
 from pointrend_jax.checkpoint.workdir import DATA_ITEM, STATE_ITEM
 
-__all__ = [
-    "DataIteratorHandler",
-    "DataIteratorSave",
-    "DataIteratorRestore",
-    "make_checkpoint_manager",
-    "save_checkpoint",
-    "restore_checkpoint",
-    "restore_latest",
-    "PreemptionGuard",
-]
+__all__ = ["DataIteratorHandler", "DataIteratorSave", "DataIteratorRestore",
+           "make_checkpoint_manager", "save_checkpoint", "restore_checkpoint", "restore_latest",
+           "PreemptionGuard"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +102,9 @@ def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | 
   Saving is decided by the caller (every ``save_checkpoint`` call writes), so the manager's
   own interval policy is left at "every step".
   """
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-  )
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       epath.Path(directory).absolute(), options=options,
       item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -147,17 +137,11 @@ def _abstract(tree: Any) -> Any:
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Any,
                        *, with_data_state: bool = True) -> tuple[Any, Any]:
-  """Restores checkpoint ``step``.
+  """Restores checkpoint ``step``: ``(state, data_state)``.
 
-  Args:
-    manager: from :func:`make_checkpoint_manager`.
-    step: the checkpoint step.
-    target: a pytree with the structure of the saved state whose leaves are arrays or
-      ``jax.ShapeDtypeStruct`` (their shardings, e.g. replicated on the mesh, are used).
-    with_data_state: also read this process's data-iterator state.
-
-  Returns:
-    ``(state, data_state)``; ``data_state`` is None when not requested or not saved.
+  ``target`` has the structure of the saved state, its leaves arrays or ``jax.ShapeDtypeStruct``
+  (their shardings, e.g. replicated on the mesh, are used). ``data_state`` (this process's
+  data-iterator state) is None unless ``with_data_state`` and saved.
   """
   items = {STATE_ITEM: ocp.args.StandardRestore(_abstract(target))}
   has_data = with_data_state and (
@@ -212,15 +196,6 @@ class PreemptionGuard:
     for s, h in self._previous.items():
       signal.signal(s, h)
     self._previous.clear()
-
-  @property
-  def requested(self) -> bool:
-    """This process received a stop signal."""
-    return self._event.is_set()
-
-  def request(self) -> None:
-    """Asks for a stop as if a signal had arrived (tests, custom triggers)."""
-    self._event.set()
 
   def should_stop(self) -> bool:
     """Whether any process received a stop signal (a collective with several processes)."""

@@ -49,21 +49,10 @@ from pointrend_jax.ops.sampler import sample_mask, subsample_labels
 if TYPE_CHECKING:
   from pointrend_jax.modeling.meta_arch import PointRendRCNN
 
-__all__ = [
-    "LOSS_NAMES",
-    "INSTANCE_BATCH_KEYS",
-    "ROISamples",
-    "bce_with_logits",
-    "rpn_losses",
-    "sample_proposals",
-    "roi_box_losses",
-    "predict_boxes_for_gt_classes",
-    "crop_and_resize_packed_masks",
-    "point_labels_from_packed_masks",
-    "mask_losses",
-    "instance_losses",
-    "instance_loss_fn",
-]
+__all__ = ["LOSS_NAMES", "INSTANCE_BATCH_KEYS", "ROISamples", "bce_with_logits", "rpn_losses",
+           "sample_proposals", "roi_box_losses", "predict_boxes_for_gt_classes",
+           "crop_and_resize_packed_masks", "point_labels_from_packed_masks", "mask_losses",
+           "instance_losses", "instance_loss_fn"]
 
 Array = jax.Array
 
@@ -75,9 +64,7 @@ INSTANCE_BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_vali
                        "gt_masks_packed")
 
 
-# --------------------------------------------------------------------------------------------------
-# Elementwise pieces.
-# --------------------------------------------------------------------------------------------------
+# --- Elementwise pieces ---
 
 
 def bce_with_logits(logits: Array, targets: Array) -> Array:
@@ -112,9 +99,7 @@ def _usable_gt(gt_boxes: Array, gt_valid: Array) -> Array:
   return jnp.asarray(gt_valid, bool) & nonempty_boxes(jnp.asarray(gt_boxes, jnp.float32))
 
 
-# --------------------------------------------------------------------------------------------------
-# RPN.
-# --------------------------------------------------------------------------------------------------
+# --- RPN ---
 
 
 def _concat_levels(x: Sequence[Array] | Array, axis: int) -> Array:
@@ -123,21 +108,13 @@ def _concat_levels(x: Sequence[Array] | Array, axis: int) -> Array:
   return jnp.asarray(x)
 
 
-def rpn_losses(key: Array,
-               anchors: Sequence[np.ndarray | Array] | Array,
-               pred_logits: Sequence[Array] | Array,
-               pred_deltas: Sequence[Array] | Array,
-               gt_boxes: Array,
-               gt_valid: Array,
-               *,
-               batch_size_per_image: int = 256,
-               positive_fraction: float = 0.5,
-               iou_thresholds: Sequence[float] = (0.3, 0.7),
+def rpn_losses(key: Array, anchors: Sequence[np.ndarray | Array] | Array,
+               pred_logits: Sequence[Array] | Array, pred_deltas: Sequence[Array] | Array,
+               gt_boxes: Array, gt_valid: Array, *, batch_size_per_image: int = 256,
+               positive_fraction: float = 0.5, iou_thresholds: Sequence[float] = (0.3, 0.7),
                iou_labels: Sequence[int] = (0, -1, 1),
-               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-               smooth_l1_beta: float = 0.0,
-               loss_weight: float = 1.0,
-               bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
+               box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), smooth_l1_beta: float = 0.0,
+               loss_weight: float = 1.0, bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
   """detectron2 ``RPN.losses`` after ``label_and_sample_anchors`` (spec §6.4).
 
   Per image: IoU of the usable GTs (valid, non-empty, overlapping some anchor) with every
@@ -153,11 +130,9 @@ def rpn_losses(key: Array,
     pred_deltas: per level ``[B, N_l, 4]`` (or ``[B, A, 4]``) anchor deltas.
     gt_boxes: ``[B, M, 4]`` GT boxes (resized-image pixels).
     gt_valid: ``[B, M]`` bool.
-    batch_size_per_image, positive_fraction: RPN.BATCH_SIZE_PER_IMAGE / POSITIVE_FRACTION.
-    iou_thresholds, iou_labels: RPN.IOU_THRESHOLDS / IOU_LABELS.
-    box_reg_weights: RPN.BBOX_REG_WEIGHTS.
-    smooth_l1_beta: RPN.SMOOTH_L1_BETA (0: L1).
-    loss_weight, bbox_reg_loss_weight: RPN.LOSS_WEIGHT (both) and RPN.BBOX_REG_LOSS_WEIGHT (loc).
+    batch_size_per_image .. bbox_reg_loss_weight: ``RPN.*`` of the same names
+      (``box_reg_weights``: BBOX_REG_WEIGHTS; ``smooth_l1_beta`` 0: L1; ``loss_weight`` scales
+      both terms, ``bbox_reg_loss_weight`` the loc term).
 
   Returns:
     ``loss_rpn_cls`` (sum of BCE over sampled anchors) and ``loss_rpn_loc`` (sum over positives
@@ -198,9 +173,7 @@ def rpn_losses(key: Array,
   }
 
 
-# --------------------------------------------------------------------------------------------------
-# ROI heads: matching, sampling, box losses.
-# --------------------------------------------------------------------------------------------------
+# --- ROI heads: matching, sampling, box losses ---
 
 
 class ROISamples(NamedTuple):
@@ -225,18 +198,10 @@ class ROISamples(NamedTuple):
   is_fg: Array
 
 
-def sample_proposals(key: Array,
-                     proposal_boxes: Array,
-                     proposal_valid: Array,
-                     gt_boxes: Array,
-                     gt_classes: Array,
-                     gt_valid: Array,
-                     *,
-                     num_classes: int,
-                     batch_size_per_image: int = 512,
-                     positive_fraction: float = 0.25,
-                     iou_thresholds: Sequence[float] = (0.5,),
-                     iou_labels: Sequence[int] = (0, 1),
+def sample_proposals(key: Array, proposal_boxes: Array, proposal_valid: Array, gt_boxes: Array,
+                     gt_classes: Array, gt_valid: Array, *, num_classes: int,
+                     batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                     iou_thresholds: Sequence[float] = (0.5,), iou_labels: Sequence[int] = (0, 1),
                      append_gt: bool = True) -> ROISamples:
   """detectron2 ``label_and_sample_proposals`` with fixed slots.
 
@@ -254,8 +219,8 @@ def sample_proposals(key: Array,
     num_classes: ``K``.
     batch_size_per_image, positive_fraction: ROI_HEADS.BATCH_SIZE_PER_IMAGE (static ``S``) and
       POSITIVE_FRACTION.
-    iou_thresholds, iou_labels: ROI_HEADS.IOU_THRESHOLDS / IOU_LABELS.
-    append_gt: ROI_HEADS.PROPOSAL_APPEND_GT.
+    iou_thresholds, iou_labels, append_gt: ROI_HEADS.IOU_THRESHOLDS, IOU_LABELS,
+      PROPOSAL_APPEND_GT.
 
   Returns:
     :class:`ROISamples` (no gradient).
@@ -279,24 +244,16 @@ def sample_proposals(key: Array,
     cls = jnp.where(labels == 1, classes[matched], jnp.where(labels == 0, k, -1))
     cls = jnp.where(valid, cls, -1)
     index, is_fg, ok = subsample_labels(key, cls, batch_size_per_image, positive_fraction, k)
-    return ROISamples(
-        index=index,
-        boxes=jnp.where(ok[:, None], boxes[index], 0.0),
-        classes=jnp.where(ok, cls[index], k),
-        gt_index=matched[index],
-        gt_boxes=gts[matched[index]],
-        valid=ok,
-        is_fg=is_fg)
+    return ROISamples(index=index, boxes=jnp.where(ok[:, None], boxes[index], 0.0),
+                      classes=jnp.where(ok, cls[index], k), gt_index=matched[index],
+                      gt_boxes=gts[matched[index]], valid=ok, is_fg=is_fg)
 
   keys = jax.random.split(key, b)
   out = jax.vmap(one_image)(keys, cand_boxes, cand_valid, gt_boxes, gt_classes, usable)
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def roi_box_losses(cls_logits: Array,
-                   box_deltas: Array,
-                   samples: ROISamples,
-                   *,
+def roi_box_losses(cls_logits: Array, box_deltas: Array, samples: ROISamples, *,
                    box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                    smooth_l1_beta: float = 0.0,
                    bbox_reg_loss_weight: float = 1.0) -> dict[str, Array]:
@@ -306,8 +263,7 @@ def roi_box_losses(cls_logits: Array,
     cls_logits: ``[B, S, K+1]`` classifier logits (background last).
     box_deltas: ``[B, S, 4K]`` class-specific deltas.
     samples: the :class:`ROISamples` the logits were computed for.
-    box_reg_weights: ROI_BOX_HEAD.BBOX_REG_WEIGHTS.
-    smooth_l1_beta, bbox_reg_loss_weight: ROI_BOX_HEAD.SMOOTH_L1_BETA / BBOX_REG_LOSS_WEIGHT.
+    box_reg_weights, smooth_l1_beta, bbox_reg_loss_weight: ``ROI_BOX_HEAD.*`` (BBOX_REG_WEIGHTS).
 
   Returns:
     ``loss_cls`` (softmax CE, mean over the sampled ROIs of all images) and ``loss_box_reg``
@@ -338,8 +294,7 @@ def roi_box_losses(cls_logits: Array,
 
 
 def predict_boxes_for_gt_classes(box_deltas: Array, samples: ROISamples,
-                                 box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
-                                 ) -> Array:
+    box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)) -> Array:
   """TRAIN_ON_PRED_BOXES: each slot's box decoded with the deltas of its GT class.
 
   ``FastRCNNOutputLayers.predict_boxes_for_gt_classes``: class ``clamp(gt_class, 0, K-1)``
@@ -356,9 +311,7 @@ def predict_boxes_for_gt_classes(box_deltas: Array, samples: ROISamples,
   return decode_boxes(picked, samples.boxes, box_reg_weights)
 
 
-# --------------------------------------------------------------------------------------------------
-# Mask targets from bit-packed GT masks.
-# --------------------------------------------------------------------------------------------------
+# --- Mask targets from bit-packed GT masks ---
 
 # The exact float32 per-sample ROIAlign arithmetic of ops.roi_align, reused through its private
 # helpers: its public separable op has one static map size for all ROIs, while the mask target
@@ -393,20 +346,14 @@ def _flat_mask_index(batch_index: Array, gt_index: Array, num_gt: int) -> Array:
   return batch_index.astype(jnp.int32) * num_gt + gt_index.astype(jnp.int32)
 
 
-def crop_and_resize_packed_masks(gt_masks_packed: Array,
-                                 image_size: Array,
-                                 batch_index: Array,
-                                 gt_index: Array,
-                                 boxes: Array,
-                                 output_size: int = 7,
-                                 *,
+def crop_and_resize_packed_masks(gt_masks_packed: Array, image_size: Array, batch_index: Array,
+                                 gt_index: Array, boxes: Array, output_size: int = 7, *,
                                  chunk_size: int = 8) -> Array:
   """``BitMasks.crop_and_resize`` before its ``>= 0.5``: ROIAlign of each ROI's GT bitmask.
 
-  torchvision ``roi_align(mask, box, output_size, spatial_scale=1, sampling_ratio=0,
-  aligned=True)`` on the ``h x w`` (unpadded) bitmask of GT ``gt_index[r]`` of image
-  ``batch_index[r]``, exact for any box (also past the image border). One ROI's mask is
-  unpacked at a time (``chunk_size`` ROIs together).
+  torchvision ``roi_align(mask, box, output_size, 1, 0, aligned=True)`` on the ``h x w``
+  (unpadded) bitmask, exact for any box (see the module docstring); ``chunk_size`` ROIs are
+  unpacked at a time.
 
   Args:
     gt_masks_packed: ``[B, M, Hb, Wb // 8]`` uint8 bitmasks (big-endian bits along W), zero
@@ -448,9 +395,8 @@ def crop_and_resize_packed_masks(gt_masks_packed: Array,
   return _div(out, divisor[:, None, None])
 
 
-def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array,
-                                   batch_index: Array, gt_index: Array,
-                                   points_in_image: Array) -> Array:
+def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array, batch_index: Array,
+                                   gt_index: Array, points_in_image: Array) -> Array:
   """detectron2 ``sample_point_labels``: bilinear ``point_sample`` of the float GT bitmask.
 
   Point ``(X, Y)`` (image pixels) is normalised by the unpadded size ``(w, h)`` and sampled with
@@ -510,9 +456,7 @@ def point_labels_from_packed_masks(gt_masks_packed: Array, image_size: Array,
   return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Mask losses.
-# --------------------------------------------------------------------------------------------------
+# --- Mask losses ---
 
 
 def mask_losses(coarse_logits: Array, point_logits: Array, mask_targets: Array,
@@ -547,9 +491,7 @@ def mask_losses(coarse_logits: Array, point_logits: Array, mask_targets: Array,
           "point/accuracy": accuracy.astype(jnp.float32)}
 
 
-# --------------------------------------------------------------------------------------------------
-# The whole model.
-# --------------------------------------------------------------------------------------------------
+# --- The whole model ---
 
 
 def _packed_masks(batch: Mapping[str, Array]) -> Array:
@@ -653,12 +595,8 @@ def instance_losses(model: PointRendRCNN, batch: Mapping[str, Array],
 
 def instance_loss_fn(model: PointRendRCNN, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
-  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models).
-
-  Returns:
-    ``(total, terms)``: the sum of the six :data:`LOSS_NAMES` and every term (plus the logged
-    ``point/accuracy``, not part of the total).
-  """
+  """``loss_fn`` for :func:`~pointrend_jax.training.step.make_train_step` (instance models):
+  ``(sum of the six LOSS_NAMES, every term)`` (``point/accuracy`` is logged, not summed)."""
   terms = instance_losses(model, batch, key)
   total = sum(terms[k] for k in LOSS_NAMES)
   return total, terms

@@ -27,13 +27,7 @@ def cross_entropy_ignore(logits: Array, labels: Array,
                          ignore_value: int = IGNORE_VALUE) -> Array:
   """``F.cross_entropy(logits, labels, ignore_index=ignore_value, reduction="mean")``, 0 if empty.
 
-  Args:
-    logits: ``[..., C]`` float logits.
-    labels: ``[...]`` integer labels in ``[0, C)`` or ``ignore_value``.
-    ignore_value: label to ignore.
-
-  Returns:
-    Scalar float32 mean of ``-log_softmax(logits)[label]`` over non-ignored elements.
+  ``logits [..., C]``, ``labels [...]`` in ``[0, C)`` or ``ignore_value`` -> float32 scalar.
   """
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.int32)
@@ -77,9 +71,6 @@ def semantic_losses(outputs: Mapping[str, Array], sem_seg_targets: Array,
     image_sizes: optional ``[B, 2]`` valid ``(h, w)``; labels outside are ignored.
     common_stride: upsampling factor of the coarse logits (4).
     loss_weight: SEM_SEG_HEAD.LOSS_WEIGHT (1.0), applied to ``loss_sem_seg`` as in detectron2.
-
-  Returns:
-    ``{"loss_sem_seg": scalar, "loss_sem_seg_point": scalar}`` (float32).
   """
   coarse = outputs["coarse_logits"]
   _, hc, wc, _ = coarse.shape
@@ -102,13 +93,8 @@ def semantic_loss_fn(model, batch: Mapping[str, Array], key: Array
                      ) -> tuple[Array, dict[str, Array]]:
   """``loss_fn`` for :func:`pointrend_jax.training.step.make_train_step` (semantic models).
 
-  Args:
-    model: a :class:`PointRendSemanticSegmentor`.
-    batch: ``image [B, H, W, 3]``, ``image_size [B, 2]``, ``sem_seg [B, H, W]``.
-    key: PRNG key for the random training points.
-
-  Returns:
-    ``(total, {"loss_sem_seg": ..., "loss_sem_seg_point": ...})``.
+  ``model``: a :class:`PointRendSemanticSegmentor`; ``batch``: ``image [B, H, W, 3]``,
+  ``image_size [B, 2]``, ``sem_seg [B, H, W]``. Returns ``(total, {loss name: scalar})``.
   """
   sizes = batch.get("image_size")
   outputs = model.forward_train(batch["image"], sizes, key)

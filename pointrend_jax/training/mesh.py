@@ -15,26 +15,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = [
-    "DATA_AXIS",
-    "initialize_distributed",
-    "make_mesh",
-    "data_sharding",
-    "replicated_sharding",
-    "shard_batch",
-    "replicate",
-]
+__all__ = ["DATA_AXIS", "initialize_distributed", "make_mesh", "data_sharding",
+           "replicated_sharding", "shard_batch", "replicate"]
 
 logger = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           *,
-                           auto_detect: bool = False,
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto_detect: bool = False,
                            local_device_ids: Sequence[int] | None = None) -> tuple[int, int]:
   """Starts JAX's multi-process runtime, if asked to; a no-op for single-process runs.
 

@@ -29,34 +29,19 @@ from flax import nnx
 
 from pointrend_jax.modeling import layers
 
-__all__ = [
-    "NORM_MODULE_TYPES",
-    "warmup_multistep_schedule",
-    "param_groups",
-    "weight_decay_tree",
-    "make_optimizer",
-]
+__all__ = ["NORM_MODULE_TYPES", "warmup_multistep_schedule", "param_groups", "weight_decay_tree",
+           "make_optimizer"]
 
 # Module types whose parameters are "norm" parameters for WEIGHT_DECAY_NORM (detectron2 lists
 # BatchNorm*, SyncBatchNorm, GroupNorm, InstanceNorm*, LayerNorm, LocalResponseNorm and
 # FrozenBatchNorm2d; the latter has no parameters).
 NORM_MODULE_TYPES: tuple[type[nnx.Module], ...] = (
-    layers.GroupNorm,
-    layers.BatchNorm,
-    layers.FrozenBatchNorm,
-    nnx.GroupNorm,
-    nnx.BatchNorm,
-    nnx.LayerNorm,
-    nnx.RMSNorm,
-)
+    layers.GroupNorm, layers.BatchNorm, layers.FrozenBatchNorm, nnx.GroupNorm, nnx.BatchNorm,
+    nnx.LayerNorm, nnx.RMSNorm)
 
 
-def warmup_multistep_schedule(base_lr: float,
-                              steps: Sequence[int],
-                              *,
-                              warmup_iters: int = 1000,
-                              warmup_factor: float = 0.001,
-                              gamma: float = 0.1,
+def warmup_multistep_schedule(base_lr: float, steps: Sequence[int], *, warmup_iters: int = 1000,
+                              warmup_factor: float = 0.001, gamma: float = 0.1,
                               max_iter: int | None = None) -> optax.Schedule:
   """detectron2 ``WarmupMultiStepLR`` (linear warmup) as an optax schedule of the 0-based step.
 
@@ -71,8 +56,7 @@ def warmup_multistep_schedule(base_lr: float,
     steps: SOLVER.STEPS (iterations where the lr is multiplied by ``gamma``).
     warmup_iters: SOLVER.WARMUP_ITERS (``min(W, max_iter)`` like detectron2 when ``max_iter``
       is given).
-    warmup_factor: SOLVER.WARMUP_FACTOR.
-    gamma: SOLVER.GAMMA.
+    warmup_factor, gamma: SOLVER.WARMUP_FACTOR, SOLVER.GAMMA.
     max_iter: SOLVER.MAX_ITER; steps beyond it are dropped as in detectron2.
 
   Returns:
@@ -128,8 +112,7 @@ def param_groups(model: nnx.Module) -> dict[str, Any]:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_tree(model: nnx.Module, weight_decay: float,
-                      weight_decay_norm: float = 0.0,
+def weight_decay_tree(model: nnx.Module, weight_decay: float, weight_decay_norm: float = 0.0,
                       weight_decay_bias: float | None = None) -> dict[str, Any]:
   """Per-parameter weight decay (pure nested dict of floats), detectron2 rules."""
   wd_bias = weight_decay if weight_decay_bias is None else weight_decay_bias
@@ -172,9 +155,8 @@ def make_optimizer(config: Any, model: nnx.Module
   """
   s = _solver(config)
   schedule = warmup_multistep_schedule(
-      s["base_lr"], s["steps"], warmup_iters=s["warmup_iters"],
-      warmup_factor=s["warmup_factor"], gamma=s["gamma"],
-      max_iter=s["max_iter"])
+      s["base_lr"], s["steps"], warmup_iters=s["warmup_iters"], warmup_factor=s["warmup_factor"],
+      gamma=s["gamma"], max_iter=s["max_iter"])
   wd = weight_decay_tree(model, s["weight_decay"], s["weight_decay_norm"],
                          None if s["weight_decay_bias"] is None
                          else float(s["weight_decay_bias"]))
@@ -184,9 +166,6 @@ def make_optimizer(config: Any, model: nnx.Module
   for rate in sorted({v for v in jax.tree.leaves(wd) if v != 0.0}):
     mask = jax.tree.map(lambda v, r=rate: v == r, wd)
     decays.append(optax.add_decayed_weights(rate, mask=mask))
-  tx = optax.chain(
-      *decays,
-      optax.trace(decay=s["momentum"], nesterov=s["nesterov"]),
-      optax.scale_by_learning_rate(schedule),
-  )
+  tx = optax.chain(*decays, optax.trace(decay=s["momentum"], nesterov=s["nesterov"]),
+                   optax.scale_by_learning_rate(schedule))
   return tx, schedule

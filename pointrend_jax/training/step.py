@@ -127,8 +127,7 @@ SEQUENTIAL_REPLICAS_MIN_PIXELS = 256 * 256
 
 def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
                       batch: Batch, key: Array, num_groups: int,
-                      mesh: jax.sharding.Mesh | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[Array, dict[str, Array]]:
   """Mean over ``num_groups`` virtual replicas of ``loss_fn`` on each replica's images.
 
   Returns:
@@ -168,9 +167,8 @@ class TrainStep:
     num_traces: how many times the step was traced (one per new batch shape).
   """
 
-  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
-               mesh: jax.sharding.Mesh, num_groups: int = 1,
-               schedule: optax.Schedule | None = None, donate: bool = True):
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
+               num_groups: int = 1, schedule: optax.Schedule | None = None, donate: bool = True):
     self.loss_fn = loss_fn
     self.tx = tx
     self.mesh = mesh
@@ -229,13 +227,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     schedule: optax.Schedule | None = None, donate: bool = True) -> TrainStep:
   """The jitted data-parallel train step; see :class:`TrainStep`.
 
-  Args:
-    loss_fn: ``(model, replica_batch, key) -> (loss, terms)`` on one virtual replica's images.
-    optimizer: from :func:`~pointrend_jax.training.optimizer.make_optimizer`.
-    mesh: device mesh (default: all devices).
-    num_groups: detectron2's GPU count ``G`` (virtual replicas per global batch).
-    schedule: learning-rate schedule, only to report ``lr`` in the metrics.
-    donate: donate the input state's buffers.
+  ``loss_fn`` runs on one virtual replica's images; ``num_groups`` is detectron2's GPU count
+  ``G`` (virtual replicas per global batch); ``mesh`` defaults to all devices; ``schedule`` only
+  reports ``lr`` in the metrics.
   """
   return TrainStep(loss_fn, optimizer, mesh=mesh or mesh_lib.make_mesh(),
                    num_groups=num_groups, schedule=schedule, donate=donate)
