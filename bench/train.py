@@ -63,7 +63,7 @@ from flax import nnx  # noqa: E402
 
 from pointrend_jax.data import batching  # noqa: E402
 from pointrend_jax.modeling import layers  # noqa: E402
-from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model  # noqa: E402
+from pointrend_jax.checkpoint.d2_model import load_d2_model, random_d2_state  # noqa: E402
 from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
 from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 from pointrend_jax.training import mesh as mesh_lib  # noqa: E402
@@ -75,35 +75,6 @@ from pointrend_jax.training.losses_instance import (INSTANCE_BATCH_KEYS,  # noqa
 ZOO = "r50_fpn_1x_coco"
 IMAGE_SIZES = ((800, 1067), (750, 1333))
 GIB = 1024.0 ** 3
-
-
-def numpy_weights(model, pixel_std, seed: int = 0) -> dict[str, np.ndarray]:
-  """Well-scaled numpy weights for every detectron2 name of ``model``.
-
-  Kernels: normal, std ``gain / sqrt(fan_in)``, each output unit centred (no common mode that
-  makes one class win every box); gain sqrt(2), the stem ``mean(pixel_std) / 64``, the last
-  conv of each bottleneck 0.5, FPN 1, class / objectness logits 4, box deltas 0.5-1, mask
-  predictors 2. Norm scales and running variances 1, biases and running means 0.
-  """
-  rng = np.random.default_rng(seed)
-  gains = (("stem.conv1.weight", float(np.mean(pixel_std)) / 64.0), (".conv3.weight", 0.5),
-           ("fpn_lateral", 1.0), ("fpn_output", 1.0), ("objectness_logits", 4.0),
-           ("anchor_deltas", 0.5), ("cls_score", 4.0), ("bbox_pred", 1.0),
-           ("prediction.weight", 2.0), ("predictor.weight", 2.0))
-  state = {}
-  for name, shape in sorted(d2_model_names(model).items()):
-    if len(shape) >= 2 and ".norm." not in name:
-      fan_in = int(np.prod(shape[1:]))
-      gain = next((g for k, g in gains if k in name), math.sqrt(2.0))
-      w = rng.standard_normal((shape[0], fan_in), dtype=np.float32)
-      if fan_in > 1:
-        w -= w.mean(axis=1, keepdims=True)
-      state[name] = (w * (gain / math.sqrt(fan_in))).reshape(shape)
-    elif name.endswith("running_var") or name.endswith(".weight"):
-      state[name] = np.ones(shape, np.float32)
-    else:
-      state[name] = np.zeros(shape, np.float32)
-  return state
 
 
 def synthetic_examples(n: int, instances: int, bucket: tuple[int, int], seed: int = 0
@@ -236,7 +207,7 @@ def main() -> None:
   cfg = zoo_config(ZOO)
   t0 = time.perf_counter()
   model = abstract_model(cfg)
-  load_d2_model(model, numpy_weights(model, cfg.pixel_std))
+  load_d2_model(model, random_d2_state(model, 0, cfg.pixel_std))
   tx, _ = optimizer_lib.make_optimizer(solver_config(), model)
   # Host copy of the initial state; each precision starts from it.
   initial = jax.device_get(step_lib.create_train_state(model, tx, seed=0))
