@@ -22,6 +22,7 @@ from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_nam
                                               fast_rcnn_inference, load_d2_roi_heads)
 from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
+from pointrend_jax.parity.compare import box_iou
 
 MANIFESTS = SHARED_DIR / "spec" / "checkpoints"
 R50 = PARITY_DIR / "r50_fpn_1x_coco"
@@ -60,20 +61,9 @@ def _summary(a: np.ndarray) -> np.ndarray:
   return np.array([a.mean(), a.std(), a.min(), a.max(), np.abs(a).sum()])
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """[N, 4] x [M, 4] -> [N, M] IoU in float64."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-  union = area(a)[:, None] + area(b)[None, :] - inter
-  return np.where(inter > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def _match(golden_boxes, boxes, golden_cls=None, cls=None) -> np.ndarray:
   """Index into ``boxes`` of the best IoU (> 0.99, same class) match of each golden box, or -1."""
-  iou = _iou(golden_boxes, boxes)
+  iou = box_iou(golden_boxes, boxes)
   if golden_cls is not None:
     iou = np.where(np.asarray(golden_cls)[:, None] == np.asarray(cls)[None, :], iou, 0.0)
   j = iou.argmax(axis=1)
@@ -225,7 +215,7 @@ def _check_detections(name, dets, golden, proposals=None):
   if proposals is None:  # Golden proposals: the indices themselves agree.
     np.testing.assert_array_equal(pidx, gidx)
   else:  # Our proposals: each detection's proposal is detectron2's.
-    assert np.all(np.diag(_iou(proposals[pidx], golden["proposal_boxes"][gidx])) > 0.99)
+    assert np.all(np.diag(box_iou(proposals[pidx], golden["proposal_boxes"][gidx])) > 0.99)
 
 
 def test_detections_on_golden_proposals(r50, golden):
@@ -316,7 +306,7 @@ def _np_decode(deltas, boxes, weights, clamp=np.log(1000 / 16)):
 
 def _np_nms(boxes, scores, thr):
   order = np.argsort(-scores, kind="stable")
-  iou = _iou(boxes, boxes)
+  iou = box_iou(boxes, boxes)
   keep = []
   for i in order:
     if all(iou[i, k] <= thr for k in keep):
