@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from pointrend_jax.errors import ConfigError, DataError
@@ -80,15 +79,17 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 def restore_trained_model(workdir: str | os.PathLike, mcfg: ModelConfig,
-                          step: int | None = None) -> tuple[int, nnx.Module]:
+                          step: int | None = None, *, dtype: Any = "float32",
+                          sharding: jax.sharding.Sharding | None = None
+                          ) -> tuple[int, nnx.Module]:
   """The model of training checkpoint ``step`` (default: the newest) of ``workdir``.
 
   Only the model's variables are read (an orbax partial restore of the train state's
-  ``params`` and ``model_state``), into a model built abstractly, so this is fast even for big
-  models and needs no optimizer.
+  ``params`` and ``model_state``), into a model built abstractly (computing in ``dtype``), so
+  this is fast even for big models and needs no optimizer.
 
   Returns:
-    ``(step, model)``, the arrays on the default device.
+    ``(step, model)``, the arrays with ``sharding`` (default: the first local device).
 
   Raises:
     DataError: no checkpoints, or no checkpoint ``step`` (the message lists those present).
@@ -104,16 +105,16 @@ def restore_trained_model(workdir: str | os.PathLike, mcfg: ModelConfig,
   if step not in steps:
     raise DataError(f"no checkpoint {step} in {ckpt_dir} (available: "
                     f"{', '.join(map(str, steps))})")
-  graphdef, params, rest = nnx.split(abstract_model(mcfg), TRAINABLE, ...)
+  graphdef, params, rest = nnx.split(abstract_model(mcfg, dtype=dtype), TRAINABLE, ...)
   target = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        target)
   # The item directly, not through a CheckpointManager: opening a manager cleans up temporary
   # directories, i.e. would break a checkpoint that a running training is writing.
   path = os.path.abspath(os.path.join(ckpt_dir, str(step), STATE_ITEM))
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, partial_restore=True))
-  tree = jax.tree.map(np.asarray, tree)
   return step, nnx.merge(graphdef, tree["params"], tree["model_state"])
 
 

@@ -183,7 +183,7 @@ def train_loop(config: ml_collections.ConfigDict,
   del model
 
   manager = checkpointing.make_checkpoint_manager(
-      os.path.join(workdir, "checkpoints"),
+      os.path.join(workdir, workdir_lib.CHECKPOINTS),
       max_to_keep=_cfg(config, "train.max_to_keep", 3),
       async_save=bool(_cfg(config, "train.async_checkpointing", True)))
   start = 0
@@ -422,9 +422,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   t = time.time()
   model = build_run_model(config, mcfg)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    logger.info("init: skipped, resuming from %s", ckpt_dir)
+  if workdir_lib.checkpoint_steps(workdir):
+    logger.info("init: skipped, resuming from %s",
+                os.path.join(workdir, workdir_lib.CHECKPOINTS))
   else:
     logger.info("init: %s", init_weights(model, config))
   timings["model"] = time.time() - t
@@ -506,27 +506,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   t = time.time()
   evaluator = Evaluator(config, workdir, mcfg, mesh=mesh)  # data errors first, before the model
   timings["data"] = time.time() - t
-  model = build_run_model(config, mcfg)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   step = 0
-  restored = None
-  if os.path.isdir(ckpt_dir):
-    tx, _ = optimizer_lib.make_optimizer(config, model)
-    state = create_train_state(model, tx, seed=int(config.seed), mesh=mesh)
-    manager = checkpointing.make_checkpoint_manager(ckpt_dir, async_save=False)
-    try:
-      restored = checkpointing.restore_latest(manager, state.checkpoint_tree(),
-                                              with_data_state=False)
-    finally:
-      manager.close()
-    if restored is not None:
-      step, tree, _ = restored
-      model = state.with_checkpoint_tree(tree).model()
-      logger.info("evaluating checkpoint %d of %s", step, ckpt_dir)
-  if restored is None:
+  if workdir_lib.checkpoint_steps(workdir):
+    step, model = workdir_lib.restore_trained_model(
+        workdir, mcfg, dtype=config.train.get("compute_dtype", "float32"),
+        sharding=mesh_lib.replicated_sharding(mesh))
+    logger.info("evaluating checkpoint %d of %s", step, ckpt_dir)
+  else:
     if not str(config.init.get("weights", "") or ""):
       raise DataError(f"nothing to evaluate: no checkpoint in {ckpt_dir} and config.init.weights "
                       "is empty (train first, or point --config.init.weights at a full model)")
+    model = build_run_model(config, mcfg)
     logger.info("evaluating init weights: %s", init_weights(model, config))
   t = time.time()
   metrics = evaluator(model, step, final=True)

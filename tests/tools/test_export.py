@@ -144,3 +144,12 @@ def test_export_tool_one_line_errors(trained, tmp_path, capsys, case):
   if case == "no_step":
     assert "available: 1, 2" in lines[0]
   assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_restores_the_newest_checkpoint(trained, tmp_path):
+  workdir, config, captured = trained
+  from pointrend_jax.training.evaluator import Evaluator
+  want = Evaluator(config, str(tmp_path), captured["mcfg"])(captured["model"], 2, final=True)
+  got = train.evaluate(config, workdir)
+  assert got.keys() == want.keys() and want["eval/bbox/AP"] > 0  # not an all-zero comparison
+  np.testing.assert_array_equal([got[k] for k in sorted(got)], [want[k] for k in sorted(want)])
