@@ -1,4 +1,4 @@
-"""2-D convolution whose kernel gradient is computed as matrix products.
+"""2-D convolution whose kernel gradient is computed as matrix products on CPU.
 
 JAX differentiates ``conv_general_dilated`` w.r.t. the kernel with another convolution whose
 "window" is the whole output map (``window={size=200x336}`` for a p2 map of an 800x1344 image).
@@ -10,7 +10,9 @@ kernel gradients of the three p2-resolution convs alone (FPN output 3x3, RPN 3x3
 own transposed convolution, the kernel gradient is, for each of the ``kh * kw`` taps, one
 ``[I, N*Ho*Wo] x [N*Ho*Wo, O]`` matrix product of the (strided, shifted) input with the output
 gradient -- what the kernel gradient is, written in the form every backend runs at full speed.
-The results equal JAX's to float32 summation order.
+The results equal JAX's to float32 summation order. The form is chosen per platform when the
+program is lowered (``jax.lax.platform_dependent``): CPU takes the per-tap form, GPU and TPU
+JAX's native gradient convolutions, which their compilers run fast.
 """
 
 from __future__ import annotations
@@ -69,20 +71,26 @@ def _conv_fwd(x, kernel, stride, padding, dilation, groups, precision):
   return _plain(x, kernel, stride, padding, dilation, groups, precision), (x, kernel)
 
 
-# Below this many output positions (N*Ho*Wo) a kxk (k > 1) conv uses XLA's own kernel gradient.
-# 0 = never: isolated small 3x3 convs are up to 40% faster with XLA's form, but in the train
-# step convs run under vmap over virtual replicas, where XLA's form becomes a grouped
-# convolution and the demo step (128x128 images) was 30% slower with it (0.27 vs 0.19 s).
-MIN_ROWS_FOR_TAPS = 0
-
-
 def _conv_bwd(stride, padding, dilation, groups, precision, res, dy):
   x, kernel = res
-  kh, kw = kernel.shape[:2]
-  if kh * kw > 1 and dy.shape[0] * dy.shape[1] * dy.shape[2] < MIN_ROWS_FOR_TAPS:
-    _, vjp = jax.vjp(
-        lambda v, k: _plain(v, k, stride, padding, dilation, groups, precision), x, kernel)
-    return vjp(dy)
+  args = (stride, padding, dilation, groups, precision)
+  # Chosen per platform when the program is lowered (for every platform of a multi-platform
+  # jax.export artifact): XLA:CPU runs the kernel gradient fast only in the per-tap matmul form;
+  # XLA:GPU and XLA:TPU have fast native convolution gradients.
+  return jax.lax.platform_dependent(
+      x, kernel, dy, cpu=lambda *a: _taps_backward(*a, *args),
+      default=lambda *a: _native_backward(*a, *args))
+
+
+def _native_backward(x, kernel, dy, stride, padding, dilation, groups, precision):
+  """JAX's own gradients of the convolution (``jax.vjp``)."""
+  _, vjp = jax.vjp(
+      lambda v, k: _plain(v, k, stride, padding, dilation, groups, precision), x, kernel)
+  return vjp(dy)
+
+
+def _taps_backward(x, kernel, dy, stride, padding, dilation, groups, precision):
+  """The input gradient as an ordinary convolution and the kernel gradient per tap (CPU)."""
   dx = _input_grad(dy, kernel, x.shape, stride, padding, dilation, groups, precision)
   dk = _kernel_grad(x, dy, kernel.shape, stride, padding, dilation, groups, precision)
   return dx, dk.astype(kernel.dtype)

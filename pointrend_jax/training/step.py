@@ -119,16 +119,23 @@ def _split_replicas(batch: Batch, num_groups: int, mesh: jax.sharding.Mesh | Non
   return jax.tree.map(split, dict(batch))
 
 
-# Canvas size (H * W) from which one device runs the virtual replicas by lax.map instead of vmap:
-# 2.2x faster for 800x1344 R50 steps, 25% slower for the demo's 128x128 steps (small maps batch
-# better and their loop carries are small). See docs/performance.md.
+# Canvas size (H * W) from which one CPU device runs the virtual replicas by lax.map instead of
+# vmap: 2.2x faster for 800x1344 R50 steps, 25% slower for the demo's 128x128 steps (small maps
+# batch better and their loop carries are small). See docs/performance.md.
 SEQUENTIAL_REPLICAS_MIN_PIXELS = 256 * 256
 
 
 def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, model_state: Any,
                       batch: Batch, key: Array, num_groups: int,
-                      mesh: jax.sharding.Mesh | None = None) -> tuple[Array, dict[str, Array]]:
+                      mesh: jax.sharding.Mesh | None = None, *, replicas: str | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
   """Mean over ``num_groups`` virtual replicas of ``loss_fn`` on each replica's images.
+
+  Args:
+    replicas: ``"vmap"`` (batched), ``"map"`` (one after the other, ``lax.map``) or None: chosen
+      per platform when the program is lowered -- ``map`` on CPU for one device and canvases of
+      at least ``SEQUENTIAL_REPLICAS_MIN_PIXELS``, ``vmap`` otherwise and on GPU/TPU. The two
+      give the same numbers up to float summation order.
 
   Returns:
     ``(loss, terms)``: the mean total loss and the mean of each loss term.
@@ -141,16 +148,26 @@ def replica_mean_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: Any, mode
     loss, terms = loss_fn(model, replica_batch, replica_key)
     return loss, dict(terms)
 
-  image = batch.get("image")
-  pixels = 0 if image is None else int(np.prod(image.shape[1:3]))
-  if (mesh is None or mesh.devices.size == 1) and pixels >= SEQUENTIAL_REPLICAS_MIN_PIXELS:
-    # One device, large images: replicas one after the other. Under vmap every data-dependent
-    # loop of the model (ROIAlign's tap slots and its backward scatter, NMS) gets a batched
-    # trip count, and JAX then selects the whole loop carry on each iteration: for ROIAlign's
-    # [maps, 256] gradient buffer that cost 10 s of a 42 s R50 step (docs/performance.md).
-    losses, terms = jax.lax.map(lambda args: one_replica(*args), (grouped, keys))
+  def sequential(grouped, keys):
+    # Under vmap every data-dependent loop of the model (ROIAlign's tap slots and its backward
+    # scatter, NMS) gets a batched trip count, and JAX then selects the whole loop carry on each
+    # iteration: for ROIAlign's [maps, 256] gradient buffer that cost 10 s of a 42 s R50 step on
+    # CPU (docs/performance.md). XLA:GPU/TPU run the batched form well, and vmap keeps the
+    # replicas' work in one kernel launch per op.
+    return jax.lax.map(lambda args: one_replica(*args), (grouped, keys))
+
+  batched = jax.vmap(one_replica)
+  if replicas is None:
+    image = batch.get("image")
+    pixels = 0 if image is None else int(np.prod(image.shape[1:3]))
+    if (mesh is None or mesh.devices.size == 1) and pixels >= SEQUENTIAL_REPLICAS_MIN_PIXELS:
+      losses, terms = jax.lax.platform_dependent(grouped, keys, cpu=sequential, default=batched)
+    else:
+      losses, terms = batched(grouped, keys)
+  elif replicas in ("map", "vmap"):
+    losses, terms = (sequential if replicas == "map" else batched)(grouped, keys)
   else:
-    losses, terms = jax.vmap(one_replica)(grouped, keys)
+    raise ValueError(f"replicas={replicas!r}: expected 'map', 'vmap' or None")
   return jnp.mean(losses), {k: jnp.mean(v) for k, v in terms.items()}
 
 

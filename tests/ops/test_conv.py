@@ -1,4 +1,7 @@
-"""conv2d: same forward as lax.conv_general_dilated, gradients equal to JAX's own."""
+"""conv2d: same forward as lax.conv_general_dilated, gradients equal to JAX's own.
+
+Both backward forms (the per-tap form CPU lowers, the native one GPU/TPU lower) run on CPU here.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,12 @@ from pointrend_jax.ops import conv as conv_lib
 from pointrend_jax.ops.conv import conv2d
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _force_backward(monkeypatch, which):
+  """Makes conv2d's backward lower the ``which`` form (taps: CPU's; native: GPU/TPU's)."""
+  monkeypatch.setattr(jax.lax, "platform_dependent",
+                      lambda *args, cpu, default: (cpu if which == "taps" else default)(*args))
 
 
 def _reference(x, k, stride, padding, dilation, groups):
@@ -27,11 +36,10 @@ def _reference(x, k, stride, padding, dilation, groups):
     (3, 1, 2, 2, 1),  # dilated
     (2, 1, 0, 1, 1),  # even kernel, odd map: the last row/column is never used
 ])
-@pytest.mark.parametrize("min_rows", [0, 10**9], ids=["taps", "xla"])
-def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups, min_rows,
+@pytest.mark.parametrize("backward", ["taps", "native"])
+def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups, backward,
                                          monkeypatch):
-  # min_rows 0 forces the per-tap kernel gradient that large maps use.
-  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", min_rows)
+  _force_backward(monkeypatch, backward)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 13, 11, 8), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((ksize, ksize, 8 // groups, 12), dtype=np.float32))
@@ -50,7 +58,7 @@ def test_forward_and_gradients_match_jax(ksize, stride, pad, dilation, groups, m
 
 
 def test_bfloat16_kernel_gradient_keeps_dtype_and_value(monkeypatch):
-  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", 0)
+  _force_backward(monkeypatch, "taps")
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((1, 9, 9, 4), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((3, 3, 4, 6), dtype=np.float32))
@@ -64,7 +72,7 @@ def test_bfloat16_kernel_gradient_keeps_dtype_and_value(monkeypatch):
 
 def test_vmap_and_frozen_kernel(monkeypatch):
   """vmap over virtual replicas works; a kernel without gradient needs no kernel product."""
-  monkeypatch.setattr(conv_lib, "MIN_ROWS_FOR_TAPS", 0)
+  _force_backward(monkeypatch, "taps")
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4), dtype=np.float32))
   k = jnp.asarray(rng.standard_normal((3, 3, 4, 5), dtype=np.float32))
@@ -75,3 +83,17 @@ def test_vmap_and_frozen_kernel(monkeypatch):
   np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-3)
   gx = jax.grad(lambda x: f(x, jax.lax.stop_gradient(k)))(x[0])
   assert gx.shape == x[0].shape
+
+
+def test_backward_form_is_chosen_per_platform():
+  """CPU lowers the per-tap kernel gradient (one dot per tap), CUDA and TPU JAX's native
+  gradient convolutions (no dot at all)."""
+  from jax import export
+  x = jax.ShapeDtypeStruct((1, 16, 16, 8), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv2d(x, k, padding=((1, 1), (1, 1)))),
+                          argnums=1))
+  for platform, dots in (("cpu", 9), ("cuda", 0), ("tpu", 0)):
+    text = export.export(grad, platforms=(platform,))(x, k).mlir_module()
+    assert text.count("stablehlo.dot_general") == dots, platform
+    assert ("stablehlo.convolution" in text) == (dots == 0), platform

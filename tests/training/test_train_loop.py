@@ -189,7 +189,8 @@ def test_train_step_compiles_once_per_bucket(caplog):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state), frozen_before)
 
 
-def test_losses_are_per_virtual_replica_means():
+@pytest.mark.parametrize("replicas", [None, "map", "vmap"])
+def test_losses_are_per_virtual_replica_means(replicas):
   model = _Toy(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -197,7 +198,8 @@ def test_losses_are_per_virtual_replica_means():
   batch["sem_seg"][:2, :6] = 255  # replica 0 has far fewer labelled pixels than replica 1
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   key = jax.random.key(0)
-  loss, terms = step_lib.replica_mean_loss(_toy_loss, graphdef, params, rest, batch, key, 2)
+  loss, terms = step_lib.replica_mean_loss(_toy_loss, graphdef, params, rest, batch, key, 2,
+                                           replicas=replicas)
   keys = jax.random.split(key, 2)
   halves = [_toy_loss(nnx.merge(graphdef, params, rest), {k: v[2 * g:2 * g + 2]
                                                           for k, v in batch.items()}, keys[g])
