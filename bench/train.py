@@ -51,13 +51,13 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _harness  # noqa: E402
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -110,10 +110,13 @@ def synthetic_examples(n: int, instances: int, bucket: tuple[int, int], seed: in
   return examples
 
 
-def solver_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"solver": dict(
-      base_lr=0.02, steps=(60000, 80000), warmup_iters=1000, warmup_factor=0.001, gamma=0.1,
-      momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0), "train": {"max_steps": 90000}})
+def solver_config() -> types.SimpleNamespace:
+  """The zoo 1x schedule in the shape ``optimizer.make_optimizer`` reads (no ml_collections: the
+  device machines do not have it)."""
+  return types.SimpleNamespace(
+      solver=dict(base_lr=0.02, steps=(60000, 80000), warmup_iters=1000, warmup_factor=0.001,
+                  gamma=0.1, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0),
+      train=types.SimpleNamespace(max_steps=90000))
 
 
 def peak_memory() -> tuple[str, float]:

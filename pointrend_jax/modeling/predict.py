@@ -101,6 +101,30 @@ class PredictProgram:
     sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32)
     return self._jit.lower(self._state, images, sizes)
 
+  def export(self, batch: int, height: int, width: int, *,
+             platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+    """The :mod:`jax.export` of a ``batch x height x width`` bucket, for ``platforms`` (default:
+    this backend) -- a program that needs neither flax nor this package to run.
+
+    Its arguments are ``(weights, images [B, H, W, 3] uint8, image_sizes [B, 2] int32)``;
+    ``weights`` is the list :meth:`weights` returns. Its results are :func:`predict`'s.
+    """
+    leaves, treedef = jax.tree.flatten(self._state)
+    graphdef, flag = self._graphdef, self.stages
+
+    def program(weights, images, image_sizes):
+      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+      return predict(model, images, image_sizes, stages=flag)
+
+    specs = [jax.ShapeDtypeStruct(jnp.shape(v), v.dtype) for v in leaves]
+    return jax.export.export(jax.jit(program), platforms=platforms)(
+        specs, jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8),
+        jax.ShapeDtypeStruct((batch, 2), jnp.int32))
+
+  def weights(self) -> list[Array]:
+    """The model's variables as the flat list :meth:`export`'s programs take."""
+    return jax.tree.leaves(self._state)
+
   def _executable(self, key: tuple[int, ...], lower: Callable[[], jax.stages.Lowered]) -> Any:
     key = tuple(int(v) for v in key)
     if key not in self._compiled:

@@ -233,6 +233,17 @@ class TrainStep:
                    self.mesh.devices.size)
     return self._jitted(state, batch, key)
 
+  def lower(self, state: TrainState, batch: Mapping[str, Any], key: Array | None = None
+            ) -> jax.stages.Lowered:
+    """The step lowered for this backend (``.compile()`` it for a cost or memory analysis)."""
+    return self._jitted.lower(state, batch, key)
+
+  def export(self, state: TrainState, batch: Mapping[str, Any], *,
+             platforms: tuple[str, ...]) -> jax.export.Exported:
+    """The step exported (lowered) for ``platforms``, e.g. ``("cuda",)``, from any machine.
+    ``state`` and ``batch`` may be arrays or ``jax.ShapeDtypeStruct``s."""
+    return jax.export.export(self._jitted, platforms=platforms)(state, batch, None)
+
   @property
   def num_compiled(self) -> int:
     """Entries in the jit cache (compiled shape signatures)."""
