@@ -274,7 +274,7 @@ def run_masks(quick: bool) -> None:
 
 def run_pipeline(quick: bool, tmp: pathlib.Path) -> None:
   ann, images = make_coco_like(tmp / "coco_like", 8 if quick else 30)
-  records = coco.load_coco_json(ann, images)
+  records = coco.load_coco_dataset(ann, images).records
   n_inst = sum(len(r["annotations"]) for r in records)
   batches = 4 if quick else 40
   print(f"\n### Training pipeline throughput ({len(records)} JPEGs 480x640, "

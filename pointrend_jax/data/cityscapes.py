@@ -208,11 +208,6 @@ class CityscapesFiles:
   label_train_ids: str
   polygons: str
 
-  @property
-  def stem(self) -> str:
-    """``<city>_<seq>_<frame>``, the key the official scripts match files with."""
-    return os.path.basename(self.image)[:-len(IMAGE_SUFFIX)]
-
 
 def split_dirs(root: PathLike, split: str) -> tuple[pathlib.Path, pathlib.Path]:
   """``(root/leftImg8bit/split, root/gtFine/split)``; errors say what was expected where."""

@@ -129,12 +129,6 @@ def read_coco_json(path: PathLike) -> dict[str, Any]:
     raise ValueError(f"COCO annotations file {path} is not valid JSON: {e}") from e
 
 
-def coco_categories(annotations: PathLike | Mapping[str, Any]) -> CocoCategories:
-  """The categories of a COCO JSON (path or parsed dict)."""
-  coco = annotations if isinstance(annotations, Mapping) else read_coco_json(annotations)
-  return CocoCategories.from_coco(coco)
-
-
 def _bbox_xyxy(ann: Mapping[str, Any]) -> np.ndarray:
   bbox = ann.get("bbox")
   if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or
@@ -258,14 +252,6 @@ def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
   return CocoDataset(records=records, categories=categories, skipped=skipped)
 
 
-def load_coco_json(annotations: PathLike | Mapping[str, Any],
-                   images_dir: PathLike,
-                   *,
-                   check_files: bool = True) -> list[Record]:
-  """The records of :func:`load_coco_dataset` (detectron2's ``load_coco_json``)."""
-  return load_coco_dataset(annotations, images_dir, check_files=check_files).records
-
-
 # Masks.
 
 
@@ -293,20 +279,6 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     rles = mask_util.frPyObjects(polygons, height, width)
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
   raise TypeError(f"unsupported segmentation type {type(segm).__name__}")
-
-
-def decode_masks(annotations: Sequence[Mapping[str, Any]], height: int,
-                 width: int) -> np.ndarray:
-  """Masks of record annotations as bool [N, height, width]; errors name the annotation id."""
-  masks = np.zeros((len(annotations), height, width), bool)
-  for k, ann in enumerate(annotations):
-    if "segmentation" not in ann:
-      raise ValueError(f"annotation id {ann.get('id')} has no segmentation")
-    try:
-      masks[k] = decode_segmentation(ann["segmentation"], height, width)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"annotation id {ann.get('id')}: {e}") from e
-  return masks
 
 
 # Images.

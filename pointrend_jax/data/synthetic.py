@@ -597,10 +597,10 @@ def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:
 
 
 def load_synthetic_records(dataset: SyntheticDataset, split: str) -> list[dict[str, Any]]:
-  """The split as :func:`pointrend_jax.data.coco.load_coco_json` records plus
+  """The split as :func:`pointrend_jax.data.coco.load_coco_dataset` records plus
   ``sem_seg_file_name`` (absolute path of the semantic label PNG)."""
   s = dataset.splits[split]
-  records = coco.load_coco_json(s.annotations, s.images_dir)
+  records = coco.load_coco_dataset(s.annotations, s.images_dir).records
   for record in records:
     record["sem_seg_file_name"] = str(s.sem_seg_dir / os.path.basename(record["file_name"]))
   return records

@@ -226,7 +226,7 @@ class InstancesBuilder(tfds.core.GeneratorBasedBuilder):
     metadata = tfds.core.MetadataDict()
     if config.splits:  # Empty when tfds instantiates the class only to read files.
       if config.source == "coco":
-        categories = coco.coco_categories(config.splits[0][1])
+        categories = coco.CocoCategories.from_coco(coco.read_coco_json(config.splits[0][1]))
       else:
         categories = cityscapes.THING_CATEGORIES
       metadata.update(class_names=list(categories.names), dataset_ids=list(categories.ids),
