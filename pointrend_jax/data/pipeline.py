@@ -186,7 +186,7 @@ def _transform_mask(ann: Record, orig: Size, new: Size, flip: bool) -> np.ndarra
   """One annotation's mask at the transformed size, as detectron2 builds BitMasks.
 
   Polygons are scaled (and flipped) and then rasterised at the new size; RLE / array masks are
-  decoded at the original size, resized with NEAREST and flipped.
+  decoded to uint8 at the original size, resized as a label map (NEAREST) and flipped.
   """
   segm = ann.get("segmentation")
   if segm is None or (isinstance(segm, (list, tuple)) and not segm):
@@ -194,13 +194,11 @@ def _transform_mask(ann: Record, orig: Size, new: Size, flip: bool) -> np.ndarra
   (oh, ow), (nh, nw) = orig, new
   try:
     if isinstance(segm, (list, tuple)):
-      polys = T.scale_polygons(segm, nw / ow, nh / oh)
-      if flip:
-        polys = T.hflip_polygons(polys, nw)
-      return coco.decode_segmentation([p.tolist() for p in polys], nh, nw)
-    mask = coco.decode_segmentation(segm, oh, ow)
-    mask = T.resize_masks(mask[None], (nh, nw))[0]
-    return T.hflip_masks(mask[None])[0] if flip else mask
+      polys = T.transform_polygons(segm, nw / ow, nh / oh, nw if flip else None)
+      return coco.decode_segmentation(polys, nh, nw)
+    mask = coco.decode_segmentation(segm, oh, ow).astype(np.uint8)
+    mask = T.resize_label_map(mask, (nh, nw)) != 0
+    return T.hflip_image(mask) if flip else mask
   except (ValueError, TypeError) as e:
     raise ValueError(f"annotation id {ann.get('id')}: {e}") from e
 
