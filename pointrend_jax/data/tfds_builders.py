@@ -59,6 +59,7 @@ import io
 import logging
 import math
 import os
+import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -92,15 +93,6 @@ def _f64_bytes(values: Sequence[float]) -> bytes:
   return np.asarray(values, "<f8").tobytes()
 
 
-def _f64_array(data: bytes) -> np.ndarray:
-  return np.frombuffer(data, "<f8")
-
-
-def _file_bytes(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
-
-
 # Instances.
 
 
@@ -119,14 +111,11 @@ class InstancesConfig(tfds.core.BuilderConfig):
 
 def _load_instance_records(config: InstancesConfig,
                            split: str) -> tuple[list[Record], coco.CocoCategories]:
-  entry = {s: (a, b) for s, a, b in config.splits}[split]
+  path, images_dir = {s: (a, b) for s, a, b in config.splits}[split]
   if config.source == "coco":
-    dataset = coco.load_coco_dataset(entry[0], entry[1])
+    dataset = coco.load_coco_dataset(path, images_dir)
     return dataset.records, dataset.categories
-  if config.source == "cityscapes":
-    return (cityscapes.load_cityscapes_instances(entry[0], split),
-            cityscapes.THING_CATEGORIES)
-  raise ValueError(f"unknown instance source {config.source!r} (coco, cityscapes)")
+  return cityscapes.load_cityscapes_instances(path, split), cityscapes.THING_CATEGORIES
 
 
 def _encode_instances(record: Record) -> dict[str, Any]:
@@ -155,7 +144,7 @@ def _encode_instances(record: Record) -> dict[str, Any]:
         polygon_sizes.append(len(polygon))
         coords.extend(float(v) for v in polygon)
   return {
-      "image": _file_bytes(record["file_name"]),
+      "image": pathlib.Path(record["file_name"]).read_bytes(),
       "file_name": str(record["file_name"]),
       "image_id": int(record["image_id"]),
       "height": int(record["height"]),
@@ -180,9 +169,9 @@ def _text(value: Any) -> str:
 def _decode_instances(example: Mapping[str, Any]) -> Record:
   height, width = int(example["height"]), int(example["width"])
   sizes = np.asarray(example["polygon_sizes"]).tolist()
-  coords = _f64_array(example["polygon_coords"]).tolist()
+  coords = np.frombuffer(example["polygon_coords"], "<f8").tolist()
   polygon_counts = np.asarray(example["polygon_counts"]).tolist()
-  area = _f64_array(example["area"])
+  area = np.frombuffer(example["area"], "<f8")
   rle = list(example["rle"])
   anns, p, c = [], 0, 0
   for k, ann_id in enumerate(np.asarray(example["ann_id"]).tolist()):
@@ -326,7 +315,7 @@ class SemanticBuilder(tfds.core.GeneratorBasedBuilder):
     files = cityscapes.cityscapes_files(root, split)
     for index, (record, f) in enumerate(zip(records, files)):
       yield f"{index:010d}", {
-          "image": _file_bytes(record["file_name"]),
+          "image": pathlib.Path(record["file_name"]).read_bytes(),
           "file_name": record["file_name"],
           "sem_seg": _train_id_png(f),
           "sem_seg_file_name": record["sem_seg_file_name"],
@@ -334,18 +323,6 @@ class SemanticBuilder(tfds.core.GeneratorBasedBuilder):
           "height": record["height"],
           "width": record["width"],
       }
-
-
-def _decode_semantic(example: Mapping[str, Any]) -> Record:
-  return {
-      "file_name": _text(example["file_name"]),
-      "sem_seg_file_name": _text(example["sem_seg_file_name"]),
-      "height": int(example["height"]),
-      "width": int(example["width"]),
-      "image_id": int(example["image_id"]),
-      "image_bytes": bytes(example["image"]),
-      "sem_seg_bytes": bytes(example["sem_seg"]),
-  }
 
 
 # Public API.
@@ -419,8 +396,17 @@ def prepare_tfds(kind: str,
 def example_to_record(example: Mapping[str, Any], kind: str) -> Record:
   """One example of ``tfds.data_source`` / ``as_data_source`` as a record (module docstring)."""
   _check_kind(kind)
-  return _decode_semantic(example) if kind == "cityscapes_semantic" else _decode_instances(
-      example)
+  if kind != "cityscapes_semantic":
+    return _decode_instances(example)
+  return {
+      "file_name": _text(example["file_name"]),
+      "sem_seg_file_name": _text(example["sem_seg_file_name"]),
+      "height": int(example["height"]),
+      "width": int(example["width"]),
+      "image_id": int(example["image_id"]),
+      "image_bytes": bytes(example["image"]),
+      "sem_seg_bytes": bytes(example["sem_seg"]),
+  }
 
 
 class TfdsRecords(collections.abc.Sequence):
