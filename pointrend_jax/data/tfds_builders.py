@@ -268,7 +268,7 @@ class SemanticConfig(tfds.core.BuilderConfig):
 
 def _train_id_png(files: cityscapes.CityscapesFiles) -> bytes:
   if os.path.isfile(files.label_ids):
-    train_ids = cityscapes.read_train_id_label_map(files.label_ids)
+    train_ids = cityscapes.label_id_to_train_id(coco.read_label_map(files.label_ids))
   elif os.path.isfile(files.label_train_ids):
     train_ids = coco.read_label_map(files.label_train_ids)
   else:
