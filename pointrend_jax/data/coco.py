@@ -139,11 +139,14 @@ def _bbox_xyxy(ann: Mapping[str, Any]) -> np.ndarray:
   return np.array([x, y, x + w, y + h], np.float32)
 
 
-def _check_rle_size(segm: Mapping[str, Any], height: int, width: int, what: str) -> None:
+def _rle(segm: Mapping[str, Any], height: int, width: int, what: str) -> Mapping[str, Any]:
+  """An RLE of the image's size with compressed counts (uncompressed ``list`` counts are
+  compressed)."""
   size = list(segm.get("size", ()))
   if size != [height, width]:
     raise ValueError(f"{what}: RLE size {size} does not match the image size "
                      f"[{height}, {width}] (height, width)")
+  return mask_util.frPyObjects(segm, height, width) if isinstance(segm["counts"], list) else segm
 
 
 def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
@@ -220,10 +223,7 @@ def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
       segm = ann.get("segmentation")
       if segm:  # Either list[list[float]] (polygons) or dict (RLE); [] / None means none.
         if isinstance(segm, dict):
-          _check_rle_size(segm, height, width, f"{source}: annotation id {ann_id}")
-          if isinstance(segm["counts"], list):
-            segm = mask_util.frPyObjects(segm, height, width)
-          counts = segm["counts"]
+          counts = _rle(segm, height, width, f"{source}: annotation id {ann_id}")["counts"]
           segm = {"size": [height, width],
                   "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         else:
@@ -268,10 +268,7 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
       raise ValueError(f"mask shape {segm.shape} != ({height}, {width})")
     return segm.astype(bool)
   if isinstance(segm, dict):
-    _check_rle_size(segm, height, width, "segmentation")
-    if isinstance(segm["counts"], list):
-      segm = mask_util.frPyObjects(segm, height, width)
-    return mask_util.decode(segm).astype(bool)
+    return mask_util.decode(_rle(segm, height, width, "segmentation")).astype(bool)
   if isinstance(segm, (list, tuple)):
     polygons = [list(map(float, p)) for p in segm]
     if not polygons:

@@ -384,13 +384,9 @@ def _shape_texture(rng: np.random.Generator, shape: Mapping[str, Any],
 # One image.
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-
-
 def generate_sample(config: SyntheticConfig, seed: int, split: str, index: int) -> SyntheticSample:
   """Generates image ``index`` of ``split`` (pure function of its arguments)."""
-  rng = _image_rng(seed, split, index)
+  rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
   lo, hi = config.image_size
   height, width = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
   image = _background(rng, height, width)
@@ -465,15 +461,6 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
 
 
 # On disk.
-
-
-def _params(config: SyntheticConfig, num_train: int, num_val: int, seed: int) -> dict[str, Any]:
-  return {
-      "generator_version": GENERATOR_VERSION,
-      "config": dataclasses.asdict(config),
-      "num_images": {"train": num_train, "val": num_val},
-      "seed": seed,
-  }
 
 
 def _dataset(root: pathlib.Path, counts: Mapping[str, int]) -> SyntheticDataset:
@@ -559,11 +546,12 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
   if num_train < 0 or num_val < 0:
     raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
   config = dataclasses.replace(config or SyntheticConfig(), image_size=tuple(image_size))
-  params = _params(config, num_train, num_val, seed)
+  counts = {"train": num_train, "val": num_val}
+  params = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config),
+            "num_images": counts, "seed": seed}
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
   cache_dir = pathlib.Path(cache_dir)
   root = cache_dir / f"shapes-{key}"
-  counts = {"train": num_train, "val": num_val}
   if _is_complete(root, params):
     return _dataset(root, counts)
 
