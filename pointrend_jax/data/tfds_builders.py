@@ -140,9 +140,8 @@ def _encode_instances(record: Record) -> dict[str, Any]:
       segm_type.append(SEGM_POLYGONS)
       rle.append(b"")
       polygon_counts.append(len(segm))
-      for polygon in segm:
-        polygon_sizes.append(len(polygon))
-        coords.extend(float(v) for v in polygon)
+      polygon_sizes.extend(len(polygon) for polygon in segm)
+      coords.extend(float(v) for polygon in segm for v in polygon)
   return {
       "image": pathlib.Path(record["file_name"]).read_bytes(),
       "file_name": str(record["file_name"]),
@@ -168,12 +167,12 @@ def _text(value: Any) -> str:
 
 def _decode_instances(example: Mapping[str, Any]) -> Record:
   height, width = int(example["height"]), int(example["width"])
-  sizes = np.asarray(example["polygon_sizes"]).tolist()
+  starts = np.cumsum([0] + np.asarray(example["polygon_sizes"]).tolist()).tolist()
   coords = np.frombuffer(example["polygon_coords"], "<f8").tolist()
   polygon_counts = np.asarray(example["polygon_counts"]).tolist()
   area = np.frombuffer(example["area"], "<f8")
   rle = list(example["rle"])
-  anns, p, c = [], 0, 0
+  anns, p = [], 0
   for k, ann_id in enumerate(np.asarray(example["ann_id"]).tolist()):
     ann: dict[str, Any] = {
         "id": ann_id,
@@ -187,12 +186,9 @@ def _decode_instances(example: Mapping[str, Any]) -> Record:
     if kind == SEGM_RLE:
       ann["segmentation"] = {"size": [height, width], "counts": _text(rle[k])}
     elif kind == SEGM_POLYGONS:
-      polygons = []
-      for _ in range(polygon_counts[k]):
-        polygons.append(coords[c:c + sizes[p]])
-        c += sizes[p]
-        p += 1
-      ann["segmentation"] = polygons
+      ann["segmentation"] = [coords[starts[i]:starts[i + 1]]
+                             for i in range(p, p + polygon_counts[k])]
+      p += polygon_counts[k]
     anns.append(ann)
   return {
       "file_name": _text(example["file_name"]),
