@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import pathlib
@@ -75,7 +74,7 @@ import numpy as np
 from PIL import Image
 import pycocotools.mask as mask_util
 
-from pointrend_jax.data.coco import CocoCategories, read_label_map
+from pointrend_jax.data.coco import CocoCategories, read_coco_json, read_label_map
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ Record = dict[str, Any]
 PathLike = str | os.PathLike[str]
 
 IGNORE_LABEL = 255
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 # Skip reasons (logged with the counts).
@@ -256,11 +254,7 @@ def _require(path: str, what: str, image: str) -> None:
 
 
 def _read_polygons_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"Cityscapes polygons file {path} is not valid JSON: {e}") from e
+  obj = read_coco_json(path, "Cityscapes polygons file")
   if not (isinstance(obj, dict) and isinstance(obj.get("imgHeight"), int) and
           isinstance(obj.get("imgWidth"), int) and isinstance(obj.get("objects"), list)):
     raise ValueError(f"Cityscapes polygons file {path}: expected imgHeight, imgWidth and "

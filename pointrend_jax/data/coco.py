@@ -118,15 +118,15 @@ class CocoDataset:
   skipped: dict[str, list[int]]
 
 
-def read_coco_json(path: PathLike) -> dict[str, Any]:
-  """Parses a COCO JSON file; errors name the file."""
+def read_coco_json(path: PathLike, what: str = "COCO annotations file") -> Any:
+  """Parses a JSON file (a COCO one unless ``what`` says otherwise); errors name the file."""
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"COCO annotations file not found: {path}") from None
+    raise FileNotFoundError(f"{what} not found: {path}") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"COCO annotations file {path} is not valid JSON: {e}") from e
+    raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
 
 
 def _bbox_xyxy(ann: Mapping[str, Any]) -> np.ndarray:

@@ -130,11 +130,9 @@ class SyntheticSample:
 @dataclasses.dataclass(frozen=True)
 class SyntheticSplit:
   """Where one split lives on disk."""
-  name: str
   annotations: pathlib.Path  # COCO instances JSON.
   images_dir: pathlib.Path  # The JSON's file_name values are relative to this.
   sem_seg_dir: pathlib.Path  # Same basenames as the images.
-  num_images: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,17 +461,11 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
 # On disk.
 
 
-def _dataset(root: pathlib.Path, counts: Mapping[str, int]) -> SyntheticDataset:
-  splits = {
-      s: SyntheticSplit(
-          name=s,
-          annotations=root / "annotations" / f"instances_{s}.json",
-          images_dir=root / "images" / s,
-          sem_seg_dir=root / "sem_seg" / s,
-          num_images=int(counts[s]),
-      ) for s in SPLITS
-  }
-  return SyntheticDataset(root=root, splits=splits)
+def _dataset(root: pathlib.Path) -> SyntheticDataset:
+  return SyntheticDataset(root=root, splits={
+      s: SyntheticSplit(annotations=root / "annotations" / f"instances_{s}.json",
+                        images_dir=root / "images" / s, sem_seg_dir=root / "sem_seg" / s)
+      for s in SPLITS})
 
 
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
@@ -553,7 +545,7 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
   cache_dir = pathlib.Path(cache_dir)
   root = cache_dir / f"shapes-{key}"
   if _is_complete(root, params):
-    return _dataset(root, counts)
+    return _dataset(root)
 
   cache_dir.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-shapes-{key}-", dir=cache_dir))
@@ -573,7 +565,7 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-  return _dataset(root, counts)
+  return _dataset(root)
 
 
 def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:

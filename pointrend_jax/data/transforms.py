@@ -290,9 +290,7 @@ def color_aug_ssd(image: np.ndarray,
     img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
 
   def contrast(x):
-    if rng.integers(2):
-      return _convert(x, alpha=rng.uniform(*contrast_range))
-    return x
+    return _convert(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
 
   def saturation(x):
     if rng.integers(2):
