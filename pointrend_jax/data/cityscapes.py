@@ -74,12 +74,9 @@ import numpy as np
 from PIL import Image
 import pycocotools.mask as mask_util
 
-from pointrend_jax.data.coco import CocoCategories, read_coco_json, read_label_map
+from pointrend_jax.data.coco import CocoCategories, PathLike, Record, read_coco_json, read_label_map
 
 logger = logging.getLogger(__name__)
-
-Record = dict[str, Any]
-PathLike = str | os.PathLike[str]
 
 IGNORE_LABEL = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"

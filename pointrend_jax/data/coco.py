@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps

@@ -295,9 +295,6 @@ class _RecordStore:
     self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     self._data = np.frombuffer(b"".join(blobs), np.uint8)
 
-  def __len__(self) -> int:
-    return len(self._offsets) - 1
-
   def __getitem__(self, i: int) -> dict[str, Any]:
     return pickle.loads(memoryview(self._data[self._offsets[i]:self._offsets[i + 1]]))
 

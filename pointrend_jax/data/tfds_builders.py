@@ -56,7 +56,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import io
-import logging
 import math
 import os
 import pathlib
@@ -68,11 +67,7 @@ import tensorflow_datasets as tfds
 
 from pointrend_jax.data import cityscapes
 from pointrend_jax.data import coco
-
-logger = logging.getLogger(__name__)
-
-Record = dict[str, Any]
-PathLike = str | os.PathLike[str]
+from pointrend_jax.data.coco import PathLike, Record
 
 INSTANCES_BUILDER = "pointrend_instances"
 SEMANTIC_BUILDER = "pointrend_cityscapes_semantic"

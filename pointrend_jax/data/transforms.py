@@ -84,10 +84,7 @@ def resize_label_map(label_map: np.ndarray, size: Size) -> np.ndarray:
 
 def scale_boxes(boxes: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
   """``x *= scale_x``, ``y *= scale_y`` on ``[N, 4]`` xyxy boxes; float64 result."""
-  out = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
-  out[:, 0::2] *= scale_x
-  out[:, 1::2] *= scale_y
-  return out
+  return np.asarray(boxes, np.float64).reshape(-1, 4) * (scale_x, scale_y, scale_x, scale_y)
 
 
 def transform_polygons(polygons: Sequence[Sequence[float]],
