@@ -13,7 +13,7 @@
 Module paths equal detectron2's, so the state-dict names are the paths: ``backbone.*``,
 ``proposal_generator.*`` and ``roi_heads.{box_head,box_predictor}.*``; the mask head is the
 attribute ``mask_head`` with names ``roi_heads.mask_head.*`` (detectron2 nests it in the ROI
-heads; here it is a sibling so that each part keeps its own loader).
+heads; :mod:`pointrend_jax.checkpoint.d2_model` renames that path).
 """
 
 from __future__ import annotations

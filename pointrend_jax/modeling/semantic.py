@@ -21,14 +21,13 @@ from flax import nnx
 
 from pointrend_jax.modeling.fpn import FPN
 from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
-from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2, subdivide
+from pointrend_jax.modeling.point_rend import StandardPointHead, subdivide
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_points_with_randomness
 
 Array = jax.Array
 
-__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor",
-           "d2_semantic_names", "load_d2_semantic"]
+__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor"]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD defaults (BGR, MSRA weights).
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -300,23 +299,3 @@ class PointRendSemanticSegmentor(nnx.Module):
     """Training forward: :meth:`PointRendSemSegHead.forward_train` on the preprocessed batch."""
     features = self.backbone(self.preprocess(images, image_sizes))
     return self.sem_seg_head.forward_train(features, key)
-
-
-def d2_semantic_names(model: PointRendSemanticSegmentor | PointRendSemSegHead,
-                      prefix: str | None = None) -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` (segmentor: ``backbone.*`` and ``sem_seg_head.*``;
-  a bare head: ``sem_seg_head.*``). Abstract modules work too."""
-  return d2_names(model, _semantic_prefix(model, prefix))
-
-
-def load_d2_semantic(model: PointRendSemanticSegmentor | PointRendSemSegHead,
-                     state: Mapping[str, np.ndarray], prefix: str | None = None, *,
-                     strict: bool = True) -> set[str]:
-  """Loads a detectron2 semantic PointRend state dict (PyTorch layouts); returns names used."""
-  return load_d2(model, state, _semantic_prefix(model, prefix), strict=strict)
-
-
-def _semantic_prefix(model: nnx.Module, prefix: str | None) -> str:
-  if prefix is not None:
-    return prefix
-  return "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""
