@@ -128,11 +128,6 @@ class PointRendRCNN(nnx.Module):
   def size_divisibility(self) -> int:
     return self.backbone.size_divisibility
 
-  @property
-  def mask_side(self) -> int:
-    """Side ``S`` of the predicted mask logits (224 for the zoo configs)."""
-    return self.mask_head.output_side
-
   def preprocess(self, images: Array, image_sizes: Array | None = None) -> Array:
     """RGB ``[B, H, W, 3]`` -> normalized ``[B, Hp, Wp, 3]`` (see :func:`normalize_images`)."""
     cfg = self.cfg
