@@ -162,11 +162,8 @@ def _from_torch(path: str, obj: Any, metadata: dict[str, Any]
 def _module_versions(meta: Any) -> dict[str, int] | None:
   if not isinstance(meta, dict):
     return None
-  out = {}
-  for module, local in meta.items():
-    if isinstance(local, dict) and isinstance(local.get("version"), int):
-      out[str(module)] = local["version"]
-  return out
+  return {str(module): local["version"] for module, local in meta.items()
+          if isinstance(local, dict) and isinstance(local.get("version"), int)}
 
 
 # Names

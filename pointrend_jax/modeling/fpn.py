@@ -1,4 +1,4 @@
-"""FPN on a ResNet (detectron2 ``build_resnet_fpn_backbone``) and detectron2 weight loading.
+"""FPN on a ResNet (detectron2 ``build_resnet_fpn_backbone``).
 
 Module paths equal detectron2's (``bottom_up.*``, ``fpn_lateral{2..5}``, ``fpn_output{2..5}``),
 so the state-dict names are the paths with ``backbone.`` prepended. Spec: ``mask_rcnn_fpn.md``

@@ -349,13 +349,7 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
 
 def _d2_variables(module: nnx.Module, prefix: str, renames: Mapping[str, str] | None
                   ) -> Iterator[tuple[str, tuple[int, ...], nnx.Variable]]:
-  """``(detectron2 name, PyTorch shape, variable)`` of every variable of ``module``.
-
-  The name is ``prefix`` + the module path joined with ``.`` (``kernel`` read as ``weight``),
-  whose leading ``old`` replaced by ``new`` for the first matching ``renames`` entry. Kernel
-  shapes: HWIO -> OIHW, dense ``(in, out)`` -> ``(out, in)``, :class:`PointwiseConv1d`
-  ``(out, in, 1)``.
-  """
+  """``(detectron2 name, PyTorch shape, variable)`` of every variable (see :func:`d2_names_of`)."""
   nodes = dict(nnx.iter_graph(module))  # children come before their parents
   for path, var in nodes.items():
     if not isinstance(var, nnx.Variable) or isinstance(var, nnx.RngState):
@@ -383,8 +377,9 @@ def d2_names_of(module: nnx.Module, prefix: str = "", renames: Mapping[str, str]
   """Returns ``{detectron2 name: PyTorch-layout shape}`` for every variable of ``module``.
 
   Works on abstract modules (``nnx.eval_shape``) too. Names are the module paths joined with
-  ``.`` after ``prefix``, then ``renames`` (``{path prefix: detectron2 prefix}``) applied;
-  ``kernel`` becomes ``weight`` (4-D: OIHW, 2-D: (out, in), a Conv1d's: (out, in, 1)).
+  ``.`` after ``prefix``, then the first matching ``renames`` entry (``{name prefix: detectron2
+  prefix}``) applied; ``kernel`` becomes ``weight`` (4-D: OIHW, 2-D: (out, in), a
+  :class:`PointwiseConv1d`'s: (out, in, 1)).
   """
   return {name: shape for name, shape, _ in _d2_variables(module, prefix, renames)}
 
