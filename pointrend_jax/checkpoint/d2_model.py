@@ -41,10 +41,8 @@ def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
 
 def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
   array = np.asarray(array)
-  if array.dtype == np.float32:
-    return array
   if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)
   raise CheckpointError(f"{name}: dtype {array.dtype} cannot be loaded into a float32 variable")
 
 
