@@ -173,7 +173,7 @@ def mask_study(num_images: int, rois_per_gt: int, seed: int = 0) -> dict[str, An
       orig_area = float(mask_util.area(mask_util.merge(mask_util.frPyObjects([poly], oh, ow))))
       if orig_area < 4:
         continue
-      scaled = T.scale_polygons([poly], sx, sy)[0].tolist()
+      scaled = T.transform_polygons([poly], sx, sy)[0].tolist()
       mask = coco.decode_segmentation([scaled], nh, nw).astype(np.float64)
       ys, xs = np.nonzero(mask)
       gt_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
@@ -274,7 +274,7 @@ def run_masks(quick: bool) -> None:
 
 def run_pipeline(quick: bool, tmp: pathlib.Path) -> None:
   ann, images = make_coco_like(tmp / "coco_like", 8 if quick else 30)
-  records = coco.load_coco_json(ann, images)
+  records = coco.load_coco_dataset(ann, images).records
   n_inst = sum(len(r["annotations"]) for r in records)
   batches = 4 if quick else 40
   print(f"\n### Training pipeline throughput ({len(records)} JPEGs 480x640, "

@@ -3,16 +3,12 @@
 :func:`match_state_dict` maps checkpoint entries onto a model's expected ``{name: shape}`` the
 way ``DetectionCheckpointer`` does (exact names, or the suffix heuristic of
 ``shared/spec/checkpoint_format.md`` §4.2), but reports every missing, unexpected and
-mis-shaped entry instead of logging it. :func:`manifest_shapes` reads the expected names of a
-config from its state-dict manifest.
+mis-shaped entry instead of logging it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import pathlib
 import re
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -21,7 +17,7 @@ import numpy as np
 from pointrend_jax.checkpoint.d2_reader import Detectron2Checkpoint
 from pointrend_jax.errors import CheckpointError
 
-__all__ = ["MatchReport", "Mismatch", "manifest_shapes", "match_state_dict"]
+__all__ = ["MatchReport", "Mismatch", "match_state_dict"]
 
 # FrozenBatchNorm2d.eps in detectron2; version-<3 files stored running_var without it.
 _FROZEN_BN_EPS = 1e-5
@@ -136,7 +132,8 @@ def match_state_dict(
   Args:
     state: canonical names -> arrays, or a :class:`Detectron2Checkpoint` (then ``heuristics``
       and ``module_versions`` default to the checkpoint's).
-    expected: the model's state-dict names and shapes (e.g. :func:`manifest_shapes`).
+    expected: the model's state-dict names and shapes
+      (:func:`~pointrend_jax.checkpoint.d2_model.d2_model_names`).
     strict: raise :class:`CheckpointError` unless every in-scope name is found exactly once
       with its shape and no checkpoint entry is left over (known extras excepted).
     backbone_only: ImageNet initialization: only ``backbone.bottom_up.*`` is in scope; the rest
@@ -231,38 +228,3 @@ def _frozen_bn_legacy(values: dict[str, np.ndarray], report: MatchReport,
       v = values[var]
       values[var] = v - v.dtype.type(_FROZEN_BN_EPS)
       report.adjusted.append(var)
-
-
-def _manifest_dirs() -> list[pathlib.Path]:
-  dirs = []
-  if os.environ.get("POINTREND_MANIFEST_DIR"):
-    dirs.append(pathlib.Path(os.environ["POINTREND_MANIFEST_DIR"]))
-  # The repository is checked out next to the shared folder (X/main, X/shared).
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  dirs.append(repo.parent / "shared" / "spec" / "checkpoints")
-  return dirs
-
-
-def manifest_shapes(config: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
-  """``{state-dict name: shape}`` of a config, in state-dict order, from its manifest JSON.
-
-  Args:
-    config: a manifest path, or a config stem / config file name such as
-      ``pointrend_rcnn_R_50_FPN_1x_coco`` or ``.../pointrend_rcnn_R_50_FPN_1x_coco.yaml``,
-      looked up in ``$POINTREND_MANIFEST_DIR`` and ``<repo>/../shared/spec/checkpoints``.
-  """
-  p = pathlib.Path(os.fspath(config)).expanduser()
-  if p.suffix == ".json" and p.is_file():
-    path = p
-  else:
-    stem = p.stem if p.suffix in (".json", ".yaml", ".yml", ".py") else p.name
-    candidates = [d / f"{stem}.json" for d in _manifest_dirs()]
-    found = [c for c in candidates if c.is_file()]
-    if not found:
-      raise FileNotFoundError(f"no state-dict manifest for {config!s}; looked for "
-                              + ", ".join(str(c) for c in candidates))
-    path = found[0]
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  entries = data["entries"] if isinstance(data, dict) else data
-  return {e["name"]: tuple(int(s) for s in e["shape"]) for e in entries}

@@ -2,8 +2,9 @@
 
 :func:`d2_model_names` lists a model's variables under their detectron2 names and PyTorch
 shapes; :func:`load_d2_model` matches a checkpoint against them
-(:func:`~pointrend_jax.checkpoint.d2_matching.match_state_dict`) and hands the arrays to the
-per-module loaders of :mod:`pointrend_jax.modeling`, which transpose the layouts.
+(:func:`~pointrend_jax.checkpoint.d2_matching.match_state_dict`) and loads the arrays by the
+same walk over the model (:func:`~pointrend_jax.modeling.layers.load_d2_state`, which
+transposes the layouts).
 """
 
 from __future__ import annotations
@@ -17,35 +18,31 @@ from flax import nnx
 from pointrend_jax.checkpoint.d2_matching import MatchReport, match_state_dict
 from pointrend_jax.checkpoint.d2_reader import Detectron2Checkpoint
 from pointrend_jax.errors import CheckpointError
-from pointrend_jax.modeling.fpn import d2_backbone_names, load_d2_backbone
+from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
 from pointrend_jax.modeling.meta_arch import PointRendRCNN
-from pointrend_jax.modeling.point_rend import (MASK_HEAD_PREFIX, d2_mask_head_names,
-                                               load_d2_mask_head)
-from pointrend_jax.modeling.roi_heads import d2_roi_heads_names, load_d2_roi_heads
-from pointrend_jax.modeling.rpn import d2_rpn_names, load_d2_rpn
-from pointrend_jax.modeling.semantic import (PointRendSemanticSegmentor, d2_semantic_names,
-                                             load_d2_semantic)
+from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor
 
 __all__ = ["d2_model_names", "load_d2_model", "random_d2_state"]
+
+# The one module path that differs from detectron2's: PointRendRCNN keeps the mask head beside
+# the box branch, detectron2 nests it in ROIHeads.
+_D2_RENAMES = {"mask_head.": "roi_heads.mask_head."}
 
 
 def d2_model_names(model: PointRendRCNN | PointRendSemanticSegmentor
                    ) -> dict[str, tuple[int, ...]]:
   """``{detectron2 state-dict name: PyTorch shape}`` of every variable (abstract models work)."""
-  if isinstance(model, PointRendSemanticSegmentor):
-    return d2_semantic_names(model)
-  if not isinstance(model, PointRendRCNN):
+  if not isinstance(model, (PointRendRCNN, PointRendSemanticSegmentor)):
     raise TypeError(f"not a PointRend model: {type(model).__name__}")
-  return {**d2_backbone_names(model.backbone), **d2_rpn_names(model.proposal_generator),
-          **d2_roi_heads_names(model.roi_heads), **d2_mask_head_names(model.mask_head)}
+  names = d2_names_of(model, renames=_D2_RENAMES)
+  # detectron2's order: the mask head after the box branch (a stable sort on two name levels).
+  return dict(sorted(names.items(), key=lambda item: item[0].split(".")[:2]))
 
 
 def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
   array = np.asarray(array)
-  if array.dtype == np.float32:
-    return array
   if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)
   raise CheckpointError(f"{name}: dtype {array.dtype} cannot be loaded into a float32 variable")
 
 
@@ -56,7 +53,8 @@ def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
 
   Names are matched by :func:`~pointrend_jax.checkpoint.d2_matching.match_state_dict` (exact,
   or detectron2's suffix heuristic for Caffe2 files) against :func:`d2_model_names`; float16 /
-  float64 / bfloat16 arrays are cast to float32; the per-module loaders transpose the layouts.
+  float64 / bfloat16 arrays are cast to float32 and loaded by
+  :func:`~pointrend_jax.modeling.layers.load_d2_state`, which transposes the layouts.
 
   Args:
     model: concrete, or abstract (:func:`~pointrend_jax.modeling.meta_arch.abstract_model`)
@@ -70,16 +68,10 @@ def load_d2_model(model: PointRendRCNN | PointRendSemanticSegmentor,
   expected = d2_model_names(model)
   report = match_state_dict(state, expected, strict=strict, backbone_only=backbone_only)
   arrays = {k: _as_float32(k, v) for k, v in report.state.items()}
-  full = strict and not backbone_only
   if backbone_only:
-    load_d2_backbone(model.backbone.bottom_up, arrays, "backbone.", strict=strict)
-  elif isinstance(model, PointRendSemanticSegmentor):
-    load_d2_semantic(model, arrays, strict=full)
+    load_d2_state(model.backbone.bottom_up, arrays, "backbone.bottom_up.", strict=strict)
   else:
-    load_d2_backbone(model.backbone, arrays, strict=full)
-    load_d2_rpn(model.proposal_generator, arrays, strict=full)
-    load_d2_roi_heads(model.roi_heads, arrays, strict=full)
-    load_d2_mask_head(model.mask_head, arrays, MASK_HEAD_PREFIX, strict=full)
+    load_d2_state(model, arrays, renames=_D2_RENAMES, strict=strict)
   return report
 
 

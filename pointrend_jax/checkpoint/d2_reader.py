@@ -22,7 +22,7 @@ import re
 import struct
 import zipfile
 import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 from urllib import parse as urllib_parse
 
 import numpy as np
@@ -110,10 +110,10 @@ def _load(path: str, query: Mapping[str, list[str]]) -> Detectron2Checkpoint:
   finally:
     if close is not None:
       close()
-  canon, metadata["renamed"] = _canonical_mapping(list(state), caffe2=fmt == "caffe2")
-  return Detectron2Checkpoint(
-      state={canon[k]: v for k, v in state.items()}, format=fmt, metadata=metadata,
-      matching_heuristics=heuristics, path=path)
+  canon = canonicalize_names(state, caffe2=fmt == "caffe2")
+  metadata["renamed"] = {n: o for o, n in zip(state, canon) if n != o}
+  return Detectron2Checkpoint(state=canon, format=fmt, metadata=metadata,
+                              matching_heuristics=heuristics, path=path)
 
 
 def _from_pickle(path: str, data: Any, metadata: dict[str, Any]
@@ -162,11 +162,8 @@ def _from_torch(path: str, obj: Any, metadata: dict[str, Any]
 def _module_versions(meta: Any) -> dict[str, int] | None:
   if not isinstance(meta, dict):
     return None
-  out = {}
-  for module, local in meta.items():
-    if isinstance(local, dict) and isinstance(local.get("version"), int):
-      out[str(module)] = local["version"]
-  return out
+  return {str(module): local["version"] for module, local in meta.items()
+          if isinstance(local, dict) and isinstance(local.get("version"), int)}
 
 
 # Names
@@ -230,26 +227,6 @@ def _all_have_prefix(names: Iterable[str], prefix: str) -> bool:
   return bool(names) and all(n.startswith(prefix) for n in names)
 
 
-def _canonical_mapping(names: Sequence[str], *, caffe2: bool
-                       ) -> tuple[dict[str, str], dict[str, str]]:
-  """Returns ({original: canonical}, {canonical: original} for the names that changed)."""
-  new = convert_c2_names(names) if caffe2 else list(names)
-  # fvcore strips a DDP "module." prefix only when every key has it.
-  if _all_have_prefix(new, "module."):
-    new = [n[len("module."):] for n in new]
-  new = [_pointrend_v2_name(n) for n in new]
-  mapping = dict(zip(names, new))
-  seen: dict[str, str] = {}
-  clashes = []
-  for old, n in mapping.items():
-    if n in seen:
-      clashes.append(f"{seen[n]} and {old} -> {n}")
-    seen[n] = old
-  if clashes:
-    raise CheckpointError("checkpoint names collide after normalization: " + "; ".join(clashes))
-  return mapping, {n: o for o, n in mapping.items() if n != o}
-
-
 def canonicalize_names(state: Mapping[str, Any], *, caffe2: bool = False) -> dict[str, Any]:
   """Renames a state dict's keys to current (v2) detectron2 names, keeping order and values.
 
@@ -263,5 +240,17 @@ def canonicalize_names(state: Mapping[str, Any], *, caffe2: bool = False) -> dic
   Raises:
     CheckpointError: two keys map to the same name (e.g. a file mixing generations).
   """
-  mapping, _ = _canonical_mapping(list(state), caffe2=caffe2)
-  return {mapping[k]: v for k, v in state.items()}
+  new = convert_c2_names(state) if caffe2 else list(state)
+  # fvcore strips a DDP "module." prefix only when every key has it.
+  if _all_have_prefix(new, "module."):
+    new = [n[len("module."):] for n in new]
+  new = [_pointrend_v2_name(n) for n in new]
+  seen: dict[str, str] = {}
+  clashes = []
+  for old, n in zip(state, new):
+    if n in seen:
+      clashes.append(f"{seen[n]} and {old} -> {n}")
+    seen[n] = old
+  if clashes:
+    raise CheckpointError("checkpoint names collide after normalization: " + "; ".join(clashes))
+  return dict(zip(new, state.values()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import io
 import pickle
 import struct
@@ -177,18 +178,15 @@ class _RawStore:
     return raw
 
 
+@dataclasses.dataclass(slots=True, eq=False)  # hashed by identity: a pickle may use it as a key
 class _StorageRef:
   """One torch storage: a key into a file's raw data, its element dtype and size."""
 
-  __slots__ = ("store", "key", "dtype", "numel", "elem_offset")
-
-  def __init__(self, store: _RawStore, key: str, dtype: np.dtype, numel: int,
-               elem_offset: int = 0):
-    self.store = store
-    self.key = key
-    self.dtype = dtype
-    self.numel = numel
-    self.elem_offset = elem_offset
+  store: _RawStore
+  key: str
+  dtype: np.dtype
+  numel: int
+  elem_offset: int = 0
 
 
 class _LazyTensor:
@@ -197,7 +195,7 @@ class _LazyTensor:
   __slots__ = ("storage", "offset", "size", "stride", "dtype")
 
   def __init__(self, storage: _StorageRef, offset: int, size: Sequence[int],
-               stride: Sequence[int], dtype: np.dtype):
+               stride: Sequence[int], dtype: np.dtype | None = None):
     if not isinstance(storage, _StorageRef):
       raise CheckpointError(f"tensor built on {type(storage).__name__}, not a storage")
     size = tuple(int(s) for s in size)
@@ -209,7 +207,7 @@ class _LazyTensor:
     self.offset = int(offset)
     self.size = size
     self.stride = stride
-    self.dtype = dtype
+    self.dtype = storage.dtype if dtype is None else dtype  # None: the typed storage's
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
@@ -217,9 +215,7 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
   # _rebuild_tensor(storage, offset, size, stride) and _rebuild_tensor_v2(..., requires_grad,
   # backward_hooks[, metadata]): the extras do not affect values.
   del unused
-  if not isinstance(storage, _StorageRef):
-    raise CheckpointError(f"tensor built on {type(storage).__name__}, not a storage")
-  return _LazyTensor(storage, storage_offset, size, stride, storage.dtype)
+  return _LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
@@ -437,16 +433,6 @@ def _materialize(ref: _LazyTensor, cache: dict[int, np.ndarray]) -> np.ndarray:
   return arr
 
 
-def _is_zip(head: bytes) -> bool:
-  return head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def _is_tar(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(257)
-    return f.read(5) == b"ustar"
-
-
 def read_container(path: str) -> tuple[Any, str, Callable[[], None] | None]:
   """Unpickles a checkpoint file: ``(object, container, close)``.
 
@@ -455,13 +441,13 @@ def read_container(path: str) -> tuple[Any, str, Callable[[], None] | None]:
   file once they are read (:func:`state_arrays`).
   """
   with open(path, "rb") as f:
-    head = f.read(8)
+    head = f.read(262)
   if not head:
     raise CheckpointError(f"{path}: empty checkpoint file")
-  if _is_zip(head):
+  if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
     obj, close = _read_torch_zip(path)
     return obj, "torch-zip", close
-  if _is_tar(path):
+  if head[257:262] == b"ustar":
     raise CheckpointError(f"{path}: torch tar checkpoints (torch < 0.4) are not supported")
   with open(path, "rb") as f:
     first = RestrictedUnpickler(f, path).load()

@@ -27,16 +27,12 @@ Images are padded with 0 in **uint8**: detectron2 pads with 0 *after* normalisat
 model must set pixels outside ``image_size`` to 0 after subtracting the mean. Semantic labels
 are padded with 255 (detectron2 pads targets with the ignore value).
 
-Mask targets (decision; numbers in ``docs/data.md``, measured by ``bench/data.py``). PointRend
-samples the *full-image* bitmask of each matched GT: point labels are bilinear ``point_sample``
-taps at arbitrary image points (soft labels at boundaries; taps outside the image read 0), and
-the 7x7 coarse target is ROIAlign (adaptive sampling, ``aligned=True``) of the same bitmask
-over the regressed box. We ship exactly that bitmask at the padded canvas, bit-packed along W
+Mask targets: PointRend's point labels and 7x7 ROIAlign target both sample the *full-image*
+bitmask of each matched GT, so that bitmask is shipped at the padded canvas, bit-packed along W
 (``np.packbits``, big-endian bit order): pixel ``(i, j)`` of instance ``m`` is
 ``(packed[b, m, i, j >> 3] >> (7 - (j & 7))) & 1``; ``jnp.unpackbits(packed, axis=-1)``
-unpacks it on device. Exact, and 8x smaller than uint8 (26.9 MB instead of 215 MB at B=2,
-M=100, 800x1344). Box-cropped fixed-size masks would be smaller still but approximate (with noisy
-regressed boxes ~1.2% of the point labels flip side of 0.5), so they are not used.
+unpacks it on device. Exact and 8x smaller than uint8; why not box-cropped masks (measured by
+``bench/data.py``): ``docs/data.md``.
 
 Geometry for consumers: the canvas has the same origin as the image, so a point at image pixel
 ``(X, Y)`` reads mask position ``(X - 0.5, Y - 0.5)`` exactly as detectron2 (normalising by the
@@ -172,22 +168,18 @@ def _int32_id(value: Any) -> int:
   return -1
 
 
-def _example_masks(ex: Example, i: int, n: int, h: int, w: int,
-                   mask_format: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-  """An example's masks as ``(bool [n, h, w] or None, packed [n, h, ceil(w/8)] or None)``."""
-  if mask_format == "none":
-    return None, None
+def _packed_masks(ex: Example, i: int, n: int, h: int, w: int, mask_format: str) -> np.ndarray:
+  """An example's masks (either form) bit-packed at its size: uint8 ``[n, h, ceil(w / 8)]``."""
   masks, packed = ex.get("gt_masks"), ex.get("gt_masks_packed")
   if masks is not None:
     if masks.shape != (n, h, w):
       raise ValueError(f"example {i}: gt_masks {masks.shape} != ({n}, {h}, {w})")
-    return masks, None
-  if packed is not None:
-    if packed.shape != (n, h, -(-w // 8)):
-      raise ValueError(f"example {i}: gt_masks_packed {packed.shape} != "
-                       f"({n}, {h}, {-(-w // 8)})")
-    return None, packed
-  raise ValueError(f"example {i} has no gt_masks but mask_format={mask_format!r}")
+    return pack_masks(masks)
+  if packed is None:
+    raise ValueError(f"example {i} has no gt_masks but mask_format={mask_format!r}")
+  if packed.shape != (n, h, -(-w // 8)):
+    raise ValueError(f"example {i}: gt_masks_packed {packed.shape} != ({n}, {h}, {-(-w // 8)})")
+  return packed
 
 
 def compact_example(example: Example) -> Example:
@@ -273,18 +265,15 @@ def make_batch(examples: Sequence[Example],
       boxes = np.asarray(ex["gt_boxes"], np.float32).reshape(-1, 4)
       classes = np.asarray(ex["gt_classes"]).reshape(-1)
       n = len(boxes)
-      masks, packed = _example_masks(ex, i, n, h, w, mask_format)
+      packed = None if mask_format == "none" else _packed_masks(ex, i, n, h, w, mask_format)
       if n > m:
-        if masks is not None:
-          areas = masks.reshape(n, -1).sum(axis=1)
-        elif packed is not None:
-          areas = np.unpackbits(packed, axis=-1, count=w).reshape(n, -1).sum(axis=1)
+        if packed is not None:
+          areas = unpack_masks(packed, w).reshape(n, -1).sum(axis=1)
         else:
           areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = select_instances(areas, m)
         _note_truncation(ex, m, n)
         boxes, classes = boxes[keep], classes[keep]
-        masks = masks[keep] if masks is not None else None
         packed = packed[keep] if packed is not None else None
         n = m
       batch["gt_boxes"][i, :n] = boxes
@@ -293,11 +282,9 @@ def make_batch(examples: Sequence[Example],
       if mask_format == "packed" and n:
         # Packed at the image width, then placed: canvas bytes beyond it stay 0, and a partial
         # last byte has zero padding bits (np.packbits pads with 0).
-        if packed is None:
-          packed = pack_masks(masks)
         batch["gt_masks_packed"][i, :n, :h, :packed.shape[-1]] = packed
       elif mask_format == "dense" and n:
-        batch["gt_masks"][i, :n, :h, :w] = masks if masks is not None else unpack_masks(packed, w)
+        batch["gt_masks"][i, :n, :h, :w] = unpack_masks(packed, w)
 
     if semantic_targets:
       sem = ex.get("sem_seg")

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import pathlib
@@ -75,15 +74,11 @@ import numpy as np
 from PIL import Image
 import pycocotools.mask as mask_util
 
-from pointrend_jax.data.coco import CocoCategories
+from pointrend_jax.data.coco import CocoCategories, PathLike, Record, read_coco_json, read_label_map
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
-PathLike = str | os.PathLike[str]
-
 IGNORE_LABEL = 255
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 # Skip reasons (logged with the counts).
@@ -208,11 +203,6 @@ class CityscapesFiles:
   label_train_ids: str
   polygons: str
 
-  @property
-  def stem(self) -> str:
-    """``<city>_<seq>_<frame>``, the key the official scripts match files with."""
-    return os.path.basename(self.image)[:-len(IMAGE_SUFFIX)]
-
 
 def split_dirs(root: PathLike, split: str) -> tuple[pathlib.Path, pathlib.Path]:
   """``(root/leftImg8bit/split, root/gtFine/split)``; errors say what was expected where."""
@@ -261,11 +251,7 @@ def _require(path: str, what: str, image: str) -> None:
 
 
 def _read_polygons_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      obj = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"Cityscapes polygons file {path} is not valid JSON: {e}") from e
+  obj = read_coco_json(path, "Cityscapes polygons file")
   if not (isinstance(obj, dict) and isinstance(obj.get("imgHeight"), int) and
           isinstance(obj.get("imgWidth"), int) and isinstance(obj.get("objects"), list)):
     raise ValueError(f"Cityscapes polygons file {path}: expected imgHeight, imgWidth and "
@@ -392,28 +378,24 @@ def load_cityscapes_instances(root: PathLike,
     _require(f.polygons if from_json else f.instance_ids,
              "polygons JSON" if from_json else "instanceIds PNG", f.image)
   records, skipped = [], []
-  ann_id = 0
+  ann_ids = itertools.count(1)
   for image_id, f in enumerate(files):
     if from_json:
       height, width, annos = _annotations_from_json(f.polygons, skipped)
     else:
       height, width, annos = _annotations_from_instance_ids(f.instance_ids)
-    for a in annos:
-      ann_id += 1
-      a["id"] = ann_id
     records.append({
         "file_name": f.image,
         "height": height,
         "width": width,
         "image_id": image_id,
-        # Same key order as the coco module's annotations.
-        "annotations": [{k: a[k] for k in ("id", "bbox", "category_id", "iscrowd",
-                                            "segmentation")} for a in annos],
+        "annotations": [{"id": next(ann_ids), **a} for a in annos],
     })
   if skipped:
     logger.warning("skipped %d Cityscapes polygons (%s), e.g. %s", len(skipped),
                    SKIP_INVALID_POLYGON, skipped[0])
-  logger.info("Cityscapes %s: loaded %d images, %d instances", split, len(records), ann_id)
+  logger.info("Cityscapes %s: loaded %d images, %d instances", split, len(records),
+              next(ann_ids) - 1)
   return records
 
 
@@ -462,16 +444,6 @@ def load_cityscapes_semantic(root: PathLike, split: str, *,
   return records
 
 
-def read_train_id_label_map(label_ids_file: PathLike) -> np.ndarray:
-  """A ``*_gtFine_labelIds.png`` converted to train ids, uint8 [H, W]."""
-  with Image.open(label_ids_file) as image:
-    label_ids = np.asarray(image)
-  if label_ids.ndim != 2:
-    raise ValueError(f"{label_ids_file}: label id image must be single-channel, got "
-                     f"{label_ids.shape}")
-  return label_id_to_train_id(label_ids)
-
-
 def write_train_id_label_maps(root: PathLike, split: str, *, overwrite: bool = False) -> int:
   """Writes ``*_gtFine_labelTrainIds.png`` next to each ``*_gtFine_labelIds.png``.
 
@@ -483,7 +455,7 @@ def write_train_id_label_maps(root: PathLike, split: str, *, overwrite: bool = F
     if os.path.isfile(f.label_train_ids) and not overwrite:
       continue
     _require(f.label_ids, "labelIds PNG", f.image)
-    Image.fromarray(read_train_id_label_map(f.label_ids)).save(f.label_train_ids)
+    Image.fromarray(label_id_to_train_id(read_label_map(f.label_ids))).save(f.label_train_ids)
     written += 1
   logger.info("Cityscapes %s: wrote %d labelTrainIds PNGs", split, written)
   return written

@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -118,21 +118,15 @@ class CocoDataset:
   skipped: dict[str, list[int]]
 
 
-def read_coco_json(path: PathLike) -> dict[str, Any]:
-  """Parses a COCO JSON file; errors name the file."""
+def read_coco_json(path: PathLike, what: str = "COCO annotations file") -> Any:
+  """Parses a JSON file (a COCO one unless ``what`` says otherwise); errors name the file."""
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"COCO annotations file not found: {path}") from None
+    raise FileNotFoundError(f"{what} not found: {path}") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"COCO annotations file {path} is not valid JSON: {e}") from e
-
-
-def coco_categories(annotations: PathLike | Mapping[str, Any]) -> CocoCategories:
-  """The categories of a COCO JSON (path or parsed dict)."""
-  coco = annotations if isinstance(annotations, Mapping) else read_coco_json(annotations)
-  return CocoCategories.from_coco(coco)
+    raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
 
 
 def _bbox_xyxy(ann: Mapping[str, Any]) -> np.ndarray:
@@ -145,11 +139,14 @@ def _bbox_xyxy(ann: Mapping[str, Any]) -> np.ndarray:
   return np.array([x, y, x + w, y + h], np.float32)
 
 
-def _check_rle_size(segm: Mapping[str, Any], height: int, width: int, what: str) -> None:
+def _rle(segm: Mapping[str, Any], height: int, width: int, what: str) -> Mapping[str, Any]:
+  """An RLE of the image's size with compressed counts (uncompressed ``list`` counts are
+  compressed)."""
   size = list(segm.get("size", ()))
   if size != [height, width]:
     raise ValueError(f"{what}: RLE size {size} does not match the image size "
                      f"[{height}, {width}] (height, width)")
+  return mask_util.frPyObjects(segm, height, width) if isinstance(segm["counts"], list) else segm
 
 
 def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
@@ -226,10 +223,7 @@ def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
       segm = ann.get("segmentation")
       if segm:  # Either list[list[float]] (polygons) or dict (RLE); [] / None means none.
         if isinstance(segm, dict):
-          _check_rle_size(segm, height, width, f"{source}: annotation id {ann_id}")
-          if isinstance(segm["counts"], list):
-            segm = mask_util.frPyObjects(segm, height, width)
-          counts = segm["counts"]
+          counts = _rle(segm, height, width, f"{source}: annotation id {ann_id}")["counts"]
           segm = {"size": [height, width],
                   "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
         else:
@@ -258,14 +252,6 @@ def load_coco_dataset(annotations: PathLike | Mapping[str, Any],
   return CocoDataset(records=records, categories=categories, skipped=skipped)
 
 
-def load_coco_json(annotations: PathLike | Mapping[str, Any],
-                   images_dir: PathLike,
-                   *,
-                   check_files: bool = True) -> list[Record]:
-  """The records of :func:`load_coco_dataset` (detectron2's ``load_coco_json``)."""
-  return load_coco_dataset(annotations, images_dir, check_files=check_files).records
-
-
 # Masks.
 
 
@@ -282,10 +268,7 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
       raise ValueError(f"mask shape {segm.shape} != ({height}, {width})")
     return segm.astype(bool)
   if isinstance(segm, dict):
-    _check_rle_size(segm, height, width, "segmentation")
-    if isinstance(segm["counts"], list):
-      segm = mask_util.frPyObjects(segm, height, width)
-    return mask_util.decode(segm).astype(bool)
+    return mask_util.decode(_rle(segm, height, width, "segmentation")).astype(bool)
   if isinstance(segm, (list, tuple)):
     polygons = [list(map(float, p)) for p in segm]
     if not polygons:
@@ -293,20 +276,6 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     rles = mask_util.frPyObjects(polygons, height, width)
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
   raise TypeError(f"unsupported segmentation type {type(segm).__name__}")
-
-
-def decode_masks(annotations: Sequence[Mapping[str, Any]], height: int,
-                 width: int) -> np.ndarray:
-  """Masks of record annotations as bool [N, height, width]; errors name the annotation id."""
-  masks = np.zeros((len(annotations), height, width), bool)
-  for k, ann in enumerate(annotations):
-    if "segmentation" not in ann:
-      raise ValueError(f"annotation id {ann.get('id')} has no segmentation")
-    try:
-      masks[k] = decode_segmentation(ann["segmentation"], height, width)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"annotation id {ann.get('id')}: {e}") from e
-  return masks
 
 
 # Images.

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import pickle
 import sys
@@ -186,7 +187,7 @@ def _transform_mask(ann: Record, orig: Size, new: Size, flip: bool) -> np.ndarra
   """One annotation's mask at the transformed size, as detectron2 builds BitMasks.
 
   Polygons are scaled (and flipped) and then rasterised at the new size; RLE / array masks are
-  decoded at the original size, resized with NEAREST and flipped.
+  decoded to uint8 at the original size, resized as a label map (NEAREST) and flipped.
   """
   segm = ann.get("segmentation")
   if segm is None or (isinstance(segm, (list, tuple)) and not segm):
@@ -194,13 +195,11 @@ def _transform_mask(ann: Record, orig: Size, new: Size, flip: bool) -> np.ndarra
   (oh, ow), (nh, nw) = orig, new
   try:
     if isinstance(segm, (list, tuple)):
-      polys = T.scale_polygons(segm, nw / ow, nh / oh)
-      if flip:
-        polys = T.hflip_polygons(polys, nw)
-      return coco.decode_segmentation([p.tolist() for p in polys], nh, nw)
-    mask = coco.decode_segmentation(segm, oh, ow)
-    mask = T.resize_masks(mask[None], (nh, nw))[0]
-    return T.hflip_masks(mask[None])[0] if flip else mask
+      polys = T.transform_polygons(segm, nw / ow, nh / oh, nw if flip else None)
+      return coco.decode_segmentation(polys, nh, nw)
+    mask = coco.decode_segmentation(segm, oh, ow).astype(np.uint8)
+    mask = T.resize_label_map(mask, (nh, nw)) != 0
+    return T.hflip_image(mask) if flip else mask
   except (ValueError, TypeError) as e:
     raise ValueError(f"annotation id {ann.get('id')}: {e}") from e
 
@@ -296,9 +295,6 @@ class _RecordStore:
     self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     self._data = np.frombuffer(b"".join(blobs), np.uint8)
 
-  def __len__(self) -> int:
-    return len(self._offsets) - 1
-
   def __getitem__(self, i: int) -> dict[str, Any]:
     return pickle.loads(memoryview(self._data[self._offsets[i]:self._offsets[i + 1]]))
 
@@ -306,23 +302,29 @@ class _RecordStore:
 # Deterministic grouping of the infinite shuffled stream.
 
 
-class _StreamGrouper:
-  """Global batches of the infinite shuffled stream, grouped by key (random access by step).
+class _TrainSource:
+  """grain random-access source: element ``k`` = this process's part of global step ``k``.
 
-  Simulates detectron2's ``AspectRatioGroupedDataset`` over the stream of
-  :meth:`permutation` epochs, one epoch at a time with numpy: a key's images are chunked
-  in stream order (after the previous epoch's leftovers of that key), each chunk is emitted at
-  the stream position of its last image, and chunks of all keys are ordered by that position.
-  Steps ``k`` are served from a small cache of simulated epochs; asking for an earlier step
-  than the cache holds re-simulates from the start (index arithmetic: ~3 ms per epoch of 117k
-  images, 0.1 s to reach step 270k of COCO 3x).
+  Global batches of the infinite shuffled stream, grouped by key: simulates detectron2's
+  ``AspectRatioGroupedDataset`` over the stream of shuffled epochs, one epoch at a time with
+  numpy: a key's images are chunked in stream order (after the previous epoch's leftovers of
+  that key), each chunk is emitted at the stream position of its last image, and chunks of all
+  keys are ordered by that position. Steps ``k`` are served from a small cache of simulated
+  epochs; asking for an earlier step than the cache holds re-simulates from the start (index
+  arithmetic: ~3 ms per epoch of 117k images, 0.1 s to reach step 270k of COCO 3x).
   """
 
-  def __init__(self, seed: int, keys: np.ndarray, group_size: int, cache_epochs: int = 3):
+  def __init__(self, seed: int, keys: np.ndarray, bounds: np.ndarray,
+               buckets: Sequence[Size], group_by: str, batch_size: int, process_index: int,
+               process_count: int, cache_epochs: int = 3):
     self._seed = int(seed)
     self._keys = np.asarray(keys, np.int64)
     self._num_keys = int(self._keys.max()) + 1
-    self._g = int(group_size)
+    self._g = batch_size * process_count
+    self._bounds = bounds
+    self._buckets = tuple(tuple(b) for b in buckets)
+    self._group_by = group_by
+    self._part = slice(process_index * batch_size, (process_index + 1) * batch_size)
     self._cache_epochs = cache_epochs
     self._lock = threading.Lock()  # grain's prefetch threads read steps concurrently.
     self._reset()
@@ -336,6 +338,9 @@ class _StreamGrouper:
     self.__dict__.update(state)
     self._lock = threading.Lock()
 
+  def __len__(self) -> int:
+    return sys.maxsize  # Infinite stream; grain needs a length.
+
   def _reset(self) -> None:
     self._next_epoch = 0
     self._next_step = 0
@@ -344,13 +349,10 @@ class _StreamGrouper:
     self._cache: collections.OrderedDict[int, tuple[int, np.ndarray, np.ndarray]] = (
         collections.OrderedDict())
 
-  def permutation(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng(np.random.SeedSequence([self._seed, _SHUFFLE_DOMAIN, epoch]))
-    return rng.permutation(len(self._keys))
-
   def _simulate_epoch(self) -> None:
     e = self._next_epoch
-    perm = self.permutation(e)
+    rng = np.random.default_rng(np.random.SeedSequence([self._seed, _SHUFFLE_DOMAIN, e]))
+    perm = rng.permutation(len(self._keys))
     keys = self._keys[perm]
     chunk_items, chunk_epochs, emit = [], [], []
     for g in range(self._num_keys):
@@ -378,52 +380,32 @@ class _StreamGrouper:
     self._next_step += len(items)
     self._next_epoch += 1
 
-  def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+  def _global_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Record positions ``[G]`` and the epochs they were drawn in ``[G]`` of global step."""
     with self._lock:
-      return self._get(step)
-
-  def _get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    if self._cache and step < next(iter(self._cache.values()))[0]:
-      self._reset()
-    while step >= self._next_step:
-      self._simulate_epoch()
-    for start, items, epochs in self._cache.values():
-      if start <= step < start + len(items):
-        return items[step - start], epochs[step - start]
+      if self._cache and step < next(iter(self._cache.values()))[0]:
+        self._reset()
+      while step >= self._next_step:
+        self._simulate_epoch()
+      for start, items, epochs in self._cache.values():
+        if start <= step < start + len(items):
+          return items[step - start], epochs[step - start]
     raise AssertionError("unreachable: step not in the simulated epochs")
 
-
-class _TrainBatchSource:
-  """grain random-access source: element ``k`` = this process's part of global step ``k``."""
-
-  def __init__(self, seed: int, keys: np.ndarray, bounds: np.ndarray,
-               buckets: Sequence[Size], group_by: str, batch_size: int, process_index: int,
-               process_count: int):
-    self._grouper = _StreamGrouper(seed, keys, batch_size * process_count)
-    self._bounds = bounds
-    self._keys = keys
-    self._buckets = tuple(tuple(b) for b in buckets)
-    self._group_by = group_by
-    self._b = batch_size
-    self._p = process_index
-
-  def __len__(self) -> int:
-    return sys.maxsize  # Infinite stream; grain needs a length.
-
   def __getitem__(self, step: int) -> dict[str, Any]:
-    items, epochs = self._grouper[int(step)]
+    items, epochs = self._global_batch(int(step))
     if self._group_by == "bucket":
       bucket = self._buckets[int(self._keys[items[0]])]
     else:
       hw = self._bounds[items].max(axis=0)
       bucket = batching.choose_bucket(int(hw[0]), int(hw[1]), self._buckets)
-    part = slice(self._p * self._b, (self._p + 1) * self._b)
-    return {"positions": items[part], "epochs": epochs[part],
-            "bucket": np.array(bucket, np.int64), "step": int(step)}
+    return {"positions": items[self._part], "epochs": epochs[self._part],
+            "bucket": np.array(bucket, np.int64)}
 
 
-class _ExampleMaker:
+def _map_examples(element: Mapping[str, Any], *, store: _RecordStore,
+                  record_indices: np.ndarray, cfg: LoaderConfig, seed: int, training: bool,
+                  with_targets: bool) -> dict[str, Any]:
   """grain map function (runs in the workers): ``{"positions", "epochs", "bucket"}`` ->
   ``{"examples": [compact examples], "bucket"}``.
 
@@ -431,46 +413,27 @@ class _ExampleMaker:
   batch of 2 is ~33 MB (M=100 packed canvases) against ~7 MB of examples, and the padding is
   mostly zeros that the consumer gets for free from ``np.zeros``.
   """
-
-  def __init__(self, store: _RecordStore, record_indices: np.ndarray, cfg: LoaderConfig,
-               seed: int, training: bool, with_targets: bool):
-    self._store = store
-    self._record_indices = record_indices
-    self._cfg = cfg
-    self._seed = int(seed)
-    self._training = training
-    self._with_targets = with_targets
-
-  def __call__(self, element: Mapping[str, Any]) -> dict[str, Any]:
-    examples = []
-    for pos, epoch in zip(element["positions"], element["epochs"]):
-      if pos < 0:
-        continue  # Padding slot (evaluation).
-      index = int(self._record_indices[pos])
-      rng = np.random.default_rng(
-          np.random.SeedSequence([self._seed, _AUGMENT_DOMAIN, int(epoch), index]))
-      example = map_example(self._store[int(pos)], rng, self._cfg, training=self._training,
-                            record_index=index, with_targets=self._with_targets)
-      examples.append(batching.compact_example(example))
-    return {"examples": examples, "bucket": element["bucket"]}
+  examples = []
+  for pos, epoch in zip(element["positions"], element["epochs"]):
+    if pos < 0:
+      continue  # Padding slot (evaluation).
+    index = int(record_indices[pos])
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _AUGMENT_DOMAIN, int(epoch), index]))
+    example = map_example(store[int(pos)], rng, cfg, training=training, record_index=index,
+                          with_targets=with_targets)
+    examples.append(batching.compact_example(example))
+  return {"examples": examples, "bucket": element["bucket"]}
 
 
-class _Collate:
+def _collate(element: Mapping[str, Any], *, cfg: LoaderConfig, batch_size: int,
+             with_targets: bool) -> batching.Batch:
   """grain map function (runs in the consumer): examples -> padded :data:`Batch`."""
-
-  def __init__(self, cfg: LoaderConfig, batch_size: int, with_targets: bool):
-    self._cfg = cfg
-    self._b = batch_size
-    self._with_targets = with_targets
-
-  def __call__(self, element: Mapping[str, Any]) -> batching.Batch:
-    cfg = self._cfg
-    inst = self._with_targets and cfg.instance_targets
-    return batching.make_batch(
-        element["examples"], tuple(int(v) for v in element["bucket"]), batch_size=self._b,
-        max_instances=cfg.max_instances, mask_format=cfg.mask_format if inst else "none",
-        instance_targets=inst, semantic_targets=self._with_targets and cfg.semantic_targets,
-        ignore_label=cfg.ignore_label)
+  inst = with_targets and cfg.instance_targets
+  return batching.make_batch(
+      element["examples"], tuple(int(v) for v in element["bucket"]), batch_size=batch_size,
+      max_instances=cfg.max_instances, mask_format=cfg.mask_format if inst else "none",
+      instance_targets=inst, semantic_targets=with_targets and cfg.semantic_targets,
+      ignore_label=cfg.ignore_label)
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -483,27 +446,26 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
   return int(process_index), int(process_count)
 
 
-def _orientation_key(height: int, width: int) -> int:
-  return 0 if width > height else 1  # detectron2's aspect-ratio groups.
-
-
-def _ensure_absl_flags_parsed() -> None:
-  # grain's process prefetch reads its absl flags; outside an absl app (tests, notebooks,
-  # benchmarks) nobody parsed them and the read raises. Marking them parsed keeps defaults.
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def _finish(ds: grain.MapDataset, collate: _Collate, worker_count: int, read_threads: int,
-            prefetch: int, worker_buffer_size: int) -> grain.IterDataset:
+def _dataset(source: Sequence[Mapping[str, Any]], records: Sequence[Record],
+             record_indices: np.ndarray, cfg: LoaderConfig, *, seed: int, training: bool,
+             with_targets: bool, batch_size: int, worker_count: int, read_threads: int,
+             prefetch: int, worker_buffer_size: int) -> grain.IterDataset:
+  """``source`` elements -> compact examples (in the workers) -> padded Batches."""
+  ds = grain.MapDataset.source(source).map(functools.partial(
+      _map_examples, store=_RecordStore(records), record_indices=record_indices, cfg=cfg,
+      seed=int(seed), training=training, with_targets=with_targets))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch))
   if worker_count > 0:
-    _ensure_absl_flags_parsed()
+    # grain's process prefetch reads its absl flags; outside an absl app (tests, notebooks,
+    # benchmarks) nobody parsed them and the read raises. Marking them parsed keeps defaults.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=worker_buffer_size))
-  return ds.map(collate)
+  return ds.map(functools.partial(_collate, cfg=cfg, batch_size=batch_size,
+                                  with_targets=with_targets))
 
 
 def build_train_loader(records: Sequence[Record],
@@ -561,39 +523,17 @@ def build_train_loader(records: Sequence[Record],
     index = {b: k for k, b in enumerate(buckets)}
     keys = np.array([index[batching.choose_bucket(int(h), int(w), buckets)] for h, w in bounds],
                     np.int64)
-  else:
-    keys = np.array([_orientation_key(int(r["height"]), int(r["width"])) for r in kept],
-                    np.int64)
+  else:  # detectron2's aspect-ratio groups.
+    keys = np.array([0 if int(r["width"]) > int(r["height"]) else 1 for r in kept], np.int64)
   counts = collections.Counter(buckets[k] if cfg.group_by == "bucket" else k for k in keys)
   logger.info("training buckets %s; images per group: %s", list(buckets), dict(counts))
 
-  source = _TrainBatchSource(seed, keys, bounds, buckets, cfg.group_by,
-                             batch_size_per_process, pi, pc)
-  maker = _ExampleMaker(_RecordStore(kept), indices, cfg, seed, training=True,
-                        with_targets=True)
-  ds = grain.MapDataset.source(source).map(maker)
-  collate = _Collate(cfg, batch_size_per_process, with_targets=True)
-  return iter(_finish(ds, collate, worker_count, read_threads, prefetch_buffer_size,
-                      worker_buffer_size))
-
-
-class _EvalBatchSource:
-  """Finite source: element ``k`` = this process's part of evaluation batch ``k``."""
-
-  def __init__(self, chunks: np.ndarray, buckets: Sequence[Size], batch_size: int,
-               process_index: int):
-    self._chunks = chunks
-    self._buckets = buckets
-    self._b = batch_size
-    self._p = process_index
-
-  def __len__(self) -> int:
-    return len(self._chunks)
-
-  def __getitem__(self, k: int) -> dict[str, Any]:
-    part = self._chunks[k, self._p * self._b:(self._p + 1) * self._b]
-    return {"positions": part, "epochs": np.zeros_like(part),
-            "bucket": np.array(self._buckets[k], np.int64), "step": int(k)}
+  source = _TrainSource(seed, keys, bounds, buckets, cfg.group_by, batch_size_per_process, pi,
+                        pc)
+  return iter(_dataset(source, kept, indices, cfg, seed=seed, training=True, with_targets=True,
+                       batch_size=batch_size_per_process, worker_count=worker_count,
+                       read_threads=read_threads, prefetch=prefetch_buffer_size,
+                       worker_buffer_size=worker_buffer_size))
 
 
 @dataclasses.dataclass
@@ -671,16 +611,16 @@ def build_eval_loader(records: Sequence[Record],
     if buf:
       chunks.append((len(records), b, buf + [-1] * (g - len(buf))))
   chunks.sort(key=lambda c: c[0])
-  table = np.array([c[2] for c in chunks], np.int64).reshape(-1, g)
-  chunk_buckets = [c[1] for c in chunks]
-  used = tuple(dict.fromkeys(chunk_buckets))
+  used = tuple(dict.fromkeys(c[1] for c in chunks))
   logger.info("evaluation: %d images, %d batches of %d per process, buckets %s", len(records),
               len(chunks), batch_size, list(used))
 
-  source = _EvalBatchSource(table, chunk_buckets, batch_size, pi)
-  maker = _ExampleMaker(_RecordStore(records), np.arange(len(records)), cfg, 0, training=False,
-                        with_targets=with_targets)
-  ds = grain.MapDataset.source(source).map(maker)
-  ds = _finish(ds, _Collate(cfg, batch_size, with_targets), worker_count, read_threads,
-               prefetch_buffer_size, worker_buffer_size)
+  part = slice(pi * batch_size, (pi + 1) * batch_size)
+  source = [{"positions": np.array(positions[part], np.int64),
+             "epochs": np.zeros(batch_size, np.int64), "bucket": np.array(b, np.int64)}
+            for _, b, positions in chunks]
+  ds = _dataset(source, records, np.arange(len(records)), cfg, seed=0, training=False,
+                with_targets=with_targets, batch_size=batch_size, worker_count=worker_count,
+                read_threads=read_threads, prefetch=prefetch_buffer_size,
+                worker_buffer_size=worker_buffer_size)
   return EvalLoader(dataset=ds, num_batches=len(chunks), buckets=used)

@@ -52,10 +52,6 @@ class Split:
   cityscapes_gt: Sequence[Any] | None = None
 
 
-def _section(config: Any, which: str) -> Any:
-  return config.data[which]
-
-
 def _require(exists, path: str, what: str, key: str, how: str) -> None:
   """``exists`` is ``os.path.isfile`` or ``os.path.isdir``."""
   if not path or not exists(path):
@@ -63,14 +59,14 @@ def _require(exists, path: str, what: str, key: str, how: str) -> None:
 
 
 def _synthetic_root(config: Any, which: str, workdir: str) -> str:
-  root = str(_section(config, which).get("root", "") or "")
+  root = str(config.data[which].get("root", "") or "")
   return root or os.path.join(workdir, "data")
 
 
 def _coco_gt_from_records(records: Sequence[Mapping[str, Any]], names: Sequence[str],
                           ids: Sequence[int]) -> dict[str, Any]:
   """A COCO ground-truth dict from records (TFDS-stored COCO data has no JSON at hand)."""
-  import pycocotools.mask as mask_util
+  from pointrend_jax.data import coco
   images, anns = [], []
   for r in records:
     images.append({"id": int(r["image_id"]), "height": int(r["height"]),
@@ -78,16 +74,10 @@ def _coco_gt_from_records(records: Sequence[Mapping[str, Any]], names: Sequence[
     for a in r.get("annotations", ()):
       x0, y0, x1, y1 = (float(v) for v in a["bbox"])
       segm = a.get("segmentation")
-      if isinstance(segm, (list, tuple)):
-        segm = [list(map(float, p)) for p in segm]
-        rle = mask_util.merge(mask_util.frPyObjects(segm, int(r["height"]), int(r["width"])))
-      else:
-        segm = dict(segm)
-        rle = {"size": segm["size"], "counts": segm["counts"].encode()
-               if isinstance(segm["counts"], str) else segm["counts"]}
+      segm = [list(map(float, p)) for p in segm] if isinstance(segm, (list, tuple)) else dict(segm)
       area = a.get("area")
       if area is None or not np.isfinite(area):
-        area = float(mask_util.area(rle))
+        area = float(coco.decode_segmentation(segm, int(r["height"]), int(r["width"])).sum())
       anns.append({"id": len(anns) + 1, "image_id": int(r["image_id"]),
                    "category_id": int(ids[int(a["category_id"])]), "iscrowd": int(a["iscrowd"]),
                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area),
@@ -98,7 +88,7 @@ def _coco_gt_from_records(records: Sequence[Mapping[str, Any]], names: Sequence[
 
 def _split_origin(config: Any, which: str, workdir: str) -> str:
   """Where ``config.data.<which>`` reads from, for messages (the annotations file, the root)."""
-  s = _section(config, which)
+  s = config.data[which]
   source = str(s.source)
   if source == "coco":
     return f"COCO annotations {s.annotations}"
@@ -166,7 +156,7 @@ def load_split(config: Any, which: str, workdir: str,
 def _load_split(config: Any, which: str, workdir: str,
                 mcfg: ModelConfig) -> Split:
   from pointrend_jax.data import cityscapes, coco
-  s = _section(config, which)
+  s = config.data[which]
   source = str(s.source)
   split = str(s.split)
   semantic = mcfg.is_semantic

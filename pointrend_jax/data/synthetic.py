@@ -130,11 +130,9 @@ class SyntheticSample:
 @dataclasses.dataclass(frozen=True)
 class SyntheticSplit:
   """Where one split lives on disk."""
-  name: str
   annotations: pathlib.Path  # COCO instances JSON.
   images_dir: pathlib.Path  # The JSON's file_name values are relative to this.
   sem_seg_dir: pathlib.Path  # Same basenames as the images.
-  num_images: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,13 +382,9 @@ def _shape_texture(rng: np.random.Generator, shape: Mapping[str, Any],
 # One image.
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-
-
 def generate_sample(config: SyntheticConfig, seed: int, split: str, index: int) -> SyntheticSample:
   """Generates image ``index`` of ``split`` (pure function of its arguments)."""
-  rng = _image_rng(seed, split, index)
+  rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
   lo, hi = config.image_size
   height, width = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
   image = _background(rng, height, width)
@@ -467,26 +461,11 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
 # On disk.
 
 
-def _params(config: SyntheticConfig, num_train: int, num_val: int, seed: int) -> dict[str, Any]:
-  return {
-      "generator_version": GENERATOR_VERSION,
-      "config": dataclasses.asdict(config),
-      "num_images": {"train": num_train, "val": num_val},
-      "seed": seed,
-  }
-
-
-def _dataset(root: pathlib.Path, counts: Mapping[str, int]) -> SyntheticDataset:
-  splits = {
-      s: SyntheticSplit(
-          name=s,
-          annotations=root / "annotations" / f"instances_{s}.json",
-          images_dir=root / "images" / s,
-          sem_seg_dir=root / "sem_seg" / s,
-          num_images=int(counts[s]),
-      ) for s in SPLITS
-  }
-  return SyntheticDataset(root=root, splits=splits)
+def _dataset(root: pathlib.Path) -> SyntheticDataset:
+  return SyntheticDataset(root=root, splits={
+      s: SyntheticSplit(annotations=root / "annotations" / f"instances_{s}.json",
+                        images_dir=root / "images" / s, sem_seg_dir=root / "sem_seg" / s)
+      for s in SPLITS})
 
 
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
@@ -559,13 +538,14 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
   if num_train < 0 or num_val < 0:
     raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
   config = dataclasses.replace(config or SyntheticConfig(), image_size=tuple(image_size))
-  params = _params(config, num_train, num_val, seed)
+  counts = {"train": num_train, "val": num_val}
+  params = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config),
+            "num_images": counts, "seed": seed}
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
   cache_dir = pathlib.Path(cache_dir)
   root = cache_dir / f"shapes-{key}"
-  counts = {"train": num_train, "val": num_val}
   if _is_complete(root, params):
-    return _dataset(root, counts)
+    return _dataset(root)
 
   cache_dir.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-shapes-{key}-", dir=cache_dir))
@@ -585,7 +565,7 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str],
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-  return _dataset(root, counts)
+  return _dataset(root)
 
 
 def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:
@@ -597,10 +577,10 @@ def _is_complete(root: pathlib.Path, params: Mapping[str, Any]) -> bool:
 
 
 def load_synthetic_records(dataset: SyntheticDataset, split: str) -> list[dict[str, Any]]:
-  """The split as :func:`pointrend_jax.data.coco.load_coco_json` records plus
+  """The split as :func:`pointrend_jax.data.coco.load_coco_dataset` records plus
   ``sem_seg_file_name`` (absolute path of the semantic label PNG)."""
   s = dataset.splits[split]
-  records = coco.load_coco_json(s.annotations, s.images_dir)
+  records = coco.load_coco_dataset(s.annotations, s.images_dir).records
   for record in records:
     record["sem_seg_file_name"] = str(s.sem_seg_dir / os.path.basename(record["file_name"]))
   return records

@@ -56,9 +56,9 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import io
-import logging
 import math
 import os
+import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -67,11 +67,7 @@ import tensorflow_datasets as tfds
 
 from pointrend_jax.data import cityscapes
 from pointrend_jax.data import coco
-
-logger = logging.getLogger(__name__)
-
-Record = dict[str, Any]
-PathLike = str | os.PathLike[str]
+from pointrend_jax.data.coco import PathLike, Record
 
 INSTANCES_BUILDER = "pointrend_instances"
 SEMANTIC_BUILDER = "pointrend_cityscapes_semantic"
@@ -92,15 +88,6 @@ def _f64_bytes(values: Sequence[float]) -> bytes:
   return np.asarray(values, "<f8").tobytes()
 
 
-def _f64_array(data: bytes) -> np.ndarray:
-  return np.frombuffer(data, "<f8")
-
-
-def _file_bytes(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
-
-
 # Instances.
 
 
@@ -119,14 +106,11 @@ class InstancesConfig(tfds.core.BuilderConfig):
 
 def _load_instance_records(config: InstancesConfig,
                            split: str) -> tuple[list[Record], coco.CocoCategories]:
-  entry = {s: (a, b) for s, a, b in config.splits}[split]
+  path, images_dir = {s: (a, b) for s, a, b in config.splits}[split]
   if config.source == "coco":
-    dataset = coco.load_coco_dataset(entry[0], entry[1])
+    dataset = coco.load_coco_dataset(path, images_dir)
     return dataset.records, dataset.categories
-  if config.source == "cityscapes":
-    return (cityscapes.load_cityscapes_instances(entry[0], split),
-            cityscapes.THING_CATEGORIES)
-  raise ValueError(f"unknown instance source {config.source!r} (coco, cityscapes)")
+  return cityscapes.load_cityscapes_instances(path, split), cityscapes.THING_CATEGORIES
 
 
 def _encode_instances(record: Record) -> dict[str, Any]:
@@ -151,11 +135,10 @@ def _encode_instances(record: Record) -> dict[str, Any]:
       segm_type.append(SEGM_POLYGONS)
       rle.append(b"")
       polygon_counts.append(len(segm))
-      for polygon in segm:
-        polygon_sizes.append(len(polygon))
-        coords.extend(float(v) for v in polygon)
+      polygon_sizes.extend(len(polygon) for polygon in segm)
+      coords.extend(float(v) for polygon in segm for v in polygon)
   return {
-      "image": _file_bytes(record["file_name"]),
+      "image": pathlib.Path(record["file_name"]).read_bytes(),
       "file_name": str(record["file_name"]),
       "image_id": int(record["image_id"]),
       "height": int(record["height"]),
@@ -179,12 +162,12 @@ def _text(value: Any) -> str:
 
 def _decode_instances(example: Mapping[str, Any]) -> Record:
   height, width = int(example["height"]), int(example["width"])
-  sizes = np.asarray(example["polygon_sizes"]).tolist()
-  coords = _f64_array(example["polygon_coords"]).tolist()
+  starts = np.cumsum([0] + np.asarray(example["polygon_sizes"]).tolist()).tolist()
+  coords = np.frombuffer(example["polygon_coords"], "<f8").tolist()
   polygon_counts = np.asarray(example["polygon_counts"]).tolist()
-  area = _f64_array(example["area"])
+  area = np.frombuffer(example["area"], "<f8")
   rle = list(example["rle"])
-  anns, p, c = [], 0, 0
+  anns, p = [], 0
   for k, ann_id in enumerate(np.asarray(example["ann_id"]).tolist()):
     ann: dict[str, Any] = {
         "id": ann_id,
@@ -198,12 +181,9 @@ def _decode_instances(example: Mapping[str, Any]) -> Record:
     if kind == SEGM_RLE:
       ann["segmentation"] = {"size": [height, width], "counts": _text(rle[k])}
     elif kind == SEGM_POLYGONS:
-      polygons = []
-      for _ in range(polygon_counts[k]):
-        polygons.append(coords[c:c + sizes[p]])
-        c += sizes[p]
-        p += 1
-      ann["segmentation"] = polygons
+      ann["segmentation"] = [coords[starts[i]:starts[i + 1]]
+                             for i in range(p, p + polygon_counts[k])]
+      p += polygon_counts[k]
     anns.append(ann)
   return {
       "file_name": _text(example["file_name"]),
@@ -226,7 +206,7 @@ class InstancesBuilder(tfds.core.GeneratorBasedBuilder):
     metadata = tfds.core.MetadataDict()
     if config.splits:  # Empty when tfds instantiates the class only to read files.
       if config.source == "coco":
-        categories = coco.coco_categories(config.splits[0][1])
+        categories = coco.CocoCategories.from_coco(coco.read_coco_json(config.splits[0][1]))
       else:
         categories = cityscapes.THING_CATEGORIES
       metadata.update(class_names=list(categories.names), dataset_ids=list(categories.ids),
@@ -279,7 +259,7 @@ class SemanticConfig(tfds.core.BuilderConfig):
 
 def _train_id_png(files: cityscapes.CityscapesFiles) -> bytes:
   if os.path.isfile(files.label_ids):
-    train_ids = cityscapes.read_train_id_label_map(files.label_ids)
+    train_ids = cityscapes.label_id_to_train_id(coco.read_label_map(files.label_ids))
   elif os.path.isfile(files.label_train_ids):
     train_ids = coco.read_label_map(files.label_train_ids)
   else:
@@ -326,7 +306,7 @@ class SemanticBuilder(tfds.core.GeneratorBasedBuilder):
     files = cityscapes.cityscapes_files(root, split)
     for index, (record, f) in enumerate(zip(records, files)):
       yield f"{index:010d}", {
-          "image": _file_bytes(record["file_name"]),
+          "image": pathlib.Path(record["file_name"]).read_bytes(),
           "file_name": record["file_name"],
           "sem_seg": _train_id_png(f),
           "sem_seg_file_name": record["sem_seg_file_name"],
@@ -334,18 +314,6 @@ class SemanticBuilder(tfds.core.GeneratorBasedBuilder):
           "height": record["height"],
           "width": record["width"],
       }
-
-
-def _decode_semantic(example: Mapping[str, Any]) -> Record:
-  return {
-      "file_name": _text(example["file_name"]),
-      "sem_seg_file_name": _text(example["sem_seg_file_name"]),
-      "height": int(example["height"]),
-      "width": int(example["width"]),
-      "image_id": int(example["image_id"]),
-      "image_bytes": bytes(example["image"]),
-      "sem_seg_bytes": bytes(example["sem_seg"]),
-  }
 
 
 # Public API.
@@ -419,8 +387,17 @@ def prepare_tfds(kind: str,
 def example_to_record(example: Mapping[str, Any], kind: str) -> Record:
   """One example of ``tfds.data_source`` / ``as_data_source`` as a record (module docstring)."""
   _check_kind(kind)
-  return _decode_semantic(example) if kind == "cityscapes_semantic" else _decode_instances(
-      example)
+  if kind != "cityscapes_semantic":
+    return _decode_instances(example)
+  return {
+      "file_name": _text(example["file_name"]),
+      "sem_seg_file_name": _text(example["sem_seg_file_name"]),
+      "height": int(example["height"]),
+      "width": int(example["width"]),
+      "image_id": int(example["image_id"]),
+      "image_bytes": bytes(example["image"]),
+      "sem_seg_bytes": bytes(example["sem_seg"]),
+  }
 
 
 class TfdsRecords(collections.abc.Sequence):

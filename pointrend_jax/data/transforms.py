@@ -24,9 +24,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["resize_shortest_edge_size", "resize_image", "resize_label_map", "resize_masks",
-           "scale_boxes", "scale_polygons", "hflip_image", "hflip_masks",
-           "hflip_boxes", "hflip_polygons", "clip_boxes", "nonempty_boxes",
+__all__ = ["resize_shortest_edge_size", "resize_image", "resize_label_map", "scale_boxes",
+           "transform_polygons", "hflip_image", "hflip_boxes", "clip_boxes", "nonempty_boxes",
            "random_crop_category_area", "crop_array", "color_aug_ssd", "rgb_to_hsv_opencv",
            "hsv_to_rgb_opencv"]
 
@@ -62,13 +61,10 @@ def resize_shortest_edge_size(height: int, width: int, short: int, max_size: int
 
 
 def _pil_resize(array: np.ndarray, size: Size, resample: int) -> np.ndarray:
-  """detectron2's ``ResizeTransform.apply_image`` for uint8 arrays ``[H, W]`` or ``[H, W, C]``."""
+  """detectron2's ``ResizeTransform.apply_image`` for uint8 arrays ``[H, W]`` or ``[H, W, 3]``."""
   if array.dtype != np.uint8:
     raise TypeError(f"PIL resizing needs uint8, got {array.dtype}")
   new_h, new_w = size
-  if array.ndim == 3 and array.shape[2] == 1:
-    out = np.asarray(Image.fromarray(array[:, :, 0], mode="L").resize((new_w, new_h), resample))
-    return out[:, :, None]
   # PIL returns an exact copy when the size is unchanged, so no special case is needed.
   return np.asarray(Image.fromarray(array).resize((new_w, new_h), resample))
 
@@ -86,34 +82,22 @@ def resize_label_map(label_map: np.ndarray, size: Size) -> np.ndarray:
   return _pil_resize(label_map, size, Image.NEAREST)
 
 
-def resize_masks(masks: np.ndarray, size: Size) -> np.ndarray:
-  """Resizes bool/uint8 masks ``[N, H, W]`` to ``bool [N, new_h, new_w]`` with PIL ``NEAREST``.
-
-  detectron2 decodes RLE masks to uint8 at the original size and resizes each as a
-  segmentation map.
-  """
-  out = np.empty((masks.shape[0],) + tuple(size), bool)
-  for k, mask in enumerate(masks):
-    out[k] = _pil_resize(mask.astype(np.uint8), size, Image.NEAREST) != 0
-  return out
-
-
 def scale_boxes(boxes: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
   """``x *= scale_x``, ``y *= scale_y`` on ``[N, 4]`` xyxy boxes; float64 result."""
-  out = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
-  out[:, 0::2] *= scale_x
-  out[:, 1::2] *= scale_y
-  return out
+  return np.asarray(boxes, np.float64).reshape(-1, 4) * (scale_x, scale_y, scale_x, scale_y)
 
 
-def scale_polygons(polygons: Sequence[Sequence[float]], scale_x: float,
-                   scale_y: float) -> list[np.ndarray]:
-  """Scales flat ``[x0, y0, x1, y1, ...]`` polygons; float64 results."""
+def transform_polygons(polygons: Sequence[Sequence[float]],
+                       scale_x: float,
+                       scale_y: float,
+                       flip_width: int | None = None) -> list[np.ndarray]:
+  """Scales flat ``[x0, y0, x1, y1, ...]`` polygons (``x *= scale_x``, ``y *= scale_y``), then
+  with ``flip_width`` flips them horizontally (``x -> flip_width - x``); float64 results."""
   out = []
   for poly in polygons:
-    p = np.asarray(poly, np.float64).reshape(-1, 2).copy()
-    p[:, 0] *= scale_x
-    p[:, 1] *= scale_y
+    p = np.asarray(poly, np.float64).reshape(-1, 2) * (scale_x, scale_y)
+    if flip_width is not None:
+      p[:, 0] = flip_width - p[:, 0]
     out.append(p.reshape(-1))
   return out
 
@@ -122,13 +106,8 @@ def scale_polygons(polygons: Sequence[Sequence[float]], scale_x: float,
 
 
 def hflip_image(image: np.ndarray) -> np.ndarray:
-  """``image[:, ::-1]`` (contiguous copy) of an image ``[H, W, 3]`` or a label map ``[H, W]``."""
+  """``image[:, ::-1]`` (contiguous copy) of an image ``[H, W, 3]``, a label map or a mask."""
   return np.ascontiguousarray(image[:, ::-1])
-
-
-def hflip_masks(masks: np.ndarray) -> np.ndarray:
-  """Flips ``[N, H, W]`` masks along W (contiguous copy)."""
-  return np.ascontiguousarray(masks[:, :, ::-1])
 
 
 def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
@@ -137,16 +116,6 @@ def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
   out = b.copy()
   out[:, 0] = width - b[:, 2]
   out[:, 2] = width - b[:, 0]
-  return out
-
-
-def hflip_polygons(polygons: Sequence[np.ndarray], width: int) -> list[np.ndarray]:
-  """``x -> width - x`` on flat polygons; float64 results."""
-  out = []
-  for poly in polygons:
-    p = np.asarray(poly, np.float64).reshape(-1, 2).copy()
-    p[:, 0] = width - p[:, 0]
-    out.append(p.reshape(-1))
   return out
 
 
@@ -318,9 +287,7 @@ def color_aug_ssd(image: np.ndarray,
     img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
 
   def contrast(x):
-    if rng.integers(2):
-      return _convert(x, alpha=rng.uniform(*contrast_range))
-    return x
+    return _convert(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
 
   def saturation(x):
     if rng.integers(2):

@@ -238,10 +238,6 @@ class ModelConfig:
   def to_json(self, **kwargs) -> str:
     return json.dumps(self.to_dict(), **kwargs)
 
-  @classmethod
-  def from_json(cls, text: str) -> ModelConfig:
-    return cls.from_dict(json.loads(text))
-
   def replace(self, **updates: Any) -> ModelConfig:
     """``dataclasses.replace`` with dotted paths, e.g. ``cfg.replace(**{"rpn.nms_thresh": .6})``."""
     cfg = self

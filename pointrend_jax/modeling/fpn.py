@@ -1,4 +1,4 @@
-"""FPN on a ResNet (detectron2 ``build_resnet_fpn_backbone``) and detectron2 weight loading.
+"""FPN on a ResNet (detectron2 ``build_resnet_fpn_backbone``).
 
 Module paths equal detectron2's (``bottom_up.*``, ``fpn_lateral{2..5}``, ``fpn_output{2..5}``),
 so the state-dict names are the paths with ``backbone.`` prepended. Spec: ``mask_rcnn_fpn.md``
@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import (Conv2d, DType, c2_xavier_fill, d2_names_of, get_norm,
-                                           load_d2_state)
+from pointrend_jax.modeling.layers import Conv2d, DType, c2_xavier_fill, get_norm
 from pointrend_jax.modeling.resnet import ResNet
 
 Array = jax.Array
@@ -123,24 +122,3 @@ def build_resnet_fpn_backbone(*, depth: int = 50, num_groups: int = 1, width_per
                      stem_out_channels=stem_out_channels, res2_out_channels=res2_out_channels,
                      **kw)
   return FPN(bottom_up, out_channels=out_channels, norm=fpn_norm, **kw)
-
-
-def _backbone_prefix(module: nnx.Module, prefix: str) -> str:
-  return prefix + "bottom_up." if isinstance(module, ResNet) else prefix
-
-
-def d2_backbone_names(module: FPN | ResNet,
-                      prefix: str = "backbone.") -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` of every variable (abstract modules work too).
-
-  ``prefix`` is the FPN backbone's prefix; a bare ResNet gets ``prefix + "bottom_up."``.
-  """
-  return d2_names_of(module, _backbone_prefix(module, prefix))
-
-
-def load_d2_backbone(module: FPN | ResNet, state: Mapping[str, np.ndarray],
-                     prefix: str = "backbone.", *, strict: bool = True) -> set[str]:
-  """:func:`~.layers.load_d2_state` of a backbone: an :class:`FPN` (names ``prefix +
-  "fpn_lateral2.weight"``, ``prefix + "bottom_up.stem.conv1.weight"``, ...) or a bare
-  :class:`ResNet` (``prefix + "bottom_up."``). Grouped convs need no permutation."""
-  return load_d2_state(module, state, _backbone_prefix(module, prefix), strict=strict)

@@ -329,6 +329,14 @@ class Linear(nnx.Module):
     return y + self.bias[...].astype(dtype)
 
 
+class PointwiseConv1d(Linear):
+  """PyTorch ``Conv1d(kernel_size=1)`` applied per point: a :class:`Linear` on ``[R, P, in]``.
+
+  Only the checkpoint layout differs: detectron2 stores ``weight`` as ``(out, in, 1)``
+  (:func:`d2_names_of` / :func:`load_d2_state` handle it).
+  """
+
+
 def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
   """PyTorch ``max_pool2d`` (floor mode; padding acts as -inf). x: (N, H, W, C)."""
   return jax.lax.reduce_window(
@@ -339,72 +347,70 @@ def max_pool2d(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
 # --- detectron2 state-dict names <-> module variables ---
 
 
-def _variables(module: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Variable]]:
-  for path, node in nnx.iter_graph(module):
-    if isinstance(node, nnx.Variable) and not isinstance(node, nnx.RngState):
-      yield tuple(path), node
+def _d2_variables(module: nnx.Module, prefix: str, renames: Mapping[str, str] | None
+                  ) -> Iterator[tuple[str, tuple[int, ...], nnx.Variable]]:
+  """``(detectron2 name, PyTorch shape, variable)`` of every variable (see :func:`d2_names_of`)."""
+  nodes = dict(nnx.iter_graph(module))  # children come before their parents
+  for path, var in nodes.items():
+    if not isinstance(var, nnx.Variable) or isinstance(var, nnx.RngState):
+      continue
+    *parents, leaf = path
+    shape = tuple(int(s) for s in var.get_value().shape)
+    if leaf == "kernel":
+      leaf = "weight"
+      if len(shape) == 4:  # HWIO -> OIHW
+        shape = (shape[3], shape[2], shape[0], shape[1])
+      elif len(shape) == 2:
+        conv1d = isinstance(nodes[tuple(parents)], PointwiseConv1d)
+        shape = shape[::-1] + ((1,) if conv1d else ())
+      else:
+        raise ValueError(f"no PyTorch layout rule for kernel {path} of shape {shape}")
+    name = prefix + ".".join(str(p) for p in (*parents, leaf))
+    old = next((o for o in renames or {} if name.startswith(o)), None)
+    if old is not None:
+      name = renames[old] + name[len(old):]
+    yield name, shape, var
 
 
-def _to_torch(path: tuple[Any, ...], value_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-  """Maps a variable path and shape to its detectron2 name suffix and PyTorch shape."""
-  *parents, leaf = path
-  shape = tuple(int(s) for s in value_shape)
-  if leaf == "kernel":
-    leaf = "weight"
-    if len(shape) == 4:  # HWIO -> OIHW
-      shape = (shape[3], shape[2], shape[0], shape[1])
-    elif len(shape) == 2:  # dense (in, out) -> (out, in)
-      shape = shape[::-1]
-    else:
-      raise ValueError(f"no PyTorch layout rule for kernel {path} of shape {shape}")
-  return ".".join(str(p) for p in (*parents, leaf)), shape
-
-
-def _from_torch(array: np.ndarray, jax_ndim: int) -> np.ndarray:
-  if jax_ndim == 4:
-    return np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO (grouped: same group order)
-  if jax_ndim == 2:
-    return np.transpose(array)
-  return array
-
-
-def d2_names_of(module: nnx.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+def d2_names_of(module: nnx.Module, prefix: str = "", renames: Mapping[str, str] | None = None
+                ) -> dict[str, tuple[int, ...]]:
   """Returns ``{detectron2 name: PyTorch-layout shape}`` for every variable of ``module``.
 
   Works on abstract modules (``nnx.eval_shape``) too. Names are the module paths joined with
-  ``.`` after ``prefix``; ``kernel`` becomes ``weight`` (4-D: OIHW, 2-D: (out, in)).
+  ``.`` after ``prefix``, then the first matching ``renames`` entry (``{name prefix: detectron2
+  prefix}``) applied; ``kernel`` becomes ``weight`` (4-D: OIHW, 2-D: (out, in), a
+  :class:`PointwiseConv1d`'s: (out, in, 1)).
   """
-  out = {}
-  for path, var in _variables(module):
-    name, shape = _to_torch(path, var.get_value().shape)
-    out[prefix + name] = shape
-  return out
+  return {name: shape for name, shape, _ in _d2_variables(module, prefix, renames)}
 
 
 def load_d2_state(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "",
-                  *, strict: bool = True) -> set[str]:
+                  renames: Mapping[str, str] | None = None, *, strict: bool = True) -> set[str]:
   """Assigns detectron2 (PyTorch-layout) arrays to the variables of ``module`` in place.
 
   ``module`` may be abstract (``nnx.eval_shape``; its variables get the loaded arrays).
-  ``state`` is flat ``{detectron2 name: array}``, ``prefix`` the name prefix of ``module`` (e.g.
-  ``"backbone."``); entries outside ``module`` are ignored. Returns the names used.
+  ``state`` is flat ``{detectron2 name: array}``; names as in :func:`d2_names_of` (``prefix``
+  the name prefix of ``module``, e.g. ``"backbone."``); entries outside ``module`` are ignored.
+  Returns the names used.
 
   Raises:
     KeyError: (``strict``) variables without an entry, listed; otherwise they keep their value.
     ValueError: an entry's shape differs from the module's, naming the entry.
   """
   used, missing = set(), []
-  for path, var in _variables(module):
-    current = var.get_value()
-    name, torch_shape = _to_torch(path, current.shape)
-    name = prefix + name
+  for name, torch_shape, var in _d2_variables(module, prefix, renames):
     if name not in state:
       missing.append(name)
       continue
     array = np.asarray(state[name])
     if tuple(array.shape) != torch_shape:
       raise ValueError(f"{name}: checkpoint shape {tuple(array.shape)} != expected {torch_shape}")
-    var.set_value(jnp.asarray(_from_torch(array, len(current.shape)), dtype=current.dtype))
+    current = var.get_value()
+    if current.ndim == 4:
+      array = np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO (grouped: same group order)
+    elif current.ndim == 2:
+      array = np.transpose(array.reshape(torch_shape[:2]))  # (out, in[, 1]) -> (in, out)
+    var.set_value(jnp.asarray(array, dtype=current.dtype))
     used.add(name)
   if strict and missing:
     raise KeyError(f"{len(missing)} entries missing from the state dict: {missing[:20]}"

@@ -13,7 +13,7 @@
 Module paths equal detectron2's, so the state-dict names are the paths: ``backbone.*``,
 ``proposal_generator.*`` and ``roi_heads.{box_head,box_predictor}.*``; the mask head is the
 attribute ``mask_head`` with names ``roi_heads.mask_head.*`` (detectron2 nests it in the ROI
-heads; here it is a sibling so that each part keeps its own loader).
+heads; :mod:`pointrend_jax.checkpoint.d2_model` renames that path).
 """
 
 from __future__ import annotations
@@ -127,11 +127,6 @@ class PointRendRCNN(nnx.Module):
   @property
   def size_divisibility(self) -> int:
     return self.backbone.size_divisibility
-
-  @property
-  def mask_side(self) -> int:
-    """Side ``S`` of the predicted mask logits (224 for the zoo configs)."""
-    return self.mask_head.output_side
 
   def preprocess(self, images: Array, image_sizes: Array | None = None) -> Array:
     """RGB ``[B, H, W, 3]`` -> normalized ``[B, Hp, Wp, 3]`` (see :func:`normalize_images`)."""

@@ -11,8 +11,9 @@ Conventions:
   ``points_in_image`` are ``(X, Y)`` image pixels.
 * Module paths equal detectron2's (``coarse_head.fc1``, ``point_head.predictor``, ...), so the
   state-dict names are the paths after ``roi_heads.mask_head.``. Point-head layers are kernel-1
-  ``Conv1d`` in detectron2 (weight ``(out, in, 1)``) and :class:`PointwiseConv1d` (a dense layer)
-  here; :func:`d2_names` / :func:`load_d2` translate the layout.
+  ``Conv1d`` in detectron2 (weight ``(out, in, 1)``) and :class:`~.layers.PointwiseConv1d` (a
+  dense layer) here; :func:`~.layers.d2_names_of` / :func:`~.layers.load_d2_state` translate the
+  layout.
 * Flatten order: the coarse head flattens ``[R, C, 7, 7]`` (index ``c*49 + y*7 + x``, as
   PyTorch), so ``fc1``'s kernel is the transposed PyTorch weight, loaded without permutation.
 """
@@ -25,12 +26,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
-from pointrend_jax.modeling.layers import (Conv2d, DType, Linear, c2_msra_fill, c2_xavier_fill,
-                                           d2_names_of, load_d2_state)
+from pointrend_jax.modeling.layers import (Conv2d, DType, Linear, PointwiseConv1d, c2_msra_fill,
+                                           c2_xavier_fill)
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import (instance_uncertainty,
                                                point_sample_fine_grained_features,
@@ -41,54 +41,9 @@ Array = jax.Array
 Features = Array | Mapping[str, Array]
 
 __all__ = ["PointwiseConv1d", "ConvFCHead", "StandardPointHead", "PointRendMaskHead",
-           "subdivision_schedule", "subdivide", "d2_names", "load_d2", "d2_mask_head_names",
-           "load_d2_mask_head"]
+           "subdivision_schedule", "subdivide"]
 
 _prediction_init = jax.nn.initializers.normal(0.001)
-
-# --- Layers ---
-
-
-class PointwiseConv1d(Linear):
-  """PyTorch ``Conv1d(kernel_size=1)`` applied per point: a :class:`Linear` on ``[R, P, in]``.
-
-  Only the checkpoint layout differs: detectron2 stores ``weight`` as ``(out, in, 1)``
-  (:func:`d2_names` / :func:`load_d2` handle it).
-  """
-
-
-def _pointwise_conv_weights(module: nnx.Module, prefix: str) -> set[str]:
-  """detectron2 names of the ``(out, in, 1)`` weights of every PointwiseConv1d in ``module``."""
-  return {prefix + ".".join(str(p) for p in (*path, "weight"))
-          for path, node in nnx.iter_graph(module) if isinstance(node, PointwiseConv1d)}
-
-
-def d2_names(module: nnx.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` of every variable, Conv1d weights as ``(out, in, 1)``.
-
-  Like :func:`layers.d2_names_of` (works on abstract modules) plus the point-head layout.
-  """
-  names = d2_names_of(module, prefix)
-  for name in _pointwise_conv_weights(module, prefix):
-    names[name] = names[name] + (1,)
-  return names
-
-
-def load_d2(module: nnx.Module, state: Mapping[str, np.ndarray], prefix: str = "", *,
-            strict: bool = True) -> set[str]:
-  """:func:`layers.load_d2_state` that also reads kernel-1 Conv1d weights ``(out, in, 1)``."""
-  conv1d = _pointwise_conv_weights(module, prefix)
-  if not conv1d & state.keys():
-    return load_d2_state(module, state, prefix, strict=strict)
-  expected = d2_names(module, prefix)
-  view = dict(state)
-  for name in conv1d & state.keys():
-    array = np.asarray(state[name])
-    if array.shape != expected[name]:
-      raise ValueError(f"{name}: checkpoint shape {array.shape} != expected {expected[name]}")
-    view[name] = array[..., 0]
-  return load_d2_state(module, view, prefix, strict=strict)
-
 
 # --- Coarse head and point head ---
 
@@ -427,21 +382,3 @@ class PointRendMaskHead(nnx.Module):
         "upsampled": tuple(u[..., 0] for u in trace["upsampled"]), "indices": trace["indices"],
         "points_in_box": trace["points"],
         "point_logits": tuple(v[..., 0] for v in trace["point_logits"])}
-
-
-# --- Checkpoint names ---
-
-MASK_HEAD_PREFIX = "roi_heads.mask_head."
-
-
-def d2_mask_head_names(head: PointRendMaskHead,
-                       prefix: str = MASK_HEAD_PREFIX) -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` of the mask head (abstract modules work too)."""
-  return d2_names(head, prefix)
-
-
-def load_d2_mask_head(head: PointRendMaskHead, state: Mapping[str, np.ndarray],
-                      prefix: str = MASK_HEAD_PREFIX, *, strict: bool = True) -> set[str]:
-  """Loads ``roi_heads.mask_head.*`` (PyTorch layouts; ``coarse_head.fc1`` needs no permutation,
-  see the module docstring) into ``head``; returns the names used."""
-  return load_d2(head, state, prefix, strict=strict)

@@ -56,13 +56,6 @@ class Instances:
   def __len__(self) -> int:
     return int(self.scores.shape[0])
 
-  def select(self, keep: np.ndarray) -> Instances:
-    """The rows ``keep`` (bool mask or indices), in that order."""
-    idx = np.arange(len(self))[np.asarray(keep)]
-    return Instances(self.image_size, self.boxes[idx], self.scores[idx], self.classes[idx],
-                     [self.class_names[i] for i in idx], self.masks[idx],
-                     [self.rle[i] for i in idx])
-
   def to_json(self) -> dict[str, Any]:
     """JSON-ready dict: ``height``, ``width`` and one entry per instance (box, score, class,
     class name, RLE segmentation)."""
@@ -276,8 +269,15 @@ def encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
 # --- Semantic models ---
 
 
-def _linear_taps(in_size: int, out_size: int):
-  """PyTorch ``align_corners=False`` linear-resize taps (float32, as the CPU kernel)."""
+def linear_taps(in_size: int, out_size: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Source indices and weights ``(i0, i1, l0, l1)`` of PyTorch's ``align_corners=False``
+  linear resize.
+
+  Mirrors the CPU kernel's float32 arithmetic: ``scale = float32(in) / float32(out)``, source
+  position ``scale * (dst + 0.5) - 0.5`` clamped at 0; ``i0`` its floor (at most ``in - 1``),
+  ``i1 = i0 + 1`` except at the last row, ``l1 = pos - i0`` (clamped to [0, 1]), ``l0 = 1 - l1``.
+  """
   f32 = np.float32
   scale = f32(in_size) / f32(out_size)
   pos = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
@@ -292,7 +292,7 @@ def resize_bilinear(x: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
   for axis, size in ((1, int(out_hw[1])), (0, int(out_hw[0]))):
     if x.shape[axis] == size:
       continue
-    i0, i1, l0, l1 = _linear_taps(x.shape[axis], size)
+    i0, i1, l0, l1 = linear_taps(x.shape[axis], size)
     shape = [1, 1, 1]
     shape[axis] = size
     x = (np.take(x, i0, axis=axis) * l0.reshape(shape)

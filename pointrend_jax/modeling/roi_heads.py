@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import DType, Linear, c2_xavier_fill, d2_names_of, load_d2_state
+from pointrend_jax.modeling.layers import DType, Linear, c2_xavier_fill
 from pointrend_jax.ops.boxes import DEFAULT_SCALE_CLAMP, clip_boxes, decode_boxes
 from pointrend_jax.ops.nms import batched_nms
 from pointrend_jax.ops.poolers import multilevel_roi_align
@@ -36,7 +35,7 @@ from pointrend_jax.ops.poolers import multilevel_roi_align
 Array = jax.Array
 
 __all__ = ["FastRCNNConvFCHead", "FastRCNNOutputLayers", "Detections", "StandardROIHeads",
-           "fast_rcnn_inference", "d2_roi_heads_names", "load_d2_roi_heads"]
+           "fast_rcnn_inference"]
 
 
 class FastRCNNConvFCHead(nnx.Module):
@@ -256,16 +255,3 @@ class StandardROIHeads(nnx.Module):
     """Box inference: ``[B, R, 4]`` proposals (``[B, R]`` valid) -> :class:`Detections`."""
     cls_logits, deltas = self.box_outputs(features, proposals, proposal_valid)
     return self.inference(cls_logits, deltas, proposals, proposal_valid, image_sizes)
-
-
-def d2_roi_heads_names(module: StandardROIHeads,
-                       prefix: str = "roi_heads.") -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` of the box branch (abstract modules work)."""
-  return d2_names_of(module, prefix)
-
-
-def load_d2_roi_heads(module: StandardROIHeads, state: Mapping[str, np.ndarray],
-                      prefix: str = "roi_heads.", *, strict: bool = True) -> set[str]:
-  """:func:`~.layers.load_d2_state` of ``roi_heads.box_head.*`` / ``roi_heads.box_predictor.*``
-  (fc1 needs no permutation, see the module docstring); returns the names used."""
-  return load_d2_state(module, state, prefix, strict=strict)

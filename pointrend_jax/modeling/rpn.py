@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pointrend_jax.modeling.layers import Conv2d, DType, d2_names_of, load_d2_state
+from pointrend_jax.modeling.layers import Conv2d, DType
 from pointrend_jax.ops import anchors as anchors_lib
 from pointrend_jax.ops.boxes import (DEFAULT_SCALE_CLAMP, clip_boxes, decode_boxes,
                                      nonempty_boxes)
@@ -33,8 +33,7 @@ from pointrend_jax.ops.nms import nms
 
 Array = jax.Array
 
-__all__ = ["StandardRPNHead", "Proposals", "RPNOutput", "RPN", "find_top_rpn_proposals",
-           "d2_rpn_names", "load_d2_rpn"]
+__all__ = ["StandardRPNHead", "Proposals", "RPNOutput", "RPN", "find_top_rpn_proposals"]
 
 # detectron2 initialises every RPN conv with Normal(0, 0.01) and zero bias.
 _rpn_init = jax.nn.initializers.normal(0.01)
@@ -273,14 +272,3 @@ class RPN(nnx.Module):
         nms_thresh=self.nms_thresh, min_box_size=self.min_box_size,
         box_reg_weights=self.box_reg_weights)
     return RPNOutput(proposals, logits, deltas)
-
-
-def d2_rpn_names(module: RPN, prefix: str = "proposal_generator.") -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` of the RPN's variables (abstract modules work)."""
-  return d2_names_of(module, prefix)
-
-
-def load_d2_rpn(module: RPN, state: Mapping[str, np.ndarray], prefix: str = "proposal_generator.",
-                *, strict: bool = True) -> set[str]:
-  """:func:`~.layers.load_d2_state` of the RPN (OIHW convs -> HWIO); returns the names used."""
-  return load_d2_state(module, state, prefix, strict=strict)

@@ -21,14 +21,14 @@ from flax import nnx
 
 from pointrend_jax.modeling.fpn import FPN
 from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
-from pointrend_jax.modeling.point_rend import StandardPointHead, d2_names, load_d2, subdivide
+from pointrend_jax.modeling.point_rend import StandardPointHead, subdivide
+from pointrend_jax.modeling.postprocess import linear_taps
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_points_with_randomness
 
 Array = jax.Array
 
-__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor",
-           "d2_semantic_names", "load_d2_semantic"]
+__all__ = ["resize_bilinear", "SemSegFPNHead", "PointRendSemSegHead", "PointRendSemanticSegmentor"]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD defaults (BGR, MSRA weights).
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -38,30 +38,11 @@ PIXEL_STD_BGR = (1.0, 1.0, 1.0)
 # --- PyTorch bilinear resize ---
 
 
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                        np.ndarray]:
-  """Source indices and weights of PyTorch's ``align_corners=False`` linear resize (static).
-
-  Mirrors the CPU kernel's float32 arithmetic: ``scale = float32(in) / float32(out)``, source
-  position ``scale * (dst + 0.5) - 0.5`` clamped at 0; ``i0`` its floor (at most ``in - 1``),
-  ``i1 = i0 + 1`` except at the last row, ``l1 = pos - i0`` (clamped to [0, 1]), ``l0 = 1 - l1``.
-  """
-  f32 = np.float32
-  scale = f32(in_size) / f32(out_size)
-  pos = scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5)
-  pos = np.maximum(pos, f32(0))
-  i0 = np.minimum(np.floor(pos).astype(np.int64), in_size - 1)
-  l1 = np.clip(pos - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
-  l0 = (np.float32(1) - l1).astype(np.float32)
-  i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
-  return i0, i1, l0, l1
-
-
 def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
   in_size = x.shape[axis]
   if in_size == out_size:
     return x  # scale 1: every weight pair is (1, 0), i.e. the identity
-  i0, i1, l0, l1 = _linear_taps(in_size, out_size)
+  i0, i1, l0, l1 = linear_taps(in_size, out_size)
   shape = [1] * x.ndim
   shape[axis] = out_size
   w0 = jnp.asarray(l0.reshape(shape), x.dtype)
@@ -300,23 +281,3 @@ class PointRendSemanticSegmentor(nnx.Module):
     """Training forward: :meth:`PointRendSemSegHead.forward_train` on the preprocessed batch."""
     features = self.backbone(self.preprocess(images, image_sizes))
     return self.sem_seg_head.forward_train(features, key)
-
-
-def d2_semantic_names(model: PointRendSemanticSegmentor | PointRendSemSegHead,
-                      prefix: str | None = None) -> dict[str, tuple[int, ...]]:
-  """``{detectron2 name: PyTorch shape}`` (segmentor: ``backbone.*`` and ``sem_seg_head.*``;
-  a bare head: ``sem_seg_head.*``). Abstract modules work too."""
-  return d2_names(model, _semantic_prefix(model, prefix))
-
-
-def load_d2_semantic(model: PointRendSemanticSegmentor | PointRendSemSegHead,
-                     state: Mapping[str, np.ndarray], prefix: str | None = None, *,
-                     strict: bool = True) -> set[str]:
-  """Loads a detectron2 semantic PointRend state dict (PyTorch layouts); returns names used."""
-  return load_d2(model, state, _semantic_prefix(model, prefix), strict=strict)
-
-
-def _semantic_prefix(model: nnx.Module, prefix: str | None) -> str:
-  if prefix is not None:
-    return prefix
-  return "sem_seg_head." if isinstance(model, PointRendSemSegHead) else ""

@@ -3,12 +3,11 @@ older generations (spec §3, §4.1), independently of the reader."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
 import numpy as np
-
-from pointrend_jax.checkpoint import d2_matching
 
 SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
 MANIFESTS = SHARED / "spec" / "checkpoints"
@@ -68,4 +67,6 @@ def mark(a: np.ndarray) -> float:
 
 
 def load_manifests() -> dict[str, dict[str, tuple[int, ...]]]:
-  return {c: d2_matching.manifest_shapes(MANIFESTS / f"{c}.json") for c in CONFIGS}
+  """``{config: {state-dict name: shape}}``, in state-dict order, from the manifests."""
+  entries = {c: json.loads((MANIFESTS / f"{c}.json").read_text())["entries"] for c in CONFIGS}
+  return {c: {e["name"]: tuple(e["shape"]) for e in es} for c, es in entries.items()}

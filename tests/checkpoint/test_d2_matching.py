@@ -26,13 +26,6 @@ def test_manifest_shapes(config, manifests):
   assert list(shapes) == [e["name"] for e in data["entries"]]
   assert len(shapes) == data["num_entries"]
   assert sum(int(np.prod(s)) for s in shapes.values()) == data["total_numel"]
-  assert d2_matching.manifest_shapes(config) == shapes  # by stem, found next to the repo
-  assert d2_matching.manifest_shapes(f"configs/InstanceSegmentation/{config}.yaml") == shapes
-
-
-def test_manifest_shapes_unknown():
-  with pytest.raises(FileNotFoundError, match="no state-dict manifest"):
-    d2_matching.manifest_shapes("pointrend_rcnn_R_999")
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -113,15 +113,14 @@ def test_records_categories_and_skips(dataset_dir, caplog):
   assert r1["annotations"][0]["segmentation"] == [[1, 1, 5, 1, 5, 4, 1, 4]]
   # Uncompressed RLE is compressed at load; every RLE has str counts.
   assert all(isinstance(a["segmentation"]["counts"], str) for a in r1["annotations"][1:])
-  assert coco.load_coco_json(root / "instances.json", root / "images")[0]["image_id"] == 1
 
 
 def test_masks_of_every_kind(dataset_dir):
   root, gt, _ = dataset_dir
-  r1 = coco.load_coco_json(root / "instances.json", root / "images")[0]
-  masks = coco.decode_masks(r1["annotations"], H, W)
-  assert masks.dtype == bool and masks.shape == (4, H, W)
-  for got, want in zip(masks, [SQUARE, UNCOMPRESSED, COMPRESSED, CROWD]):
+  r1 = coco.load_coco_dataset(root / "instances.json", root / "images").records[0]
+  masks = [coco.decode_segmentation(a["segmentation"], H, W) for a in r1["annotations"]]
+  assert all(m.dtype == bool for m in masks)
+  for got, want in zip(masks, [SQUARE, UNCOMPRESSED, COMPRESSED, CROWD], strict=True):
     np.testing.assert_array_equal(got, want)
   # The raw JSON forms decode identically (uncompressed RLE, polygons).
   raw = {a["id"]: a["segmentation"] for a in gt["annotations"]}
@@ -145,7 +144,7 @@ def test_image_modes(dataset_dir):
   assert (g16[..., 0] == g16[..., 2]).all()
   exif = coco.read_image(images / "exif.png")
   np.testing.assert_array_equal(exif, rgb)  # Orientation 6 undone.
-  records = coco.load_coco_json(root / "instances.json", images)
+  records = coco.load_coco_dataset(root / "instances.json", images).records
   assert all(coco.load_image(r).shape == (H, W, 3) for r in records)
 
 
@@ -166,12 +165,12 @@ def test_bad_images_name_the_file(dataset_dir):
     coco.read_image(root / "images" / "nope.png")
   gt["images"].append({"id": 9, "file_name": "missing.png", "height": H, "width": W})
   with pytest.raises(FileNotFoundError, match="missing.png"):
-    coco.load_coco_json(gt, root / "images")
-  records = coco.load_coco_json(gt, root / "images", check_files=False)
+    coco.load_coco_dataset(gt, root / "images")
+  records = coco.load_coco_dataset(gt, root / "images", check_files=False).records
   with pytest.raises(FileNotFoundError, match="missing.png"):
     coco.load_image(records[-1])
   gt["images"][-1] = {"id": 9, "file_name": "rgb.png", "height": H + 1, "width": W}
-  records = coco.load_coco_json(gt, root / "images")
+  records = coco.load_coco_dataset(gt, root / "images").records
   with pytest.raises(ValueError, match="rgb.png.*size"):
     coco.load_image(records[-1])
 
@@ -183,17 +182,17 @@ def test_bad_annotations_raise_with_the_annotation_id(dataset_dir):
   path = root / "unknown_category.json"
   path.write_text(json.dumps(unknown))
   with pytest.raises(ValueError, match="annotation id 99.*category id 7"):
-    coco.load_coco_json(path, root / "images")
+    coco.load_coco_dataset(path, root / "images")
   orphan = dict(gt, annotations=[{"id": 98, "image_id": 42, "category_id": 4,
                                   "bbox": [0, 0, 1, 1]}])
   with pytest.raises(ValueError, match="annotation id 98.*image id 42"):
-    coco.load_coco_json(orphan, root / "images")
+    coco.load_coco_dataset(orphan, root / "images")
   bad_rle = dict(gt, annotations=[{"id": 97, "image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1],
                                    "segmentation": {"size": [2, 2], "counts": [4]}}])
   with pytest.raises(ValueError, match="annotation id 97"):
-    coco.load_coco_json(bad_rle, root / "images")
+    coco.load_coco_dataset(bad_rle, root / "images")
   no_box = dict(gt, annotations=[{"id": 96, "image_id": 1, "category_id": 4}])
   with pytest.raises(ValueError, match="annotation id 96"):
-    coco.load_coco_json(no_box, root / "images")
+    coco.load_coco_dataset(no_box, root / "images")
   with pytest.raises(FileNotFoundError, match="absent.json"):
-    coco.load_coco_json(root / "absent.json", root / "images")
+    coco.load_coco_dataset(root / "absent.json", root / "images")

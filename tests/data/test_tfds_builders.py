@@ -133,7 +133,7 @@ def test_coco_instances_round_trip(sources):
   kinds = set()
   for name, split, (ann, images) in [("shapes", s, v) for s, v in split_sources.items()] + [
       ("extra", "val", sources["extra"])]:
-    direct = coco.load_coco_json(ann, images)
+    direct = coco.load_coco_dataset(ann, images).records
     records = list(tb.TfdsRecords(sources["data_dir"], "coco_instances", split, name=name))
     _assert_same_records(records, direct)
     kinds |= {type(a.get("segmentation")).__name__ for r in direct for a in r["annotations"]}
@@ -213,7 +213,7 @@ def test_tfds_records_feed_the_pipeline_like_the_files(sources):
   split = shapes.splits["train"]
   tb.prepare_tfds("coco_instances", {"train": (str(split.annotations), str(split.images_dir))},
                   sources["data_dir"], name="feed")
-  direct = coco.load_coco_json(str(split.annotations), str(split.images_dir))
+  direct = coco.load_coco_dataset(str(split.annotations), str(split.images_dir)).records
   from_tfds = list(tb.TfdsRecords(sources["data_dir"], "coco_instances", "train", name="feed"))
   # The stored bytes, not the files, must be what is decoded.
   from_tfds = [dict(r, file_name="/nonexistent/" + os.path.basename(r["file_name"]))

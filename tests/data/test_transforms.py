@@ -47,19 +47,19 @@ def test_boxes_and_masks_after_resize_and_flip_exact():
   box = np.array([[10, 10, 30, 20]], np.float32)  # Tight box of the mask.
   nh, nw = T.resize_shortest_edge_size(h, w, 80, 1000)
   assert (nh, nw) == (80, 120)
-  rmask = T.resize_masks(mask[None], (nh, nw))[0]
+  rmask = T.resize_label_map(mask.astype(np.uint8), (nh, nw)) != 0
   rbox = T.scale_boxes(box, nw / w, nh / h)
   np.testing.assert_array_equal(rmask, _rect(nh, nw, slice(20, 40), slice(20, 60)))
   np.testing.assert_array_equal(rbox, [[20, 20, 60, 40]])
-  fmask = T.hflip_masks(rmask[None])[0]
+  fmask = T.hflip_image(rmask)
   fbox = T.hflip_boxes(rbox, nw)
   np.testing.assert_array_equal(fmask, _rect(nh, nw, slice(20, 40), slice(60, 100)))
   np.testing.assert_array_equal(fbox, [[60, 20, 100, 40]])
   # The box stays the tight box of the mask's pixels [x0, x1) x [y0, y1).
   ys, xs = np.nonzero(fmask)
   np.testing.assert_array_equal(fbox[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-  np.testing.assert_array_equal(T.hflip_polygons([[60.0, 20.0, 100.0, 40.0]], nw)[0],
-                                [60.0, 20.0, 20.0, 40.0])
+  polygon = T.transform_polygons([[30.0, 10.0, 50.0, 20.0]], nw / w, nh / h, nw)[0]
+  np.testing.assert_array_equal(polygon, [60.0, 20.0, 20.0, 40.0])
   np.testing.assert_array_equal(T.clip_boxes([[-3, -1, 130, 50]], (nh, nw)), [[0, 0, 120, 50]])
   np.testing.assert_array_equal(T.nonempty_boxes([[0, 0, 1, 1], [0, 0, 1e-6, 1]]),
                                 [True, False])

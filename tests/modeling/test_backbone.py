@@ -17,8 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.modeling import layers
-from pointrend_jax.modeling.fpn import (FPN, build_resnet_fpn_backbone, d2_backbone_names,
-                                        load_d2_backbone)
+from pointrend_jax.modeling.fpn import FPN, build_resnet_fpn_backbone
 from pointrend_jax.modeling.layers import (BatchNorm, Conv2d, Frozen, FrozenBatchNorm,
                                            FrozenParam, FrozenStat, GroupNorm, d2_names_of,
                                            load_d2_state)
@@ -99,7 +98,7 @@ def test_manifest_backbone_names_and_shapes(stem):
   entries = {e["name"]: e for e in man["entries"] if e["name"].startswith("backbone.")}
   model = _abstract_backbone(**CONFIGS[stem])
 
-  names = d2_backbone_names(model)
+  names = d2_names_of(model, "backbone.")
   expected = {n: tuple(e["shape"]) for n, e in entries.items()}
   assert sorted(set(expected) - set(names)) == []
   assert sorted(set(names) - set(expected)) == []
@@ -119,24 +118,24 @@ def test_manifest_backbone_names_and_shapes(stem):
   # The loader consumes every name with these shapes (zero-stride arrays: no weight memory).
   state = {n: np.broadcast_to(np.float32(0), s) for n, s in expected.items()}
   state["proposal_generator.rpn_head.conv.weight"] = np.zeros((1,), np.float32)  # ignored
-  assert load_d2_backbone(model, state) == set(expected)
+  assert load_d2_state(model, state, "backbone.") == set(expected)
 
 
 def test_loader_errors_name_the_key():
   model = _abstract_backbone(depth=18, norm="GN", stem_out_channels=32, res2_out_channels=32,
                              out_channels=32)
-  names = d2_backbone_names(model)
+  names = d2_names_of(model, "backbone.")
   state = {n: np.zeros(s, np.float32) for n, s in names.items()}
   bad = "backbone.bottom_up.res3.0.conv1.weight"
   state[bad] = np.zeros((64, 33, 3, 3), np.float32)
   with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
-    load_d2_backbone(model, state)
+    load_d2_state(model, state, "backbone.")
   del state[bad]
   with pytest.raises(KeyError, match=bad.replace(".", r"\.")):
-    load_d2_backbone(model, state)
-  assert load_d2_backbone(model, state, strict=False) == set(state)
-  # A bare ResNet takes the same names ("backbone." + "bottom_up.").
-  assert d2_backbone_names(model.bottom_up) == {
+    load_d2_state(model, state, "backbone.")
+  assert load_d2_state(model, state, "backbone.", strict=False) == set(state)
+  # A bare ResNet takes the same names under the prefix "backbone.bottom_up.".
+  assert d2_names_of(model.bottom_up, "backbone.bottom_up.") == {
       n: s for n, s in names.items() if n.startswith("backbone.bottom_up.")}
 
 
@@ -206,7 +205,7 @@ def r50_outputs():
   stem = "pointrend_rcnn_R_50_FPN_1x_coco"
   weights = _recipe_weights(stem)
   model = _abstract_backbone(**CONFIGS[stem])
-  assert load_d2_backbone(model, weights) == set(weights)
+  assert load_d2_state(model, weights, "backbone.") == set(weights)
   rgb = np.asarray(Image.open(FIXTURES / "r50_fpn_1x_coco" / "model_input.png").convert("RGB"))
   assert rgb.shape == (800, 1200, 3)
   x = _bgr_input(rgb, (800, 1216))
@@ -246,7 +245,7 @@ def test_r101_semantic_parity():
   golden = dict(np.load(folder / "expected.npz"))
   weights = _recipe_weights(stem)
   model = _abstract_backbone(**CONFIGS[stem])
-  assert load_d2_backbone(model, weights) == set(weights)
+  assert load_d2_state(model, weights, "backbone.") == set(weights)
   rgb = np.asarray(Image.open(folder / "image.png").convert("RGB"))
   x = _bgr_input(rgb, (512, 1024))
   nchw = np.transpose(x, (0, 3, 1, 2))

@@ -15,14 +15,15 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone, load_d2_backbone
-from pointrend_jax.modeling.point_rend import (PointRendMaskHead, d2_mask_head_names,
-                                               load_d2_mask_head, subdivision_schedule)
+from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
+from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
+from pointrend_jax.modeling.point_rend import PointRendMaskHead, subdivision_schedule
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2
 from pointrend_jax.ops.point_selection import regular_grid_points, uncertain_points_on_grid
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 FIXTURES = SHARED / "fixtures" / "detectron2_parity"
+MASK_HEAD = "roi_heads.mask_head."
 MANIFESTS = SHARED / "spec" / "checkpoints"
 PIXEL_MEAN_BGR = np.array([103.53, 116.28, 123.675], np.float32)
 INSTANCE_STEMS = ("pointrend_rcnn_R_50_FPN_1x_coco", "pointrend_rcnn_R_50_FPN_3x_coco",
@@ -72,7 +73,7 @@ def r50(golden):
   weights = _recipe_weights(stem, ("backbone.", "roi_heads.mask_head."))
   backbone = nnx.eval_shape(lambda: build_resnet_fpn_backbone(depth=50, rngs=nnx.Rngs(0)))
   head = _abstract_head(80)
-  used = load_d2_backbone(backbone, weights) | load_d2_mask_head(head, weights)
+  used = load_d2_state(backbone, weights, "backbone.") | load_d2_state(head, weights, MASK_HEAD)
   assert used == set(weights)
   del weights
 
@@ -194,22 +195,22 @@ def test_manifest_mask_head_names_and_shapes(stem):
              if e["name"].startswith("roi_heads.mask_head.")}
   num_classes = entries["roi_heads.mask_head.point_head.predictor.bias"][0]
   head = _abstract_head(num_classes)
-  assert d2_mask_head_names(head) == entries
+  assert d2_names_of(head, MASK_HEAD) == entries
   state = {n: np.broadcast_to(np.float32(0), s) for n, s in entries.items()}
   state["roi_heads.box_head.fc1.weight"] = np.zeros((1,), np.float32)  # not ours: ignored
-  assert load_d2_mask_head(head, state) == set(entries)
+  assert load_d2_state(head, state, MASK_HEAD) == set(entries)
   assert head.point_head.fc1.kernel[...].shape == (256 + num_classes, 256)
   assert head.coarse_head.fc1.kernel[...].shape == (12544, 1024)
 
   bad = dict(state)
   bad["roi_heads.mask_head.point_head.fc2.weight"] = np.zeros((256, 256 + num_classes, 2))
   with pytest.raises(ValueError, match=r"point_head\.fc2\.weight"):
-    load_d2_mask_head(head, bad)
+    load_d2_state(head, bad, MASK_HEAD)
   del bad["roi_heads.mask_head.coarse_head.fc1.bias"]
   bad["roi_heads.mask_head.point_head.fc2.weight"] = state["roi_heads.mask_head.point_head."
                                                            "fc2.weight"]
   with pytest.raises(KeyError, match=r"coarse_head\.fc1\.bias"):
-    load_d2_mask_head(head, bad)
+    load_d2_state(head, bad, MASK_HEAD)
 
 
 def test_layouts_follow_pytorch():
@@ -217,8 +218,8 @@ def test_layouts_follow_pytorch():
   head = _abstract_head(2, in_channels=4, conv_dim=4, fc_dims=(3,), point_fc_dim=5,
                         point_num_fc=1)
   rng = np.random.default_rng(0)
-  state = {n: rng.normal(size=s).astype(np.float32) for n, s in d2_mask_head_names(head).items()}
-  load_d2_mask_head(head, state)
+  state = {n: rng.normal(size=s).astype(np.float32) for n, s in d2_names_of(head, MASK_HEAD).items()}
+  load_d2_state(head, state, MASK_HEAD)
   p = "roi_heads.mask_head."
   x = rng.normal(size=(2, 14, 14, 4)).astype(np.float32)
   # numpy reference of ConvFCHead in NCHW.
@@ -258,9 +259,9 @@ def tiny():
   # numpy fill (eager jax.random inits compile per shape); predictors larger than detectron2's
   # N(0, 0.001) init so that the masks have structure.
   rng = np.random.default_rng(1)
-  load_d2_mask_head(head, {n: rng.normal(0, 0.3 if "pred" in n else 1 / np.sqrt(np.prod(s[1:])),
-                                         s).astype(np.float32)
-                           for n, s in d2_mask_head_names(head).items()})
+  load_d2_state(head, {n: rng.normal(0, 0.3 if "pred" in n else 1 / np.sqrt(np.prod(s[1:])),
+                                     s).astype(np.float32)
+                       for n, s in d2_names_of(head, MASK_HEAD).items()}, MASK_HEAD)
   k1, k2 = jax.random.split(jax.random.key(2))
   p2 = jax.random.normal(k1, (2, 16, 20, 16))
   boxes = jnp.array([[3., 4., 40., 50.], [0., 0., 80., 64.], [-5., 10., 20., 70.],

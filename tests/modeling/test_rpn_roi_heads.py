@@ -16,11 +16,11 @@ from flax import nnx
 from PIL import Image
 
 from conftest import PARITY_DIR, SHARED_DIR
-from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone, load_d2_backbone
 from pointrend_jax.modeling import postprocess
-from pointrend_jax.modeling.roi_heads import (StandardROIHeads, d2_roi_heads_names,
-                                              fast_rcnn_inference, load_d2_roi_heads)
-from pointrend_jax.modeling.rpn import RPN, d2_rpn_names, load_d2_rpn
+from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
+from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
+from pointrend_jax.modeling.roi_heads import StandardROIHeads, fast_rcnn_inference
+from pointrend_jax.modeling.rpn import RPN
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import box_iou
 
@@ -88,8 +88,9 @@ def r50(golden):
   backbone = abstract(lambda rngs: build_resnet_fpn_backbone(depth=50, rngs=rngs))
   rpn = abstract(RPN)
   roi_heads = abstract(lambda rngs: StandardROIHeads(80, rngs=rngs))
-  used = (load_d2_backbone(backbone, weights) | load_d2_rpn(rpn, weights) |
-          load_d2_roi_heads(roi_heads, weights))
+  used = (load_d2_state(backbone, weights, "backbone.")
+          | load_d2_state(rpn, weights, "proposal_generator.")
+          | load_d2_state(roi_heads, weights, "roi_heads."))
   assert used == set(weights)
   del weights
 
@@ -252,19 +253,18 @@ def test_manifest_names_and_shapes(stem):
   man = _manifest(stem)
   rpn = nnx.eval_shape(lambda: RPN(rngs=nnx.Rngs(0)))
   heads = nnx.eval_shape(lambda: StandardROIHeads(INSTANCE_STEMS[stem], rngs=nnx.Rngs(0)))
-  for prefix, names, load, module in (
-      ("proposal_generator.", d2_rpn_names(rpn), load_d2_rpn, rpn),
-      ("roi_heads.box_", d2_roi_heads_names(heads), load_d2_roi_heads, heads)):
+  for prefix, module_prefix, module in (("proposal_generator.", "proposal_generator.", rpn),
+                                        ("roi_heads.box_", "roi_heads.", heads)):
     expected = {e["name"]: tuple(e["shape"]) for e in man["entries"]
                 if e["name"].startswith(prefix)}
-    assert names == expected
+    assert d2_names_of(module, module_prefix) == expected
     state = {n: np.broadcast_to(np.float32(0), s) for n, s in expected.items()}
     state["roi_heads.mask_head.coarse_head.fc1.weight"] = np.zeros((1,), np.float32)  # Ignored.
-    assert load(module, state) == set(expected)
+    assert load_d2_state(module, state, module_prefix) == set(expected)
   bad = dict(state)
   bad["roi_heads.box_predictor.cls_score.weight"] = np.zeros((5, 1024), np.float32)
   with pytest.raises(ValueError, match="cls_score"):
-    load_d2_roi_heads(heads, bad)
+    load_d2_state(heads, bad, "roi_heads.")
 
 
 # ------------------------------------------------------------------------------------------------

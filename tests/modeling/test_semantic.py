@@ -16,9 +16,9 @@ from flax import nnx
 from PIL import Image
 
 from pointrend_jax.modeling import postprocess
+from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
 from pointrend_jax.modeling.meta_arch import abstract_model
-from pointrend_jax.modeling.semantic import (PointRendSemSegHead,
-                                             d2_semantic_names, load_d2_semantic, resize_bilinear)
+from pointrend_jax.modeling.semantic import PointRendSemSegHead, resize_bilinear
 from pointrend_jax.modeling.zoo import zoo_config
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2
 
@@ -69,7 +69,7 @@ def run():
   spec.loader.exec_module(make_weights)
   weights = make_weights.make_state_dict(man["entries"], seed=0, pixel_std=man["pixel_std"])
   model = _abstract_segmentor(man)
-  assert load_d2_semantic(model, weights) == set(weights)
+  assert load_d2_state(model, weights) == set(weights)
   del weights
 
   rgb = np.asarray(Image.open(FOLDER / "image.png").convert("RGB"))
@@ -190,12 +190,12 @@ def test_manifest_names_and_shapes():
   man = _manifest()
   entries = {e["name"]: tuple(e["shape"]) for e in man["entries"]}
   model = _abstract_segmentor(man)
-  assert d2_semantic_names(model) == entries
+  assert d2_names_of(model) == entries
   head_entries = {n: s for n, s in entries.items() if n.startswith("sem_seg_head.")}
-  assert d2_semantic_names(model.sem_seg_head) == head_entries
+  assert d2_names_of(model.sem_seg_head, "sem_seg_head.") == head_entries
   state = {n: np.broadcast_to(np.float32(0), s) for n, s in entries.items()}
-  assert load_d2_semantic(model, state) == set(entries)
-  assert load_d2_semantic(model.sem_seg_head, state) == set(head_entries)
+  assert load_d2_state(model, state) == set(entries)
+  assert load_d2_state(model.sem_seg_head, state, "sem_seg_head.") == set(head_entries)
   # Everything is trainable (FREEZE_AT 0, GN affine included).
   trainable = sum(int(np.prod(v.get_value().shape))
                   for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -270,8 +270,8 @@ def test_tiny_head_inference_and_train_grads():
       5, feature_channels=16, conv_dims=32, point_in_channels=16, fc_dim=16,
       train_num_points=64, subdivision_num_points=32, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(3)
-  load_d2_semantic(head, {n: rng.normal(0, 0.5, s).astype(np.float32)
-                          for n, s in d2_semantic_names(head).items()})
+  load_d2_state(head, {n: rng.normal(0, 0.5, s).astype(np.float32)
+                       for n, s in d2_names_of(head).items()})
   keys = jax.random.split(jax.random.key(0), 5)
   features = {f"p{l}": jax.random.normal(keys[l - 2], (2, 64 >> l, 96 >> l, 16))
               for l in (2, 3, 4, 5)}
