@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_util
 
 __all__ = ["Instances", "SemanticResult", "SubdivisionStages", "instances", "subdivision_stages",
            "semantic_result", "paste_masks", "encode_rle", "resize_bilinear"]
@@ -259,6 +258,7 @@ def encode_rle(masks: np.ndarray) -> list[dict[str, Any]]:
   """COCO compressed RLE of ``[n, H, W]`` masks, ``counts`` as str (JSON-serializable)."""
   if len(masks) == 0:
     return []
+  import pycocotools.mask as mask_util  # only RLE needs it (not installed on device machines)
   rles = mask_util.encode(np.asfortranarray(np.moveaxis(np.asarray(masks), 0, -1)
                                             .astype(np.uint8)))
   for r in rles:
