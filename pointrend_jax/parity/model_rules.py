@@ -101,19 +101,13 @@ def rule(pattern: str, doc: str):
 # ---- sizes and input -----------------------------------------------------------------------------
 
 
-@rule(r"image_hw", "original image (height, width): exact")
-def _image_hw(name, mt, e, c):
-  return exact_row(name, e, np.array(c.fx.orig_rgb.shape[:2]))
-
-
-@rule(r"resized_hw", "resized network input (h, w): exact")
-def _resized_hw(name, mt, e, c):
-  return exact_row(name, e, c.res["sizes"][0])
-
-
-@rule(r"input_shape", "padded NCHW input shape: exact")
-def _input_shape(name, mt, e, c):
-  return exact_row(name, e, np.array(c.input_nchw().shape))
+@rule(r"image_hw|resized_hw|input_shape",
+      "original image (height, width), resized network input (h, w), padded NCHW input shape: "
+      "exact")
+def _sizes(name, mt, e, c):
+  sizes = {"image_hw": np.array(c.fx.orig_rgb.shape[:2]), "resized_hw": c.res["sizes"][0],
+           "input_shape": np.array(c.input_nchw().shape)}
+  return exact_row(name, e, sizes[name])
 
 
 @rule(r"input_(summary|valid_summary|crop_tl|crop_pad_edge|row_sums|col_sums)",
@@ -214,28 +208,18 @@ def _anchors(name, mt, e, c):
 # ---- proposals -----------------------------------------------------------------------------------
 
 
-def _proposal_match(c: Ctx) -> tuple[SetMatch, np.ndarray, np.ndarray]:
+def _proposal_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
   c.instance()
   c.need("proposal_boxes", "proposal_logits")
 
   def fn():
     p = c.res["inter"]["proposals"]
     valid = p.valid[0]
-    boxes, logits = p.boxes[0][valid], p.logits[0][valid]
-    sm = set_match(c.g["proposal_boxes"], c.g["proposal_logits"], boxes, logits,
+    ours = dict(boxes=p.boxes[0][valid], logits=p.logits[0][valid])
+    sm = set_match(c.g["proposal_boxes"], c.g["proposal_logits"], ours["boxes"], ours["logits"],
                    c.res["capacity_proposals"])
-    return sm, boxes, logits
+    return sm, ours
   return c.memo("proposals", fn)
-
-
-@rule(r"proposal_(boxes|logits)",
-      "RPN proposals as sets matched by IoU > 0.99 (unmatched only as near-ties of the cut): "
-      "boxes atol 1e-2 px, logits atol 1e-4")
-def _proposals(name, mt, e, c):
-  sm, boxes, logits = _proposal_match(c)
-  if mt.group(1) == "boxes":
-    return matched_close_row(name, sm, e, boxes, **BOX_TOL)
-  return matched_close_row(name, sm, e, logits, **SCORE_TOL)
 
 
 def _level_of(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +234,8 @@ def _level_of(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
       "ROIAlign level of each matched proposal: exact, except boxes within 1e-4 of a level "
       "boundary")
 def _proposal_levels(name, mt, e, c):
-  sm, boxes, _ = _proposal_match(c)
-  ours, _ = _level_of(boxes)
+  sm, ours = _proposal_match(c)
+  ours, _ = _level_of(ours["boxes"])
   _, border = _level_of(c.g["proposal_boxes"])
   ours = ours[np.maximum(sm.j, 0)]
   diff = sm.m & (ours != e)
@@ -302,22 +286,6 @@ def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
                    c.res["capacity_dets"], c.g["det_classes"], ours["classes"])
     return sm, ours
   return c.memo("dets", fn)
-
-
-@rule(r"det_(boxes|scores|classes)",
-      "end-to-end detections as sets matched by IoU > 0.99 and class: boxes atol 1e-2 px, "
-      "scores atol 1e-4, classes exact")
-def _dets(name, mt, e, c):
-  return _matched_rows(name, mt.group(1), e, *_det_match(c))
-
-
-def _matched_rows(name: str, what: str, e: np.ndarray, sm: SetMatch,
-                  ours: dict[str, np.ndarray]) -> Row:
-  if what == "boxes":
-    return matched_close_row(name, sm, e, ours["boxes"], **BOX_TOL)
-  if what == "scores":
-    return matched_close_row(name, sm, e, ours["scores"], **SCORE_TOL)
-  return matched_exact_row(name, sm, e, ours["classes"])
 
 
 @rule(r"det_proposal_index",
@@ -377,22 +345,18 @@ def _flip_analysis(c: Ctx) -> dict[int, dict[str, Any]]:
 
   def fn():
     out: dict[int, dict[str, Any]] = {}
-    if c.kind == "instance":
-      inter = c.res["gmask_inter"]
-      steps = len(inter["indices"])
-      key = "step{}_indices_top5"
-      ours_idx = inter["indices"]
+    instance = c.kind == "instance"
+    inter = c.res["gmask_inter" if instance else "inter"]
+    ours_idx = inter["indices"]
+    steps = len(ours_idx)
+    key = "step{}_indices_top5" if instance else "step{}_indices"
+    if instance:
       # uncertainty = -|logit of the class| of the upsampled map (larger = more uncertain).
       unc = [-np.abs(u) for u in inter["upsampled"]]
       golden_unc = {s: -np.abs(c.g[f"step{s}_upsampled_top5"]) for s in range(1, steps + 1)
                     if f"step{s}_upsampled_top5" in c.g}
     else:
-      inter = c.res["inter"]
-      steps = len(inter["indices"])
-      key = "step{}_indices"
-      ours_idx = inter["indices"]
-      unc = list(inter["uncertainty"])
-      golden_unc = {}
+      unc, golden_unc = list(inter["uncertainty"]), {}
     k = c.res["subdivision_num_points"]
     flipped_before = None
     for s in range(1, steps + 1):
@@ -454,19 +418,13 @@ def _step_indices(name, mt, e, c):
 @rule(r"step(\d+)_point_logits(_top\d+)?",
       "point-head logits at the cells both sides selected: allclose 1e-3")
 def _step_point_logits(name, mt, e, c):
-  s = int(mt.group(1))
-  top = mt.group(2)
+  s, top = int(mt.group(1)), mt.group(2) or ""
   (c.instance if top else c.semantic)()
-  c.need(f"step{s}_indices" + (top or ""))
-  ref_idx = c.g[f"step{s}_indices" + (top or "")]
-  if top:
-    inter = c.res["gmask_inter"]
-    ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]
-    expected_rows = e
-  else:
-    inter = c.res["inter"]
-    ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]  # [N, K, C]
-    expected_rows = np.transpose(e, (0, 2, 1))  # [N, K, C]
+  c.need(f"step{s}_indices{top}")
+  ref_idx = c.g[f"step{s}_indices{top}"]
+  inter = c.res["gmask_inter" if top else "inter"]
+  ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]  # [N, K, C]
+  expected_rows = e if top else np.transpose(e, (0, 2, 1))  # semantic goldens: [N, C, K]
   a_all, e_all, shared = [], [], 0
   for r in range(len(ref_idx)):
     _, ours_at, ref_at = np.intersect1d(ours_idx[r], ref_idx[r], return_indices=True)
@@ -477,22 +435,24 @@ def _step_point_logits(name, mt, e, c):
                 note=f"{shared} of {ref_idx.size} cells shared")
 
 
-@rule(r"step(\d+)_upsampled_top\d+",
-      "x2-upsampled logits before the scatter: allclose 1e-3; rows after a top-k flip by "
-      "agreement")
-def _step_upsampled(name, mt, e, c):
-  s = int(mt.group(1))
-  inter = _mask_inter(c)
-  if s > len(inter["upsampled"]):
-    raise _Skip(f"the model has only {len(inter['upsampled'])} subdivision steps")
-  a = inter["upsampled"][s - 1][:len(e)]
-  if s == 1:
-    return close_row(name, e, a, **DENSE)
-  info = _step_info(c, s - 1)
-  before = info["flipped_before"] | info["flipped"]
-  if not before.any():
-    return close_row(name, e, a, **DENSE)
-  return mostly_close_row(name, e, a, **DENSE, strict_rows=~before)
+@rule(r"step(\d+)_(upsampled_top\d+|uncertainty_sub4)",
+      "the maps the points are chosen on (x2-upsampled logits before the scatter; semantic: "
+      "uncertainty at [2::4, 2::4]): allclose 1e-3; after a top-k flip by agreement (instance "
+      "rows without a flip: allclose)")
+def _step_map(name, mt, e, c):
+  s, semantic = int(mt.group(1)), mt.group(2) == "uncertainty_sub4"
+  if semantic:
+    c.semantic()
+  maps = c.res["inter"]["uncertainty"] if semantic else _mask_inter(c)["upsampled"]
+  if s > len(maps):
+    raise _Skip(f"the model has only {len(maps)} subdivision steps")
+  a = maps[s - 1][:, None, 2::4, 2::4] if semantic else maps[s - 1][:len(e)]
+  if s > 1:
+    info = _step_info(c, s - 1)
+    before = info["flipped_before"] | info["flipped"]
+    if before.any():
+      return mostly_close_row(name, e, a, **DENSE, strict_rows=None if semantic else ~before)
+  return close_row(name, e, a, **DENSE)
 
 
 @rule(r"point_mask_logits_(top\d+|det_class_sub8)",
@@ -504,8 +464,7 @@ def _point_mask(name, mt, e, c):
   mask = c.res["gmask"]
   if mt.group(1) == "det_class_sub8":
     return mostly_close_row(name, e, mask[:, 4::8, 4::8], **DENSE)
-  info = _flip_analysis(c)
-  flipped = info[0]["flipped_ever"] if 0 in info and info[0]["flipped_ever"] is not None else None
+  flipped = _flip_analysis(c)[0]["flipped_ever"]  # None when the fixture has no step indices
   strict = None if flipped is None else ~flipped
   return mostly_close_row(name, e, mask[:len(e)], **DENSE, strict_rows=strict)
 
@@ -525,10 +484,16 @@ def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
   return c.memo("final", fn)
 
 
-@rule(r"final_(boxes|scores|classes)",
-      "postprocessed instances (original size) as sets matched by IoU > 0.99 and class")
-def _final(name, mt, e, c):
-  return _matched_rows(name, mt.group(1), e, *_final_match(c))
+@rule(r"proposal_(boxes|logits)|(det|final)_(boxes|scores|classes)",
+      "RPN proposals, end-to-end detections and postprocessed instances (original size) as sets "
+      "matched by IoU > 0.99 (and class; unmatched only as near-ties of the cut): boxes atol "
+      "1e-2 px, logits / scores atol 1e-4, classes exact")
+def _set_matched(name, mt, e, c):
+  stage, what = name.split("_", 1)
+  sm, ours = {"proposal": _proposal_match, "det": _det_match, "final": _final_match}[stage](c)
+  if what == "classes":
+    return matched_exact_row(name, sm, e, ours["classes"])
+  return matched_close_row(name, sm, e, ours[what], **(BOX_TOL if what == "boxes" else SCORE_TOL))
 
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
@@ -586,22 +551,6 @@ def _coarse_logits(name, mt, e, c):
   return close_row(name, e, nchw(c.res["inter"]["coarse_logits"]), **DENSE)
 
 
-@rule(r"step(\d+)_uncertainty_sub4",
-      "uncertainty map at [2::4, 2::4]: allclose 1e-3; after a top-k flip by agreement")
-def _step_uncertainty(name, mt, e, c):
-  c.semantic()
-  s = int(mt.group(1))
-  unc = c.res["inter"]["uncertainty"]
-  if s > len(unc):
-    raise _Skip(f"the model has only {len(unc)} subdivision steps")
-  a = unc[s - 1][:, None, 2::4, 2::4]
-  if s > 1:
-    info = _step_info(c, s - 1)
-    if (info["flipped_before"] | info["flipped"]).any():
-      return mostly_close_row(name, e, a, **DENSE)
-  return close_row(name, e, a, **DENSE)
-
-
 @rule(r"head_logits_(shape|sub8)",
       "padded head output: shape exact; [4::8, 4::8] >= 99.9% within 1e-3")
 def _head_logits(name, mt, e, c):
@@ -612,17 +561,13 @@ def _head_logits(name, mt, e, c):
   return mostly_close_row(name, e, logits[:, :, 4::8, 4::8], **DENSE)
 
 
-def _sem_seg_chw(c: Ctx) -> np.ndarray:
-  c.semantic()
-  return np.transpose(c.res["sem_seg"], (2, 0, 1))
-
-
 @rule(r"sem_seg_(shape|sub8|summary|crop_windows|crop\d+|argmax|class_hist)",
       "final sem_seg (C, H0, W0): shape exact; sub8 / crops >= 99.9% within 1e-3; summary "
       "atol 1e-3 rtol 1e-4; argmax >= 99.9% equal; class histogram within 0.1% of the pixels; "
       "crop windows are inputs (checked to lie inside)")
 def _sem_seg(name, mt, e, c):
-  s = _sem_seg_chw(c)
+  c.semantic()
+  s = np.transpose(c.res["sem_seg"], (2, 0, 1))
   what = mt.group(1)
   if what == "shape":
     return exact_row(name, e, np.array(s.shape))
