@@ -316,15 +316,6 @@ class Predictor:
         self._warned_fallback = True
       return exact
 
-  def warmup(self, buckets: Sequence[tuple[int, int]] | None = None) -> None:
-    """Compiles the predictions of ``buckets`` (default: all configured buckets)."""
-    if buckets is None:
-      if isinstance(self.buckets, str):
-        raise ValueError("with buckets='exact' pass the canvases to compile")
-      buckets = self.buckets
-    for h, w in buckets:
-      self.program.compile(self.batch_size, h, w)
-
   def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     rgb = to_rgb_uint8(image)
     orig = rgb.shape[:2]
