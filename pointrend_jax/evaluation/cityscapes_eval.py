@@ -522,11 +522,7 @@ def evaluate_semantic_results(gt_root: PathLike, split: str,
   evaluator = CityscapesSemSegEvaluator()
   for gt_file, pred_file, inst_file in zip(gt_files, pred_files, inst_files):
     pred, gt = _read_array(pred_file), _read_array(gt_file)
-    if pred.ndim != 2:
-      raise ValueError(f"{pred_file}: prediction must be single-channel, got {pred.shape}")
-    if pred.shape != gt.shape:
-      raise ValueError(f"{pred_file}: size {pred.shape} != ground truth {gt.shape} of {gt_file}")
-    try:
+    try:  # add_label_ids checks the shapes and the ids
       evaluator.add_label_ids(pred, gt, _read_array(inst_file) if with_inst else None)
     except ValueError as e:
       raise ValueError(f"{pred_file} vs {gt_file}: {e}") from e
