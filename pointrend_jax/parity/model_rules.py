@@ -115,20 +115,15 @@ def _sizes(name, mt, e, c):
 def _input_views(name, mt, e, c):
   x = c.input_nchw()
   h, w = (int(v) for v in c.res["sizes"][0])
-  what = mt.group(1)
-  if what == "summary":
-    a = _summary(x)
-  elif what == "valid_summary":
-    a = _summary(x[:, :, :h, :w])
-  elif what == "crop_tl":
-    a = x[:, :, :8, :8]
-  elif what == "crop_pad_edge":  # rows from mid-height, columns straddling the right edge
-    a = x[:, :, h // 2:h // 2 + 4, w - 4:w + 4]
-  elif what == "row_sums":
-    a = x.astype(np.float64).sum(axis=(0, 1, 3))
-  else:
-    a = x.astype(np.float64).sum(axis=(0, 1, 2))
-  return close_row(name, e, a, **INPUT_TOL)
+  views = {
+      "summary": lambda: _summary(x),
+      "valid_summary": lambda: _summary(x[:, :, :h, :w]),
+      "crop_tl": lambda: x[:, :, :8, :8],
+      # rows from mid-height, columns straddling the right edge
+      "crop_pad_edge": lambda: x[:, :, h // 2:h // 2 + 4, w - 4:w + 4],
+      "row_sums": lambda: x.astype(np.float64).sum(axis=(0, 1, 3)),
+      "col_sums": lambda: x.astype(np.float64).sum(axis=(0, 1, 2))}
+  return close_row(name, e, views[mt.group(1)](), **INPUT_TOL)
 
 
 # ---- feature maps --------------------------------------------------------------------------------
@@ -250,23 +245,18 @@ def _proposal_levels(name, mt, e, c):
 # ---- box branch on the golden proposals ----------------------------------------------------------
 
 
-@rule(r"box_pooled_(first4|summary)",
-      "ROIAlignV2 features of the golden proposals: first rows allclose 1e-3, summary rtol 1e-4")
-def _box_pooled(name, mt, e, c):
+@rule(r"box_(pooled_first4|pooled_summary|cls_logits|deltas)",
+      "ROIAlignV2 features of the golden proposals (first rows allclose 1e-3, summary rtol 1e-4) "
+      "and the box head outputs on them (allclose 1e-3)")
+def _box_branch(name, mt, e, c):
   c.instance()
   c.need("proposal_boxes")
-  pooled = nchw(c.res["pooled"])
-  if mt.group(1) == "summary":
-    return close_row(name, e, _summary(pooled), **SUMMARY)
-  return close_row(name, e, pooled[:len(e)], **DENSE)
-
-
-@rule(r"box_(cls_logits|deltas)",
-      "box head outputs on the golden proposals: allclose 1e-3")
-def _box_outputs(name, mt, e, c):
-  c.instance()
-  c.need("proposal_boxes")
-  return close_row(name, e, c.res["gcls" if mt.group(1) == "cls_logits" else "gdeltas"], **DENSE)
+  what = mt.group(1)
+  if what == "pooled_summary":
+    return close_row(name, e, _summary(nchw(c.res["pooled"])), **SUMMARY)
+  if what == "pooled_first4":
+    return close_row(name, e, nchw(c.res["pooled"])[:len(e)], **DENSE)
+  return close_row(name, e, c.res["gcls" if what == "cls_logits" else "gdeltas"], **DENSE)
 
 
 # ---- detections ----------------------------------------------------------------------------------
@@ -324,19 +314,16 @@ def _mask_inter(c: Ctx) -> dict[str, Any]:
   return c.res["gmask_inter"]
 
 
-@rule(r"coarse_mask_logits_(det_class|top\d+_all_classes)",
-      "coarse head on the golden detections: allclose 1e-3")
-def _coarse_mask(name, mt, e, c):
+@rule(r"coarse_mask_logits_(det_class|top\d+_all_classes)|point_init_logits_det_class",
+      "coarse head and step-0 point-head logits on the regular grid (golden detections): "
+      "allclose 1e-3")
+def _mask_head_start(name, mt, e, c):
   inter = _mask_inter(c)
+  if name == "point_init_logits_det_class":
+    return close_row(name, e, inter["init_logits"], **DENSE)
   if mt.group(1) == "det_class":
     return close_row(name, e, inter["coarse_logits_class"], **DENSE)
   return close_row(name, e, nchw(inter["coarse_logits"][:len(e)]), **DENSE)
-
-
-@rule(r"point_init_logits_det_class",
-      "step-0 point-head logits on the regular grid (golden detections): allclose 1e-3")
-def _point_init(name, mt, e, c):
-  return close_row(name, e, _mask_inter(c)["init_logits"], **DENSE)
 
 
 def _flip_analysis(c: Ctx) -> dict[int, dict[str, Any]]:
@@ -551,28 +538,23 @@ def _coarse_logits(name, mt, e, c):
   return close_row(name, e, nchw(c.res["inter"]["coarse_logits"]), **DENSE)
 
 
-@rule(r"head_logits_(shape|sub8)",
-      "padded head output: shape exact; [4::8, 4::8] >= 99.9% within 1e-3")
-def _head_logits(name, mt, e, c):
-  c.semantic()
-  logits = nchw(c.res["logits"])
-  if mt.group(1) == "shape":
-    return exact_row(name, e, np.array(logits.shape))
-  return mostly_close_row(name, e, logits[:, :, 4::8, 4::8], **DENSE)
-
-
-@rule(r"sem_seg_(shape|sub8|summary|crop_windows|crop\d+|argmax|class_hist)",
-      "final sem_seg (C, H0, W0): shape exact; sub8 / crops >= 99.9% within 1e-3; summary "
-      "atol 1e-3 rtol 1e-4; argmax >= 99.9% equal; class histogram within 0.1% of the pixels; "
-      "crop windows are inputs (checked to lie inside)")
+@rule(r"(head_logits|sem_seg)_(shape|sub8)|"
+      r"sem_seg_(summary|crop_windows|crop\d+|argmax|class_hist)",
+      "padded head output (1, C, H, W) and final sem_seg (C, H0, W0): shape exact; sub8 "
+      "([4::8, 4::8]) / crops >= 99.9% within 1e-3; summary atol 1e-3 rtol 1e-4; argmax >= 99.9% "
+      "equal; class histogram within 0.1% of the pixels; crop windows are inputs (checked to lie "
+      "inside)")
 def _sem_seg(name, mt, e, c):
   c.semantic()
-  s = np.transpose(c.res["sem_seg"], (2, 0, 1))
-  what = mt.group(1)
+  if mt.group(1) == "head_logits":
+    s = nchw(c.res["logits"])
+  else:
+    s = np.transpose(c.res["sem_seg"], (2, 0, 1))
+  what = mt.group(2) or mt.group(3)
   if what == "shape":
     return exact_row(name, e, np.array(s.shape))
   if what == "sub8":
-    return mostly_close_row(name, e, s[:, 4::8, 4::8], **DENSE)
+    return mostly_close_row(name, e, s[..., 4::8, 4::8], **DENSE)
   if what == "summary":
     return close_row(name, e, _summary(s), **SUMMARY)
   if what == "crop_windows":
