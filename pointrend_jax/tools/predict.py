@@ -36,7 +36,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 from pointrend_jax.errors import one_line
 
@@ -135,12 +134,6 @@ def build_predictor(args: argparse.Namespace, prog: str):
   return predictor
 
 
-def _progress(items: Sequence[Any], quiet: bool):
-  from tqdm import tqdm
-  # disable=None: no bar when stderr is not a terminal (logs, tests).
-  return tqdm(items, desc="images", unit="img", disable=True if quiet else None)
-
-
 def _write_png(path: pathlib.Path, array) -> None:
   from PIL import Image
   Image.fromarray(array).save(path, optimize=True)
@@ -186,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
     return report_error(prog, e)
 
+  from tqdm import tqdm
   failed = 0
   t0 = time.perf_counter()
-  bar = _progress(files, args.quiet)
+  # disable=None: no bar when stderr is not a terminal (logs, tests).
+  bar = tqdm(files, desc="images", unit="img", disable=True if args.quiet else None)
   for path in bar:
     try:
       n = _predict_one(predictor, path, out_dir)
