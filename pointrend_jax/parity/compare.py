@@ -230,17 +230,7 @@ def set_match(g_boxes: np.ndarray, g_scores: np.ndarray, boxes: np.ndarray, scor
   return SetMatch(j, not problems, note)
 
 
-def _matched(row: Row, sm: SetMatch) -> Row:
+def matched_row(row: Row, sm: SetMatch) -> Row:
+  """``row`` of the golden rows ``sm`` matched, with the match's note; fails when the match does."""
   row = _with_note(row, (sm.note + "; " if sm.note else "") + f"{int(sm.m.sum())} matched")
   return dataclasses.replace(row, passed=row.passed and sm.ok)
-
-
-def matched_close_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray,
-                      atol: float, rtol: float) -> Row:
-  """allclose on the golden rows ``sm`` matched (fails when the match does)."""
-  return _matched(close_row(name, expected[sm.m], ours[sm.j[sm.m]], atol, rtol), sm)
-
-
-def matched_exact_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray) -> Row:
-  """Equality on the golden rows ``sm`` matched (fails when the match does)."""
-  return _matched(exact_row(name, expected[sm.m], ours[sm.j[sm.m]]), sm)

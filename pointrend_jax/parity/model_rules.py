@@ -20,8 +20,7 @@ from pointrend_jax.data.batching import unpack_masks
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import (MIN_AGREEMENT, TIE_TOL, MATCH_IOU, Row, SetMatch,
                                           agreement_row, box_iou, close_row, exact_row, fail_row,
-                                          matched_close_row, matched_exact_row,
-                                          mostly_close_row, nchw, set_match)
+                                          matched_row, mostly_close_row, nchw, set_match)
 from pointrend_jax.parity.fixture import Fixture
 
 __all__ = ["Ctx", "RULES", "check_array", "known_name"]
@@ -478,9 +477,10 @@ def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
 def _set_matched(name, mt, e, c):
   stage, what = name.split("_", 1)
   sm, ours = {"proposal": _proposal_match, "det": _det_match, "final": _final_match}[stage](c)
+  e, a = e[sm.m], ours[what][sm.j[sm.m]]
   if what == "classes":
-    return matched_exact_row(name, sm, e, ours["classes"])
-  return matched_close_row(name, sm, e, ours[what], **(BOX_TOL if what == "boxes" else SCORE_TOL))
+    return matched_row(exact_row(name, e, a), sm)
+  return matched_row(close_row(name, e, a, **(BOX_TOL if what == "boxes" else SCORE_TOL)), sm)
 
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
@@ -489,18 +489,12 @@ def _final_masks_shape(name, mt, e, c):
   return exact_row(name, e, np.array(c.res["final"]["masks"].shape))
 
 
-def _golden_masks(c: Ctx) -> np.ndarray:
-  c.need("final_masks_packed")
-  w = int(c.fx.orig_rgb.shape[1])
-  return unpack_masks(c.g["final_masks_packed"], w)
-
-
 @rule(r"final_masks_packed",
       "pasted masks of the matched instances: >= 99.9% equal pixels, and per mask at most 1% "
       "of its union + 2 pixels differing")
 def _final_masks(name, mt, e, c):
   sm, f = _final_match(c)
-  gm = _golden_masks(c)
+  gm = unpack_masks(e, int(c.fx.orig_rgb.shape[1]))
   ours = f["masks"]
   if gm.shape[1:] != ours.shape[1:]:
     return fail_row(name, f"mask size {ours.shape[1:]} != golden {gm.shape[1:]}")
