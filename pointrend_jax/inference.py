@@ -285,12 +285,8 @@ class Predictor:
         raise ValueError(f"bucket sides must be multiples of {self._divisor}: {buckets}")
     self.buckets = buckets
     self.program = PredictProgram(self.model)
-    self.stages_program = None if self.is_semantic else PredictProgram(self.model, stages=True)
+    self.stages_program = None if self.cfg.is_semantic else PredictProgram(self.model, stages=True)
     self._warned_fallback = False
-
-  @property
-  def is_semantic(self) -> bool:
-    return self.cfg.is_semantic
 
   @property
   def num_compiles(self) -> int:
@@ -371,7 +367,7 @@ class Predictor:
     items = [images] if single else list(images)
     prepared = [self._prepare(im) for im in items]
     outs = self._run(self.program, prepared)
-    if self.is_semantic:
+    if self.cfg.is_semantic:
       results = [postprocess.semantic_result(o["logits"], orig, hw, self.class_names,
                                              return_logits=return_logits)
                  for o, (_, orig, hw) in zip(outs, prepared)]
@@ -382,7 +378,7 @@ class Predictor:
   def predict_with_stages(self, image: ImageLike) -> tuple[Instances, SubdivisionStages]:
     """One image's :class:`~pointrend_jax.modeling.postprocess.Instances` and the subdivision
     stages of each of its rows (instance models; :attr:`stages_program`)."""
-    if self.is_semantic:
+    if self.cfg.is_semantic:
       raise ValueError("subdivision stages are shown for instance models only")
     prepared = [self._prepare(image)]
     _, orig, hw = prepared[0]

@@ -146,7 +146,7 @@ def _predict_one(predictor, path: pathlib.Path, out_dir: pathlib.Path) -> int:
   image = to_rgb_uint8(path)
   result = predictor(image)
   record = {"file": str(path), **result.to_json()}
-  if predictor.is_semantic:
+  if predictor.cfg.is_semantic:
     _write_png(out_dir / f"{path.stem}.png", vis.draw_semantic_prediction(image, result))
     _write_png(out_dir / f"{path.stem}_labels.png", result.sem_seg.astype(np.uint8))
     count = len(record["pixel_fraction"])
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       bar.write(f"{prog}: error: {one_line(e)}", file=sys.stderr)
       continue
     if not args.quiet and bar.disable:
-      print(f"{path}: {n} {'classes' if predictor.is_semantic else 'instances'}",
+      print(f"{path}: {n} {'classes' if predictor.cfg.is_semantic else 'instances'}",
             file=sys.stderr)
   if not args.quiet:
     print(f"{prog}: {len(files) - failed}/{len(files)} images in "

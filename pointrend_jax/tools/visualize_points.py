@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ToolError("visualize_points draws instance masks; this is a semantic model")
     image = to_rgb_uint8(path)
     predictor = build_predictor(args, prog)
-    if predictor.is_semantic:
+    if predictor.cfg.is_semantic:
       raise ToolError("visualize_points draws instance masks; this is a semantic model")
     from PIL import Image
     from pointrend_jax import visualization as vis
