@@ -53,18 +53,13 @@ class Ctx:
       self._memo[key] = fn()
     return self._memo[key]
 
-  def need(self, *names: str) -> None:
+  def need(self, kind: str, *names: str) -> None:
+    """Skips the rule unless a ``kind`` model made the run and the goldens hold ``names``."""
+    if self.kind != kind:
+      raise _Skip(f"not produced by {'an' if self.kind == 'instance' else 'a'} {self.kind} model")
     missing = [n for n in names if n not in self.g]
     if missing:
       raise _Skip(f"needs golden {', '.join(missing)}")
-
-  def instance(self) -> None:
-    if self.kind != "instance":
-      raise _Skip("not produced by a semantic model")
-
-  def semantic(self) -> None:
-    if self.kind != "semantic":
-      raise _Skip("not produced by an instance model")
 
   # ---- views ----
   def input_nchw(self) -> np.ndarray:
@@ -154,7 +149,7 @@ def _map_views(name, mt, e, c):
 
 
 def _rpn_level(c: Ctx, level: str) -> int:
-  c.instance()
+  c.need("instance")
   feats = list(c.res["rpn_features"])
   if level not in feats:
     raise _Skip(f"{level} is not an RPN level of this model")
@@ -203,8 +198,7 @@ def _anchors(name, mt, e, c):
 
 
 def _proposal_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
-  c.instance()
-  c.need("proposal_boxes", "proposal_logits")
+  c.need("instance", "proposal_boxes", "proposal_logits")
 
   def fn():
     p = c.res["inter"]["proposals"]
@@ -248,8 +242,7 @@ def _proposal_levels(name, mt, e, c):
       "ROIAlignV2 features of the golden proposals (first rows allclose 1e-3, summary rtol 1e-4) "
       "and the box head outputs on them (allclose 1e-3)")
 def _box_branch(name, mt, e, c):
-  c.instance()
-  c.need("proposal_boxes")
+  c.need("instance", "proposal_boxes")
   what = mt.group(1)
   if what == "pooled_summary":
     return close_row(name, e, _summary(nchw(c.res["pooled"])), **SUMMARY)
@@ -262,8 +255,7 @@ def _box_branch(name, mt, e, c):
 
 
 def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
-  c.instance()
-  c.need("det_boxes", "det_scores", "det_classes")
+  c.need("instance", "det_boxes", "det_scores", "det_classes")
 
   def fn():
     o = c.res["out"]
@@ -282,7 +274,7 @@ def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
       "proposal of each matched detection is detectron2's (IoU > 0.99)")
 def _det_proposal_index(name, mt, e, c):
   sm, ours = _det_match(c)
-  c.need("proposal_boxes")
+  c.need("instance", "proposal_boxes")
   gd = c.res["gdets"]
   gvalid = gd.valid[0]
   sm_g = set_match(c.g["det_boxes"], c.g["det_scores"], gd.boxes[0][gvalid],
@@ -308,8 +300,7 @@ def _det_proposal_index(name, mt, e, c):
 
 
 def _mask_inter(c: Ctx) -> dict[str, Any]:
-  c.instance()
-  c.need("det_boxes", "det_classes")
+  c.need("instance", "det_boxes", "det_classes")
   return c.res["gmask_inter"]
 
 
@@ -392,7 +383,7 @@ def _step_info(c: Ctx, s: int) -> dict[str, Any]:
       "(within 1e-4) or a bounded follow-on (<= 1% of k) of an earlier flip in that row")
 def _step_indices(name, mt, e, c):
   s = int(mt.group(1))
-  (c.instance if mt.group(2) else c.semantic)()
+  c.need("instance" if mt.group(2) else "semantic")
   info = _step_info(c, s)
   n = sum(info["counts"])
   note = f"{n} cells not shared" if n else ""
@@ -405,8 +396,7 @@ def _step_indices(name, mt, e, c):
       "point-head logits at the cells both sides selected: allclose 1e-3")
 def _step_point_logits(name, mt, e, c):
   s, top = int(mt.group(1)), mt.group(2) or ""
-  (c.instance if top else c.semantic)()
-  c.need(f"step{s}_indices{top}")
+  c.need("instance" if top else "semantic", f"step{s}_indices{top}")
   ref_idx = c.g[f"step{s}_indices{top}"]
   inter = c.res["gmask_inter" if top else "inter"]
   ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]  # [N, K, C]
@@ -428,7 +418,7 @@ def _step_point_logits(name, mt, e, c):
 def _step_map(name, mt, e, c):
   s, semantic = int(mt.group(1)), mt.group(2) == "uncertainty_sub4"
   if semantic:
-    c.semantic()
+    c.need("semantic")
   maps = c.res["inter"]["uncertainty"] if semantic else _mask_inter(c)["upsampled"]
   if s > len(maps):
     raise _Skip(f"the model has only {len(maps)} subdivision steps")
@@ -445,8 +435,7 @@ def _step_map(name, mt, e, c):
       "final 224x224 logits (golden detections): allclose 1e-3 on rows without a top-k flip, "
       ">= 99.9% within tolerance overall")
 def _point_mask(name, mt, e, c):
-  c.instance()
-  c.need("det_boxes", "det_classes")
+  c.need("instance", "det_boxes", "det_classes")
   mask = c.res["gmask"]
   if mt.group(1) == "det_class_sub8":
     return mostly_close_row(name, e, mask[:, 4::8, 4::8], **DENSE)
@@ -459,8 +448,7 @@ def _point_mask(name, mt, e, c):
 
 
 def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
-  c.instance()
-  c.need("final_boxes", "final_scores", "final_classes")
+  c.need("instance", "final_boxes", "final_scores", "final_classes")
 
   def fn():
     f = c.res["final"]
@@ -485,7 +473,7 @@ def _set_matched(name, mt, e, c):
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
 def _final_masks_shape(name, mt, e, c):
-  c.instance()
+  c.need("instance")
   return exact_row(name, e, np.array(c.res["final"]["masks"].shape))
 
 
@@ -528,7 +516,7 @@ def _final_mask_areas(name, mt, e, c):
 
 @rule(r"coarse_logits", "SemSegFPNHead coarse logits (C, H/4, W/4): allclose 1e-3")
 def _coarse_logits(name, mt, e, c):
-  c.semantic()
+  c.need("semantic")
   return close_row(name, e, nchw(c.res["inter"]["coarse_logits"]), **DENSE)
 
 
@@ -539,7 +527,7 @@ def _coarse_logits(name, mt, e, c):
       "equal; class histogram within 0.1% of the pixels; crop windows are inputs (checked to lie "
       "inside)")
 def _sem_seg(name, mt, e, c):
-  c.semantic()
+  c.need("semantic")
   if mt.group(1) == "head_logits":
     s = nchw(c.res["logits"])
   else:
@@ -559,7 +547,7 @@ def _sem_seg(name, mt, e, c):
     return Row(name, 0.0, 0.0, "input", bool(inside),
                "window positions of sem_seg_crop*" if inside else "a window lies outside")
   if what.startswith("crop"):
-    c.need("sem_seg_crop_windows")
+    c.need("semantic", "sem_seg_crop_windows")
     i = int(what[4:])
     y, x = (int(v) for v in c.g["sem_seg_crop_windows"][i])
     return mostly_close_row(name, e, s[:, y:y + e.shape[1], x:x + e.shape[2]], **DENSE)
