@@ -37,26 +37,13 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from pointrend_jax.errors import one_line
+from pointrend_jax.errors import ToolError, one_line, report_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                     ".pgm")
 
-__all__ = ["IMAGE_EXTENSIONS", "ToolError", "report_error", "expand_inputs", "build_predictor",
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "build_predictor",
            "add_common_args", "output_dir", "main"]
-
-
-class ToolError(Exception):
-  """A one-line error for the command line."""
-
-
-def report_error(prog: str, error: Exception) -> int:
-  """Prints ``error`` as one line (with its type unless a :class:`ToolError`); returns 1."""
-  detail = one_line(error)
-  if not isinstance(error, ToolError):
-    detail = f"{type(error).__name__}: {detail}"
-  print(f"{prog}: error: {detail}", file=sys.stderr)
-  return 1
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:

@@ -22,8 +22,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from pointrend_jax.tools.predict import (ToolError, add_common_args, build_predictor,
-                                         output_dir, report_error)
+from pointrend_jax.errors import ToolError, report_error
+from pointrend_jax.tools.predict import add_common_args, build_predictor, output_dir
 
 __all__ = ["main"]
 
