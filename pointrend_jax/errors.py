@@ -6,6 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class ConfigError(ValueError):
   """A config value is invalid, names no field, or does not fit the data or the model."""
@@ -17,6 +19,10 @@ class CheckpointError(Exception):
 
 class UnsafeCheckpointError(CheckpointError):
   """A pickle names a global that is not an array / tensor type of the checkpoint formats."""
+
+
+class ToolError(Exception):
+  """A command-line tool's own error (an argument, an input or an output in the way)."""
 
 
 class DataError(FileNotFoundError):
@@ -40,3 +46,14 @@ def one_line(error: object) -> str:
   """The message on one line (whitespace collapsed), or the type name when it is empty."""
   text = " ".join(str(error).split())
   return text or type(error).__name__
+
+
+def report_error(prog: str, error: BaseException) -> int:
+  """Prints ``prog: error: <message>`` on one line, the message prefixed by the error's type
+  unless it is a :class:`ToolError` or one of :data:`USER_ERRORS`; returns 1 (the exit status).
+  The tools' ``main`` catches everything with it: they promise one line, no traceback."""
+  detail = one_line(error)
+  if not isinstance(error, (ToolError,) + USER_ERRORS):
+    detail = f"{type(error).__name__}: {detail}"
+  print(f"{prog}: error: {detail}", file=sys.stderr)
+  return 1

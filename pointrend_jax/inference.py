@@ -285,12 +285,8 @@ class Predictor:
         raise ValueError(f"bucket sides must be multiples of {self._divisor}: {buckets}")
     self.buckets = buckets
     self.program = PredictProgram(self.model)
-    self.stages_program = None if self.is_semantic else PredictProgram(self.model, stages=True)
+    self.stages_program = None if self.cfg.is_semantic else PredictProgram(self.model, stages=True)
     self._warned_fallback = False
-
-  @property
-  def is_semantic(self) -> bool:
-    return self.cfg.is_semantic
 
   @property
   def num_compiles(self) -> int:
@@ -315,15 +311,6 @@ class Predictor:
                       "padding it to multiples of 32 (one more compilation)", stacklevel=3)
         self._warned_fallback = True
       return exact
-
-  def warmup(self, buckets: Sequence[tuple[int, int]] | None = None) -> None:
-    """Compiles the predictions of ``buckets`` (default: all configured buckets)."""
-    if buckets is None:
-      if isinstance(self.buckets, str):
-        raise ValueError("with buckets='exact' pass the canvases to compile")
-      buckets = self.buckets
-    for h, w in buckets:
-      self.program.compile(self.batch_size, h, w)
 
   def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     rgb = to_rgb_uint8(image)
@@ -380,7 +367,7 @@ class Predictor:
     items = [images] if single else list(images)
     prepared = [self._prepare(im) for im in items]
     outs = self._run(self.program, prepared)
-    if self.is_semantic:
+    if self.cfg.is_semantic:
       results = [postprocess.semantic_result(o["logits"], orig, hw, self.class_names,
                                              return_logits=return_logits)
                  for o, (_, orig, hw) in zip(outs, prepared)]
@@ -391,7 +378,7 @@ class Predictor:
   def predict_with_stages(self, image: ImageLike) -> tuple[Instances, SubdivisionStages]:
     """One image's :class:`~pointrend_jax.modeling.postprocess.Instances` and the subdivision
     stages of each of its rows (instance models; :attr:`stages_program`)."""
-    if self.is_semantic:
+    if self.cfg.is_semantic:
       raise ValueError("subdivision stages are shown for instance models only")
     prepared = [self._prepare(image)]
     _, orig, hw = prepared[0]

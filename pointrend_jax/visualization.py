@@ -207,8 +207,7 @@ def _draw_points(panel: Image.Image, points: np.ndarray, grid: tuple[int, int]) 
   xs = np.asarray(points[:, 0], np.float64) * w
   ys = np.asarray(points[:, 1], np.float64) * h
   if r < 0.75:  # sub-pixel cells: single pixels
-    px = np.asarray(panel)
-    px = px.copy()
+    px = np.array(panel)
     px[np.clip(ys.astype(int), 0, h - 1), np.clip(xs.astype(int), 0, w - 1)] = _POINT_COLOR
     panel.paste(Image.fromarray(px))
     return
@@ -282,18 +281,20 @@ def subdivision_row(image: np.ndarray, stages: Any, index: int, *, label: str | 
   panels.append((Image.fromarray(mask, "L").resize(size, Image.NEAREST).convert("RGB"),
                  f"final {final.shape[0]}x{final.shape[1]}"))
 
-  return _hstack([_titled(p, t, font, title_h) for p, t in panels], gap=6)
+  return _stack([_titled(p, t, font, title_h) for p, t in panels], gap=6)
 
 
-def _hstack(panels: Sequence[Image.Image], gap: int) -> np.ndarray:
-  """Panels side by side, top-aligned, on white."""
-  width = sum(p.size[0] for p in panels) + gap * (len(panels) - 1)
-  row = Image.new("RGB", (width, max(p.size[1] for p in panels)), (255, 255, 255))
-  x = 0
+def _stack(panels: Sequence[Image.Image], gap: int, vertical: bool = False) -> np.ndarray:
+  """Panels side by side (top-aligned) or one below the other (left-aligned), on white."""
+  axis = 1 if vertical else 0
+  size = [max(p.size[0] for p in panels), max(p.size[1] for p in panels)]
+  size[axis] = sum(p.size[axis] for p in panels) + gap * (len(panels) - 1)
+  out = Image.new("RGB", tuple(size), (255, 255, 255))
+  offset = 0
   for p in panels:
-    row.paste(p, (x, 0))
-    x += p.size[0] + gap
-  return np.asarray(row)
+    out.paste(p, (0, offset) if vertical else (offset, 0))
+    offset += p.size[axis] + gap
+  return np.asarray(out)
 
 
 def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
@@ -314,15 +315,7 @@ def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
   rows = [subdivision_row(image, stages, i,
                           label=f"#{i} {instances.class_names[i]} {instances.scores[i]:.2f}",
                           panel_height=panel_height, font_size=font_size) for i in indices]
-  gap = 10
-  width = max(r.shape[1] for r in rows)
-  height = sum(r.shape[0] for r in rows) + gap * (len(rows) - 1)
-  out = np.full((height, width, 3), 255, np.uint8)
-  y = 0
-  for r in rows:
-    out[y:y + r.shape[0], :r.shape[1]] = r
-    y += r.shape[0] + gap
-  return out
+  return _stack([Image.fromarray(r) for r in rows], gap=10, vertical=True)
 
 
 # --- Evaluation pictures ---
@@ -391,7 +384,7 @@ def write_pictures(visuals: Sequence[Mapping[str, Any]], class_names: Sequence[s
       labels = [f"{inst.class_names[i]} {inst.scores[i]:.2f}" for i in keep]
       panels.append((draw_instances(big, inst.boxes[keep] * z, masks, labels), title))
     stem = os.path.join(out_dir, f"{int(record.get('image_id', 0)):06d}")
-    Image.fromarray(_hstack([_titled(Image.fromarray(p), t, font, 18) for p, t in panels],
+    Image.fromarray(_stack([_titled(Image.fromarray(p), t, font, 18) for p, t in panels],
                             gap=4)).save(stem + "_overlay.png")
     paths.append(stem + "_overlay.png")
     n = min(max_detections, len(vis["results"]["segm"]))

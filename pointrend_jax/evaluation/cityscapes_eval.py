@@ -4,8 +4,7 @@ Numpy re-implementations of cityscapesScripts 2.3.0's ``evalPixelLevelSemanticLa
 ``evalInstanceLevelSemanticLabeling`` (which detectron2's ``CityscapesSemSegEvaluator`` /
 ``CityscapesInstanceEvaluator`` call), so that the product does not need the package; the tests
 check both against it. Both evaluators take images in memory (``add``) or the official results
-formats on disk (:func:`evaluate_semantic_results`, :func:`evaluate_instance_results`), which the
-``write_*`` helpers produce with detectron2's file names.
+formats on disk (:func:`evaluate_semantic_results`, :func:`evaluate_instance_results`).
 
 **Semantic** (label ids; :class:`CityscapesSemSegEvaluator`). A 34 x 34 confusion matrix
 ``[gt, pred]`` over label ids 0..33. For each of the 19 evaluated classes ``c``: ``tp`` =
@@ -109,6 +108,12 @@ def _pct(value: float) -> float:
   return 100.0 * float(value)
 
 
+def _iou(tp: Any, fp: Any, fn: Any) -> float:
+  """The script's IoU: ``tp / (tp + fp + fn)``, NaN when that is 0."""
+  denom = tp + fp + fn
+  return float(tp) / denom if denom != 0 else float("nan")
+
+
 def _score_average(scores: Iterable[float]) -> float:
   """The script's getScoreAverage: mean of the non-NaN values, in list order."""
   total, n = 0.0, 0
@@ -142,27 +147,9 @@ class CityscapesSemSegEvaluator:
     (``*_gtFine_labelIds.png``), optional instance ids (``*_gtFine_instanceIds.png``) for iIoU."""
     self.add_label_ids(cs.train_id_to_label_id(pred_train_ids), gt_label_ids, gt_instance_ids)
 
-  def add_train_ids(self, pred_train_ids: np.ndarray, gt_train_ids: np.ndarray) -> None:
-    """One image with train-id ground truth (``labelTrainIds``, 255 = ignore; no iIoU).
-
-    Ignored pixels count as "unlabeled" (id 0), which every IoU ignores the same way.
-    """
-    gt_train_ids = np.asarray(gt_train_ids)
-    bad = (gt_train_ids != cs.IGNORE_LABEL) & ((gt_train_ids < 0) |
-                                               (gt_train_ids >= cs.NUM_SEM_SEG_CLASSES))
-    if bad.any():
-      raise ValueError(f"ground-truth train ids must be 0..{cs.NUM_SEM_SEG_CLASSES - 1} or "
-                       f"{cs.IGNORE_LABEL}, got {sorted(set(gt_train_ids[bad].tolist()))[:10]}")
-    gt = np.where(gt_train_ids == cs.IGNORE_LABEL, 0,
-                  cs.TRAIN_ID_TO_LABEL_ID[np.clip(gt_train_ids, 0, 255).astype(np.int64)])
-    self._add(cs.train_id_to_label_id(pred_train_ids), gt, None)
-
-  def add_label_ids(self, pred_label_ids: np.ndarray, gt_label_ids: np.ndarray,
-                    gt_instance_ids: np.ndarray | None = None) -> None:
+  def add_label_ids(self, pred: np.ndarray, gt: np.ndarray, inst: np.ndarray | None = None
+                    ) -> None:
     """One image in label ids (the official results format)."""
-    self._add(pred_label_ids, gt_label_ids, gt_instance_ids)
-
-  def _add(self, pred: np.ndarray, gt: np.ndarray, inst: np.ndarray | None) -> None:
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.ndim != 2:
       raise ValueError(f"prediction must be a single-channel [H, W] map, got shape "
@@ -226,12 +213,10 @@ class CityscapesSemSegEvaluator:
         fp = np.longlong(m[[l for l in not_ignored if l != label_id], label_id].sum())
         tp = np.longlong(m[label_id, label_id])
         fn = np.longlong(m[label_id, :].sum()) - tp
-        denom = tp + fp + fn
-        iou = float(tp) / denom if denom != 0 else float("nan")
+        iou = _iou(tp, fp, fn)
         if label.name in self._inst:
           tpw, fnw = self._inst[label.name]
-          denom = tpw + fp + fnw
-          inst_iou = float(tpw) / denom if denom != 0 else float("nan")
+          inst_iou = _iou(tpw, fp, fnw)
       class_scores[label.name] = iou
       class_inst_scores[label.name] = inst_iou
     cat_scores, cat_inst_scores = {}, {}
@@ -244,13 +229,11 @@ class CityscapesSemSegEvaluator:
         tp = np.longlong(m[ids, :][:, ids].sum())
         fn = np.longlong(m[ids, :].sum()) - tp
         fp = np.longlong(m[others, :][:, ids].sum())
-        denom = tp + fp + fn
-        iou = float(tp) / denom if denom != 0 else float("nan")
+        iou = _iou(tp, fp, fn)
       if category in self._inst_cat:
         fp = np.longlong(m[others, :][:, list(_INST_CATEGORIES[category])].sum())
         tpw, fnw = self._inst_cat[category]
-        denom = tpw + fp + fnw
-        inst_iou = float(tpw) / denom if denom != 0 else float("nan")
+        inst_iou = _iou(tpw, fp, fnw)
       cat_scores[category] = iou
       cat_inst_scores[category] = inst_iou
     return {
@@ -280,16 +263,15 @@ class CityscapesSemSegEvaluator:
     """Per-class IoU (and iIoU) table, in percent."""
     raw = self.raw_results()
     inst = self.has_instance_scores
+
+    def line(name: str, iou: float, inst_iou: float) -> str:
+      return f"{name:<14} {_pct(iou):7.3f}" + (f" {_pct(inst_iou):7.3f}" if inst else "")
+
     lines = [f"{'class':<14} {'IoU':>7}" + (f" {'iIoU':>7}" if inst else "")]
-    for name in cs.SEM_SEG_CLASSES:
-      line = f"{name:<14} {_pct(raw['classScores'][name]):7.3f}"
-      if inst:
-        line += f" {_pct(raw['classInstScores'][name]):7.3f}"
-      lines.append(line)
-    line = f"{'mean':<14} {_pct(raw['averageScoreClasses']):7.3f}"
-    if inst:
-      line += f" {_pct(raw['averageScoreInstClasses']):7.3f}"
-    return "\n".join(lines + ["-" * len(lines[0]), line])
+    lines += [line(n, raw["classScores"][n], raw["classInstScores"][n])
+              for n in cs.SEM_SEG_CLASSES]
+    return "\n".join(lines + ["-" * len(lines[0]), line("mean", raw["averageScoreClasses"],
+                                                         raw["averageScoreInstClasses"])])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,51 +475,6 @@ class CityscapesInstanceEvaluator:
 # Results formats.
 
 
-def _image_stem(image_file: PathLike) -> str:
-  return os.path.splitext(os.path.basename(image_file))[0]
-
-
-def write_semantic_prediction(pred_train_ids: np.ndarray, image_file: PathLike,
-                              output_dir: PathLike) -> str:
-  """Writes ``<output_dir>/<image stem>_pred.png`` (label ids) as detectron2; returns it."""
-  os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, _image_stem(image_file) + "_pred.png")
-  Image.fromarray(cs.train_id_to_label_id(pred_train_ids)).save(path)
-  return path
-
-
-def write_instance_prediction(image_file: PathLike, masks: np.ndarray | Sequence[np.ndarray],
-                              classes: Sequence[int] | np.ndarray,
-                              scores: Sequence[float] | np.ndarray,
-                              output_dir: PathLike) -> str:
-  """Writes one image's instances in the official format (detectron2's names); returns the txt.
-
-  Args:
-    image_file: the image's path (only its name is used).
-    masks: N bool masks [H, W] at the original image size.
-    classes: N contiguous thing class ids (0..7).
-    scores: N scores.
-    output_dir: the predictions folder.
-  """
-  if not (len(masks) == len(classes) == len(scores)):
-    raise ValueError(f"{len(masks)} masks, {len(classes)} classes and {len(scores)} scores")
-  os.makedirs(output_dir, exist_ok=True)
-  stem = _image_stem(image_file)
-  txt = os.path.join(output_dir, stem + "_pred.txt")
-  lines = []
-  for i, (mask, c, score) in enumerate(zip(masks, classes, scores)):
-    c = int(c)
-    if not 0 <= c < len(cs.THING_CLASSES):
-      raise ValueError(f"class {c} outside 0..{len(cs.THING_CLASSES) - 1}")
-    png = f"{stem}_{i}_{cs.THING_CLASSES[c]}.png"
-    Image.fromarray(np.asarray(mask).astype(np.uint8) * 255).save(os.path.join(output_dir, png))
-    # repr: the full float, so reading back gives the same score.
-    lines.append(f"{png} {cs.THING_LABEL_IDS[c]} {float(score)!r}\n")
-  with open(txt, "w") as f:
-    f.writelines(lines)
-  return txt
-
-
 def _ground_truth_files(gt_root: PathLike, split: str, suffix: str) -> list[str]:
   _, gt_dir = cs.split_dirs(gt_root, split)
   files = sorted(glob.glob(os.path.join(gt_dir, "*", "*" + suffix)))
@@ -585,11 +522,7 @@ def evaluate_semantic_results(gt_root: PathLike, split: str,
   evaluator = CityscapesSemSegEvaluator()
   for gt_file, pred_file, inst_file in zip(gt_files, pred_files, inst_files):
     pred, gt = _read_array(pred_file), _read_array(gt_file)
-    if pred.ndim != 2:
-      raise ValueError(f"{pred_file}: prediction must be single-channel, got {pred.shape}")
-    if pred.shape != gt.shape:
-      raise ValueError(f"{pred_file}: size {pred.shape} != ground truth {gt.shape} of {gt_file}")
-    try:
+    try:  # add_label_ids checks the shapes and the ids
       evaluator.add_label_ids(pred, gt, _read_array(inst_file) if with_inst else None)
     except ValueError as e:
       raise ValueError(f"{pred_file} vs {gt_file}: {e}") from e

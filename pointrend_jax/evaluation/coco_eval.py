@@ -118,10 +118,6 @@ def _load_coco_api(ground_truth: PathLike | Mapping[str, Any] | COCO) -> COCO:
   return api
 
 
-def _nan_to_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
-  return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
-
-
 class COCOEvaluator:
   """Accumulates COCO-format results and computes detectron2-style COCO metrics.
 
@@ -156,10 +152,6 @@ class COCOEvaluator:
     self.summaries: dict[str, str] = {}
     self.per_category: dict[str, list[tuple[str, float]]] = {}
     self.reset()
-
-  @property
-  def contiguous_to_coco_id(self) -> tuple[int, ...]:
-    return self.categories.ids
 
   @property
   def seen_image_ids(self) -> frozenset[int]:
@@ -199,7 +191,7 @@ class COCOEvaluator:
       raise ValueError(f"image id {image_id} is not in the ground truth")
     self._seen.add(image_id)
     self.add(instances_to_coco_results(image_id, boxes_xyxy, scores, classes, masks,
-                                       self.contiguous_to_coco_id))
+                                       self.categories.ids))
 
   @property
   def results(self) -> list[dict[str, Any]]:
@@ -323,16 +315,9 @@ def evaluate_coco(ground_truth: PathLike | Mapping[str, Any] | COCO,
   return evaluator
 
 
-def evaluate_coco_files(gt_json: PathLike,
-                        results_json: PathLike,
-                        tasks: Sequence[str] | None = None,
-                        backend: str = "pycocotools") -> dict[str, float]:
-  """Metrics of a COCO results JSON against a ground-truth JSON (tasks inferred if None)."""
-  return evaluate_coco(gt_json, read_results_json(results_json), tasks, backend).compute()
-
-
 def write_metrics_json(metrics: Mapping[str, float], path: PathLike) -> None:
   """Writes flat metrics as strict JSON (NaN -> null), keys in insertion order."""
   with open(path, "w") as f:
-    json.dump(_nan_to_none(metrics), f, indent=2, allow_nan=False)
+    json.dump({k: (None if isinstance(v, float) and np.isnan(v) else v)
+               for k, v in metrics.items()}, f, indent=2, allow_nan=False)
     f.write("\n")

@@ -80,38 +80,31 @@ class SemSegEvaluator:
     self.conf_matrix += confusion_matrix(pred, gt, self.num_classes, self.ignore_label)
 
   def compute(self) -> dict[str, float]:
-    """``sem_seg/{mIoU, fwIoU, mACC, pACC, IoU-<name>, ACC-<name>}`` in percent."""
-    return metrics_from_confusion(self.conf_matrix, self.class_names)
-
-
-def metrics_from_confusion(conf_matrix: np.ndarray,
-                           class_names: Sequence[str]) -> dict[str, float]:
-  """The module docstring's metrics from a [K + 1, K + 1] ``[pred, gt]`` matrix."""
-  k = conf_matrix.shape[0] - 1
-  if len(class_names) != k:
-    raise ValueError(f"{len(class_names)} class names for a {k + 1}x{k + 1} matrix")
-  m = conf_matrix.astype(np.float64)
-  tp = m.diagonal()[:-1]
-  pos_gt = m[:-1, :-1].sum(axis=0)
-  pos_pred = m[:-1, :-1].sum(axis=1)
-  has_gt = pos_gt > 0
-  acc = np.full(k, np.nan)
-  iou = np.full(k, np.nan)
-  acc[has_gt] = tp[has_gt] / pos_gt[has_gt]
-  union = pos_gt + pos_pred - tp
-  iou[has_gt] = tp[has_gt] / union[has_gt]
-  iou_valid = (pos_gt + pos_pred) > 0
-  total = pos_gt.sum()
-  with np.errstate(invalid="ignore", divide="ignore"):
-    miou = iou[has_gt].sum() / iou_valid.sum() if has_gt.any() else np.nan
-    macc = acc[has_gt].sum() / has_gt.sum() if has_gt.any() else np.nan
-    fwiou = (iou[has_gt] * pos_gt[has_gt] / total).sum() if total > 0 else np.nan
-    pacc = tp.sum() / total if total > 0 else np.nan
-  res = {"sem_seg/mIoU": 100 * float(miou), "sem_seg/fwIoU": 100 * float(fwiou)}
-  for i, name in enumerate(class_names):
-    res[f"sem_seg/IoU-{name}"] = 100 * float(iou[i])
-  res["sem_seg/mACC"] = 100 * float(macc)
-  res["sem_seg/pACC"] = 100 * float(pacc)
-  for i, name in enumerate(class_names):
-    res[f"sem_seg/ACC-{name}"] = 100 * float(acc[i])
-  return res
+    """``sem_seg/{mIoU, fwIoU, mACC, pACC, IoU-<name>, ACC-<name>}`` in percent (see the module
+    docstring)."""
+    k = self.num_classes
+    m = self.conf_matrix.astype(np.float64)
+    tp = m.diagonal()[:-1]
+    pos_gt = m[:-1, :-1].sum(axis=0)
+    pos_pred = m[:-1, :-1].sum(axis=1)
+    has_gt = pos_gt > 0
+    acc = np.full(k, np.nan)
+    iou = np.full(k, np.nan)
+    acc[has_gt] = tp[has_gt] / pos_gt[has_gt]
+    union = pos_gt + pos_pred - tp
+    iou[has_gt] = tp[has_gt] / union[has_gt]
+    iou_valid = (pos_gt + pos_pred) > 0
+    total = pos_gt.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+      miou = iou[has_gt].sum() / iou_valid.sum() if has_gt.any() else np.nan
+      macc = acc[has_gt].sum() / has_gt.sum() if has_gt.any() else np.nan
+      fwiou = (iou[has_gt] * pos_gt[has_gt] / total).sum() if total > 0 else np.nan
+      pacc = tp.sum() / total if total > 0 else np.nan
+    res = {"sem_seg/mIoU": 100 * float(miou), "sem_seg/fwIoU": 100 * float(fwiou)}
+    for i, name in enumerate(self.class_names):
+      res[f"sem_seg/IoU-{name}"] = 100 * float(iou[i])
+    res["sem_seg/mACC"] = 100 * float(macc)
+    res["sem_seg/pACC"] = 100 * float(pacc)
+    for i, name in enumerate(self.class_names):
+      res[f"sem_seg/ACC-{name}"] = 100 * float(acc[i])
+    return res

@@ -9,8 +9,6 @@ Comparison kinds
 ``allclose``  float arrays: passes when ``|a - e| <= atol + rtol * |e|`` everywhere (numpy's
               rule); the row reports max abs and max rel error (rel = abs / max(|e|, tiny)).
 ``exact``     integer / bool arrays that must be identical (e.g. NMS kept indices).
-``set``       integer index arrays whose *order* is not meaningful (top-k on near-ties):
-              per row (last axis) the two sets must be equal.
 ``agreement`` bool masks: the fraction of equal pixels must be >= ``min_agreement``.
 
 Model goldens add rows compared on most entries (:func:`mostly_close_row`) and box sets matched
@@ -58,7 +56,7 @@ class Check:
 
   Attributes:
     compute: ``golden -> np.ndarray``; reads the ``in_*`` arrays it needs from the golden mapping.
-    kind: one of ``allclose``, ``exact``, ``set``, ``agreement``.
+    kind: one of ``allclose``, ``exact``, ``agreement``.
     atol, rtol: tolerances for ``allclose``.
     min_agreement: for ``agreement``, the minimum fraction of equal elements.
   """
@@ -112,12 +110,6 @@ def compare(name: str, check: Check, expected: np.ndarray, actual: Any) -> Row:
     err = (float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
            if actual.size else 0.0)
     return Row(name, err, float(mism), tol, mism == 0, f"{mism} differing" if mism else "")
-  if check.kind == "set":
-    a2 = actual.reshape(-1, actual.shape[-1]) if actual.ndim else actual.reshape(1, 1)
-    e2 = expected.reshape(-1, expected.shape[-1]) if expected.ndim else expected.reshape(1, 1)
-    missing = sum(len(set(er.tolist()) - set(ar.tolist())) for ar, er in zip(a2, e2))
-    return Row(name, float(missing), float(missing), tol, missing == 0,
-               f"{missing} not in set" if missing else "")
   if check.kind == "agreement":
     n = max(expected.size, 1)
     mism = int(np.sum(actual != expected))
@@ -138,8 +130,8 @@ def close_row(name: str, expected: np.ndarray, actual: Any, atol: float, rtol: f
   return _with_note(compare(name, Check(None, "allclose", atol, rtol), expected, actual), note)
 
 
-def exact_row(name: str, expected: np.ndarray, actual: Any, note: str = "") -> Row:
-  return _with_note(compare(name, Check(None, "exact"), expected, actual), note)
+def exact_row(name: str, expected: np.ndarray, actual: Any) -> Row:
+  return compare(name, Check(None, "exact"), expected, actual)
 
 
 def agreement_row(name: str, expected: np.ndarray, actual: Any) -> Row:
@@ -238,17 +230,7 @@ def set_match(g_boxes: np.ndarray, g_scores: np.ndarray, boxes: np.ndarray, scor
   return SetMatch(j, not problems, note)
 
 
-def _matched(row: Row, sm: SetMatch) -> Row:
+def matched_row(row: Row, sm: SetMatch) -> Row:
+  """``row`` of the golden rows ``sm`` matched, with the match's note; fails when the match does."""
   row = _with_note(row, (sm.note + "; " if sm.note else "") + f"{int(sm.m.sum())} matched")
   return dataclasses.replace(row, passed=row.passed and sm.ok)
-
-
-def matched_close_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray,
-                      atol: float, rtol: float) -> Row:
-  """allclose on the golden rows ``sm`` matched (fails when the match does)."""
-  return _matched(close_row(name, expected[sm.m], ours[sm.j[sm.m]], atol, rtol), sm)
-
-
-def matched_exact_row(name: str, sm: SetMatch, expected: np.ndarray, ours: np.ndarray) -> Row:
-  """Equality on the golden rows ``sm`` matched (fails when the match does)."""
-  return _matched(exact_row(name, expected[sm.m], ours[sm.j[sm.m]]), sm)

@@ -38,15 +38,12 @@ class FixtureError(Exception):
 
 @dataclasses.dataclass
 class Fixture:
-  path: str
-  meta: dict[str, Any]
   cfg: Any  # ModelConfig
   golden: dict[str, np.ndarray]
   orig_rgb: np.ndarray  # [H0, W0, 3] uint8
   input_rgb: np.ndarray  # [h, w, 3] uint8, resized network input
   seed: int
   recipe: str
-  pixel_std: tuple[float, ...]
   make_weights_path: str
   key: str  # content hash of everything the model run depends on
   notes: list[str] = dataclasses.field(default_factory=list)  # config warnings
@@ -106,16 +103,8 @@ def load_fixture(path: str) -> Fixture:
   seed = meta.get("seed")
   recipe = meta.get("weights_recipe")
   h.update(json.dumps([seed, recipe]).encode())
-  return Fixture(path=path, meta=meta, cfg=cfg, golden=golden, orig_rgb=orig, input_rgb=rgb,
-                 seed=seed, recipe=recipe, pixel_std=tuple(cfg.pixel_std),
+  return Fixture(cfg=cfg, golden=golden, orig_rgb=orig, input_rgb=rgb, seed=seed, recipe=recipe,
                  make_weights_path=make_weights_path, key=h.hexdigest(), notes=notes)
-
-
-def _import_make_weights(path: str):
-  spec = importlib.util.spec_from_file_location("d2_parity_make_weights", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def check_recipe(fx: Fixture):
@@ -125,7 +114,9 @@ def check_recipe(fx: Fixture):
                        f"{', '.join(SUPPORTED_RECIPES)})")
   if not isinstance(fx.seed, int) or isinstance(fx.seed, bool):
     raise FixtureError(f"meta.json seed must be an integer, got {fx.seed!r}")
-  module = _import_make_weights(fx.make_weights_path)
+  spec = importlib.util.spec_from_file_location("d2_parity_make_weights", fx.make_weights_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   version = getattr(module, "RECIPE_VERSION", None)
   if version != fx.recipe:
     raise FixtureError(f"{fx.make_weights_path} implements recipe {version!r}, meta.json "
@@ -139,7 +130,8 @@ def check_recipe(fx: Fixture):
 def fixture_model(fx: Fixture, make_weights: Any):
   """The fixture's model: built abstractly, every variable loaded from the recipe (strict)."""
   model = abstract_model(fx.cfg)
-  state = {name: make_weights.make_param(name, shape, "float32", fx.seed, fx.pixel_std)
+  state = {name: make_weights.make_param(name, shape, "float32", fx.seed,
+                                         tuple(fx.cfg.pixel_std))
            for name, shape in d2_model_names(model).items()}
   load_d2_model(model, state, strict=True)
   return model

@@ -20,8 +20,7 @@ from pointrend_jax.data.batching import unpack_masks
 from pointrend_jax.ops.poolers import assign_boxes_to_levels
 from pointrend_jax.parity.compare import (MIN_AGREEMENT, TIE_TOL, MATCH_IOU, Row, SetMatch,
                                           agreement_row, box_iou, close_row, exact_row, fail_row,
-                                          matched_close_row, matched_exact_row,
-                                          mostly_close_row, nchw, set_match)
+                                          matched_row, mostly_close_row, nchw, set_match)
 from pointrend_jax.parity.fixture import Fixture
 
 __all__ = ["Ctx", "RULES", "check_array", "known_name"]
@@ -54,18 +53,13 @@ class Ctx:
       self._memo[key] = fn()
     return self._memo[key]
 
-  def need(self, *names: str) -> None:
+  def need(self, kind: str, *names: str) -> None:
+    """Skips the rule unless a ``kind`` model made the run and the goldens hold ``names``."""
+    if self.kind != kind:
+      raise _Skip(f"not produced by {'an' if self.kind == 'instance' else 'a'} {self.kind} model")
     missing = [n for n in names if n not in self.g]
     if missing:
       raise _Skip(f"needs golden {', '.join(missing)}")
-
-  def instance(self) -> None:
-    if self.kind != "instance":
-      raise _Skip("not produced by a semantic model")
-
-  def semantic(self) -> None:
-    if self.kind != "semantic":
-      raise _Skip("not produced by an instance model")
 
   # ---- views ----
   def input_nchw(self) -> np.ndarray:
@@ -101,19 +95,13 @@ def rule(pattern: str, doc: str):
 # ---- sizes and input -----------------------------------------------------------------------------
 
 
-@rule(r"image_hw", "original image (height, width): exact")
-def _image_hw(name, mt, e, c):
-  return exact_row(name, e, np.array(c.fx.orig_rgb.shape[:2]))
-
-
-@rule(r"resized_hw", "resized network input (h, w): exact")
-def _resized_hw(name, mt, e, c):
-  return exact_row(name, e, c.res["sizes"][0])
-
-
-@rule(r"input_shape", "padded NCHW input shape: exact")
-def _input_shape(name, mt, e, c):
-  return exact_row(name, e, np.array(c.input_nchw().shape))
+@rule(r"image_hw|resized_hw|input_shape",
+      "original image (height, width), resized network input (h, w), padded NCHW input shape: "
+      "exact")
+def _sizes(name, mt, e, c):
+  sizes = {"image_hw": np.array(c.fx.orig_rgb.shape[:2]), "resized_hw": c.res["sizes"][0],
+           "input_shape": np.array(c.input_nchw().shape)}
+  return exact_row(name, e, sizes[name])
 
 
 @rule(r"input_(summary|valid_summary|crop_tl|crop_pad_edge|row_sums|col_sums)",
@@ -121,20 +109,15 @@ def _input_shape(name, mt, e, c):
 def _input_views(name, mt, e, c):
   x = c.input_nchw()
   h, w = (int(v) for v in c.res["sizes"][0])
-  what = mt.group(1)
-  if what == "summary":
-    a = _summary(x)
-  elif what == "valid_summary":
-    a = _summary(x[:, :, :h, :w])
-  elif what == "crop_tl":
-    a = x[:, :, :8, :8]
-  elif what == "crop_pad_edge":  # rows from mid-height, columns straddling the right edge
-    a = x[:, :, h // 2:h // 2 + 4, w - 4:w + 4]
-  elif what == "row_sums":
-    a = x.astype(np.float64).sum(axis=(0, 1, 3))
-  else:
-    a = x.astype(np.float64).sum(axis=(0, 1, 2))
-  return close_row(name, e, a, **INPUT_TOL)
+  views = {
+      "summary": lambda: _summary(x),
+      "valid_summary": lambda: _summary(x[:, :, :h, :w]),
+      "crop_tl": lambda: x[:, :, :8, :8],
+      # rows from mid-height, columns straddling the right edge
+      "crop_pad_edge": lambda: x[:, :, h // 2:h // 2 + 4, w - 4:w + 4],
+      "row_sums": lambda: x.astype(np.float64).sum(axis=(0, 1, 3)),
+      "col_sums": lambda: x.astype(np.float64).sum(axis=(0, 1, 2))}
+  return close_row(name, e, views[mt.group(1)](), **INPUT_TOL)
 
 
 # ---- feature maps --------------------------------------------------------------------------------
@@ -166,7 +149,7 @@ def _map_views(name, mt, e, c):
 
 
 def _rpn_level(c: Ctx, level: str) -> int:
-  c.instance()
+  c.need("instance")
   feats = list(c.res["rpn_features"])
   if level not in feats:
     raise _Skip(f"{level} is not an RPN level of this model")
@@ -214,28 +197,17 @@ def _anchors(name, mt, e, c):
 # ---- proposals -----------------------------------------------------------------------------------
 
 
-def _proposal_match(c: Ctx) -> tuple[SetMatch, np.ndarray, np.ndarray]:
-  c.instance()
-  c.need("proposal_boxes", "proposal_logits")
+def _proposal_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
+  c.need("instance", "proposal_boxes", "proposal_logits")
 
   def fn():
     p = c.res["inter"]["proposals"]
     valid = p.valid[0]
-    boxes, logits = p.boxes[0][valid], p.logits[0][valid]
-    sm = set_match(c.g["proposal_boxes"], c.g["proposal_logits"], boxes, logits,
+    ours = dict(boxes=p.boxes[0][valid], logits=p.logits[0][valid])
+    sm = set_match(c.g["proposal_boxes"], c.g["proposal_logits"], ours["boxes"], ours["logits"],
                    c.res["capacity_proposals"])
-    return sm, boxes, logits
+    return sm, ours
   return c.memo("proposals", fn)
-
-
-@rule(r"proposal_(boxes|logits)",
-      "RPN proposals as sets matched by IoU > 0.99 (unmatched only as near-ties of the cut): "
-      "boxes atol 1e-2 px, logits atol 1e-4")
-def _proposals(name, mt, e, c):
-  sm, boxes, logits = _proposal_match(c)
-  if mt.group(1) == "boxes":
-    return matched_close_row(name, sm, e, boxes, **BOX_TOL)
-  return matched_close_row(name, sm, e, logits, **SCORE_TOL)
 
 
 def _level_of(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +222,8 @@ def _level_of(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
       "ROIAlign level of each matched proposal: exact, except boxes within 1e-4 of a level "
       "boundary")
 def _proposal_levels(name, mt, e, c):
-  sm, boxes, _ = _proposal_match(c)
-  ours, _ = _level_of(boxes)
+  sm, ours = _proposal_match(c)
+  ours, _ = _level_of(ours["boxes"])
   _, border = _level_of(c.g["proposal_boxes"])
   ours = ours[np.maximum(sm.j, 0)]
   diff = sm.m & (ours != e)
@@ -266,31 +238,24 @@ def _proposal_levels(name, mt, e, c):
 # ---- box branch on the golden proposals ----------------------------------------------------------
 
 
-@rule(r"box_pooled_(first4|summary)",
-      "ROIAlignV2 features of the golden proposals: first rows allclose 1e-3, summary rtol 1e-4")
-def _box_pooled(name, mt, e, c):
-  c.instance()
-  c.need("proposal_boxes")
-  pooled = nchw(c.res["pooled"])
-  if mt.group(1) == "summary":
-    return close_row(name, e, _summary(pooled), **SUMMARY)
-  return close_row(name, e, pooled[:len(e)], **DENSE)
-
-
-@rule(r"box_(cls_logits|deltas)",
-      "box head outputs on the golden proposals: allclose 1e-3")
-def _box_outputs(name, mt, e, c):
-  c.instance()
-  c.need("proposal_boxes")
-  return close_row(name, e, c.res["gcls" if mt.group(1) == "cls_logits" else "gdeltas"], **DENSE)
+@rule(r"box_(pooled_first4|pooled_summary|cls_logits|deltas)",
+      "ROIAlignV2 features of the golden proposals (first rows allclose 1e-3, summary rtol 1e-4) "
+      "and the box head outputs on them (allclose 1e-3)")
+def _box_branch(name, mt, e, c):
+  c.need("instance", "proposal_boxes")
+  what = mt.group(1)
+  if what == "pooled_summary":
+    return close_row(name, e, _summary(nchw(c.res["pooled"])), **SUMMARY)
+  if what == "pooled_first4":
+    return close_row(name, e, nchw(c.res["pooled"])[:len(e)], **DENSE)
+  return close_row(name, e, c.res["gcls" if what == "cls_logits" else "gdeltas"], **DENSE)
 
 
 # ---- detections ----------------------------------------------------------------------------------
 
 
 def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
-  c.instance()
-  c.need("det_boxes", "det_scores", "det_classes")
+  c.need("instance", "det_boxes", "det_scores", "det_classes")
 
   def fn():
     o = c.res["out"]
@@ -304,28 +269,12 @@ def _det_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
   return c.memo("dets", fn)
 
 
-@rule(r"det_(boxes|scores|classes)",
-      "end-to-end detections as sets matched by IoU > 0.99 and class: boxes atol 1e-2 px, "
-      "scores atol 1e-4, classes exact")
-def _dets(name, mt, e, c):
-  return _matched_rows(name, mt.group(1), e, *_det_match(c))
-
-
-def _matched_rows(name: str, what: str, e: np.ndarray, sm: SetMatch,
-                  ours: dict[str, np.ndarray]) -> Row:
-  if what == "boxes":
-    return matched_close_row(name, sm, e, ours["boxes"], **BOX_TOL)
-  if what == "scores":
-    return matched_close_row(name, sm, e, ours["scores"], **SCORE_TOL)
-  return matched_exact_row(name, sm, e, ours["classes"])
-
-
 @rule(r"det_proposal_index",
       "proposal of each detection: exact on the golden-proposal run, and end to end our "
       "proposal of each matched detection is detectron2's (IoU > 0.99)")
 def _det_proposal_index(name, mt, e, c):
   sm, ours = _det_match(c)
-  c.need("proposal_boxes")
+  c.need("instance", "proposal_boxes")
   gd = c.res["gdets"]
   gvalid = gd.valid[0]
   sm_g = set_match(c.g["det_boxes"], c.g["det_scores"], gd.boxes[0][gvalid],
@@ -351,24 +300,20 @@ def _det_proposal_index(name, mt, e, c):
 
 
 def _mask_inter(c: Ctx) -> dict[str, Any]:
-  c.instance()
-  c.need("det_boxes", "det_classes")
+  c.need("instance", "det_boxes", "det_classes")
   return c.res["gmask_inter"]
 
 
-@rule(r"coarse_mask_logits_(det_class|top\d+_all_classes)",
-      "coarse head on the golden detections: allclose 1e-3")
-def _coarse_mask(name, mt, e, c):
+@rule(r"coarse_mask_logits_(det_class|top\d+_all_classes)|point_init_logits_det_class",
+      "coarse head and step-0 point-head logits on the regular grid (golden detections): "
+      "allclose 1e-3")
+def _mask_head_start(name, mt, e, c):
   inter = _mask_inter(c)
+  if name == "point_init_logits_det_class":
+    return close_row(name, e, inter["init_logits"], **DENSE)
   if mt.group(1) == "det_class":
     return close_row(name, e, inter["coarse_logits_class"], **DENSE)
   return close_row(name, e, nchw(inter["coarse_logits"][:len(e)]), **DENSE)
-
-
-@rule(r"point_init_logits_det_class",
-      "step-0 point-head logits on the regular grid (golden detections): allclose 1e-3")
-def _point_init(name, mt, e, c):
-  return close_row(name, e, _mask_inter(c)["init_logits"], **DENSE)
 
 
 def _flip_analysis(c: Ctx) -> dict[int, dict[str, Any]]:
@@ -377,22 +322,18 @@ def _flip_analysis(c: Ctx) -> dict[int, dict[str, Any]]:
 
   def fn():
     out: dict[int, dict[str, Any]] = {}
-    if c.kind == "instance":
-      inter = c.res["gmask_inter"]
-      steps = len(inter["indices"])
-      key = "step{}_indices_top5"
-      ours_idx = inter["indices"]
+    instance = c.kind == "instance"
+    inter = c.res["gmask_inter" if instance else "inter"]
+    ours_idx = inter["indices"]
+    steps = len(ours_idx)
+    key = "step{}_indices_top5" if instance else "step{}_indices"
+    if instance:
       # uncertainty = -|logit of the class| of the upsampled map (larger = more uncertain).
       unc = [-np.abs(u) for u in inter["upsampled"]]
       golden_unc = {s: -np.abs(c.g[f"step{s}_upsampled_top5"]) for s in range(1, steps + 1)
                     if f"step{s}_upsampled_top5" in c.g}
     else:
-      inter = c.res["inter"]
-      steps = len(inter["indices"])
-      key = "step{}_indices"
-      ours_idx = inter["indices"]
-      unc = list(inter["uncertainty"])
-      golden_unc = {}
+      unc, golden_unc = list(inter["uncertainty"]), {}
     k = c.res["subdivision_num_points"]
     flipped_before = None
     for s in range(1, steps + 1):
@@ -442,7 +383,7 @@ def _step_info(c: Ctx, s: int) -> dict[str, Any]:
       "(within 1e-4) or a bounded follow-on (<= 1% of k) of an earlier flip in that row")
 def _step_indices(name, mt, e, c):
   s = int(mt.group(1))
-  (c.instance if mt.group(2) else c.semantic)()
+  c.need("instance" if mt.group(2) else "semantic")
   info = _step_info(c, s)
   n = sum(info["counts"])
   note = f"{n} cells not shared" if n else ""
@@ -454,19 +395,12 @@ def _step_indices(name, mt, e, c):
 @rule(r"step(\d+)_point_logits(_top\d+)?",
       "point-head logits at the cells both sides selected: allclose 1e-3")
 def _step_point_logits(name, mt, e, c):
-  s = int(mt.group(1))
-  top = mt.group(2)
-  (c.instance if top else c.semantic)()
-  c.need(f"step{s}_indices" + (top or ""))
-  ref_idx = c.g[f"step{s}_indices" + (top or "")]
-  if top:
-    inter = c.res["gmask_inter"]
-    ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]
-    expected_rows = e
-  else:
-    inter = c.res["inter"]
-    ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]  # [N, K, C]
-    expected_rows = np.transpose(e, (0, 2, 1))  # [N, K, C]
+  s, top = int(mt.group(1)), mt.group(2) or ""
+  c.need("instance" if top else "semantic", f"step{s}_indices{top}")
+  ref_idx = c.g[f"step{s}_indices{top}"]
+  inter = c.res["gmask_inter" if top else "inter"]
+  ours_idx, ours_val = inter["indices"][s - 1], inter["point_logits"][s - 1]  # [N, K, C]
+  expected_rows = e if top else np.transpose(e, (0, 2, 1))  # semantic goldens: [N, C, K]
   a_all, e_all, shared = [], [], 0
   for r in range(len(ref_idx)):
     _, ours_at, ref_at = np.intersect1d(ours_idx[r], ref_idx[r], return_indices=True)
@@ -477,35 +411,35 @@ def _step_point_logits(name, mt, e, c):
                 note=f"{shared} of {ref_idx.size} cells shared")
 
 
-@rule(r"step(\d+)_upsampled_top\d+",
-      "x2-upsampled logits before the scatter: allclose 1e-3; rows after a top-k flip by "
-      "agreement")
-def _step_upsampled(name, mt, e, c):
-  s = int(mt.group(1))
-  inter = _mask_inter(c)
-  if s > len(inter["upsampled"]):
-    raise _Skip(f"the model has only {len(inter['upsampled'])} subdivision steps")
-  a = inter["upsampled"][s - 1][:len(e)]
-  if s == 1:
-    return close_row(name, e, a, **DENSE)
-  info = _step_info(c, s - 1)
-  before = info["flipped_before"] | info["flipped"]
-  if not before.any():
-    return close_row(name, e, a, **DENSE)
-  return mostly_close_row(name, e, a, **DENSE, strict_rows=~before)
+@rule(r"step(\d+)_(upsampled_top\d+|uncertainty_sub4)",
+      "the maps the points are chosen on (x2-upsampled logits before the scatter; semantic: "
+      "uncertainty at [2::4, 2::4]): allclose 1e-3; after a top-k flip by agreement (instance "
+      "rows without a flip: allclose)")
+def _step_map(name, mt, e, c):
+  s, semantic = int(mt.group(1)), mt.group(2) == "uncertainty_sub4"
+  if semantic:
+    c.need("semantic")
+  maps = c.res["inter"]["uncertainty"] if semantic else _mask_inter(c)["upsampled"]
+  if s > len(maps):
+    raise _Skip(f"the model has only {len(maps)} subdivision steps")
+  a = maps[s - 1][:, None, 2::4, 2::4] if semantic else maps[s - 1][:len(e)]
+  if s > 1:
+    info = _step_info(c, s - 1)
+    before = info["flipped_before"] | info["flipped"]
+    if before.any():
+      return mostly_close_row(name, e, a, **DENSE, strict_rows=None if semantic else ~before)
+  return close_row(name, e, a, **DENSE)
 
 
 @rule(r"point_mask_logits_(top\d+|det_class_sub8)",
       "final 224x224 logits (golden detections): allclose 1e-3 on rows without a top-k flip, "
       ">= 99.9% within tolerance overall")
 def _point_mask(name, mt, e, c):
-  c.instance()
-  c.need("det_boxes", "det_classes")
+  c.need("instance", "det_boxes", "det_classes")
   mask = c.res["gmask"]
   if mt.group(1) == "det_class_sub8":
     return mostly_close_row(name, e, mask[:, 4::8, 4::8], **DENSE)
-  info = _flip_analysis(c)
-  flipped = info[0]["flipped_ever"] if 0 in info and info[0]["flipped_ever"] is not None else None
+  flipped = _flip_analysis(c)[0]["flipped_ever"]  # None when the fixture has no step indices
   strict = None if flipped is None else ~flipped
   return mostly_close_row(name, e, mask[:len(e)], **DENSE, strict_rows=strict)
 
@@ -514,8 +448,7 @@ def _point_mask(name, mt, e, c):
 
 
 def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
-  c.instance()
-  c.need("final_boxes", "final_scores", "final_classes")
+  c.need("instance", "final_boxes", "final_scores", "final_classes")
 
   def fn():
     f = c.res["final"]
@@ -525,22 +458,23 @@ def _final_match(c: Ctx) -> tuple[SetMatch, dict[str, np.ndarray]]:
   return c.memo("final", fn)
 
 
-@rule(r"final_(boxes|scores|classes)",
-      "postprocessed instances (original size) as sets matched by IoU > 0.99 and class")
-def _final(name, mt, e, c):
-  return _matched_rows(name, mt.group(1), e, *_final_match(c))
+@rule(r"proposal_(boxes|logits)|(det|final)_(boxes|scores|classes)",
+      "RPN proposals, end-to-end detections and postprocessed instances (original size) as sets "
+      "matched by IoU > 0.99 (and class; unmatched only as near-ties of the cut): boxes atol "
+      "1e-2 px, logits / scores atol 1e-4, classes exact")
+def _set_matched(name, mt, e, c):
+  stage, what = name.split("_", 1)
+  sm, ours = {"proposal": _proposal_match, "det": _det_match, "final": _final_match}[stage](c)
+  e, a = e[sm.m], ours[what][sm.j[sm.m]]
+  if what == "classes":
+    return matched_row(exact_row(name, e, a), sm)
+  return matched_row(close_row(name, e, a, **(BOX_TOL if what == "boxes" else SCORE_TOL)), sm)
 
 
 @rule(r"final_masks_shape", "(instances, height, width): exact")
 def _final_masks_shape(name, mt, e, c):
-  c.instance()
+  c.need("instance")
   return exact_row(name, e, np.array(c.res["final"]["masks"].shape))
-
-
-def _golden_masks(c: Ctx) -> np.ndarray:
-  c.need("final_masks_packed")
-  w = int(c.fx.orig_rgb.shape[1])
-  return unpack_masks(c.g["final_masks_packed"], w)
 
 
 @rule(r"final_masks_packed",
@@ -548,7 +482,7 @@ def _golden_masks(c: Ctx) -> np.ndarray:
       "of its union + 2 pixels differing")
 def _final_masks(name, mt, e, c):
   sm, f = _final_match(c)
-  gm = _golden_masks(c)
+  gm = unpack_masks(e, int(c.fx.orig_rgb.shape[1]))
   ours = f["masks"]
   if gm.shape[1:] != ours.shape[1:]:
     return fail_row(name, f"mask size {ours.shape[1:]} != golden {gm.shape[1:]}")
@@ -582,52 +516,27 @@ def _final_mask_areas(name, mt, e, c):
 
 @rule(r"coarse_logits", "SemSegFPNHead coarse logits (C, H/4, W/4): allclose 1e-3")
 def _coarse_logits(name, mt, e, c):
-  c.semantic()
+  c.need("semantic")
   return close_row(name, e, nchw(c.res["inter"]["coarse_logits"]), **DENSE)
 
 
-@rule(r"step(\d+)_uncertainty_sub4",
-      "uncertainty map at [2::4, 2::4]: allclose 1e-3; after a top-k flip by agreement")
-def _step_uncertainty(name, mt, e, c):
-  c.semantic()
-  s = int(mt.group(1))
-  unc = c.res["inter"]["uncertainty"]
-  if s > len(unc):
-    raise _Skip(f"the model has only {len(unc)} subdivision steps")
-  a = unc[s - 1][:, None, 2::4, 2::4]
-  if s > 1:
-    info = _step_info(c, s - 1)
-    if (info["flipped_before"] | info["flipped"]).any():
-      return mostly_close_row(name, e, a, **DENSE)
-  return close_row(name, e, a, **DENSE)
-
-
-@rule(r"head_logits_(shape|sub8)",
-      "padded head output: shape exact; [4::8, 4::8] >= 99.9% within 1e-3")
-def _head_logits(name, mt, e, c):
-  c.semantic()
-  logits = nchw(c.res["logits"])
-  if mt.group(1) == "shape":
-    return exact_row(name, e, np.array(logits.shape))
-  return mostly_close_row(name, e, logits[:, :, 4::8, 4::8], **DENSE)
-
-
-def _sem_seg_chw(c: Ctx) -> np.ndarray:
-  c.semantic()
-  return np.transpose(c.res["sem_seg"], (2, 0, 1))
-
-
-@rule(r"sem_seg_(shape|sub8|summary|crop_windows|crop\d+|argmax|class_hist)",
-      "final sem_seg (C, H0, W0): shape exact; sub8 / crops >= 99.9% within 1e-3; summary "
-      "atol 1e-3 rtol 1e-4; argmax >= 99.9% equal; class histogram within 0.1% of the pixels; "
-      "crop windows are inputs (checked to lie inside)")
+@rule(r"(head_logits|sem_seg)_(shape|sub8)|"
+      r"sem_seg_(summary|crop_windows|crop\d+|argmax|class_hist)",
+      "padded head output (1, C, H, W) and final sem_seg (C, H0, W0): shape exact; sub8 "
+      "([4::8, 4::8]) / crops >= 99.9% within 1e-3; summary atol 1e-3 rtol 1e-4; argmax >= 99.9% "
+      "equal; class histogram within 0.1% of the pixels; crop windows are inputs (checked to lie "
+      "inside)")
 def _sem_seg(name, mt, e, c):
-  s = _sem_seg_chw(c)
-  what = mt.group(1)
+  c.need("semantic")
+  if mt.group(1) == "head_logits":
+    s = nchw(c.res["logits"])
+  else:
+    s = np.transpose(c.res["sem_seg"], (2, 0, 1))
+  what = mt.group(2) or mt.group(3)
   if what == "shape":
     return exact_row(name, e, np.array(s.shape))
   if what == "sub8":
-    return mostly_close_row(name, e, s[:, 4::8, 4::8], **DENSE)
+    return mostly_close_row(name, e, s[..., 4::8, 4::8], **DENSE)
   if what == "summary":
     return close_row(name, e, _summary(s), **SUMMARY)
   if what == "crop_windows":
@@ -638,7 +547,7 @@ def _sem_seg(name, mt, e, c):
     return Row(name, 0.0, 0.0, "input", bool(inside),
                "window positions of sem_seg_crop*" if inside else "a window lies outside")
   if what.startswith("crop"):
-    c.need("sem_seg_crop_windows")
+    c.need("semantic", "sem_seg_crop_windows")
     i = int(what[4:])
     y, x = (int(v) for v in c.g["sem_seg_crop_windows"][i])
     return mostly_close_row(name, e, s[:, y:y + e.shape[1], x:x + e.shape[2]], **DENSE)

@@ -90,12 +90,9 @@ def run_instance(model: Any, fx: Fixture) -> dict[str, Any]:
   res = _np(res)
   out = res.pop("out")
   inter = out.pop("intermediates")
-  hp, wp = images.shape[1:3]
-  anchors = model.proposal_generator.anchors((hp, wp))
-  return dict(kind="instance", images=images, sizes=sizes, orig=orig, out=out, inter=inter,
-              anchors=anchors, rpn_features=model.proposal_generator.in_features,
-              num_anchors=len(model.proposal_generator.aspect_ratios)
-              * len(model.proposal_generator.sizes[0]),
+  return dict(kind="instance", sizes=sizes, out=out, inter=inter,
+              anchors=model.proposal_generator.anchors(images.shape[1:3]),
+              rpn_features=model.proposal_generator.in_features,
               capacity_proposals=model.proposal_generator.post_nms_topk[1],
               capacity_dets=model.roi_heads.detections_per_image,
               subdivision_num_points=model.mask_head.subdivision_num_points,
@@ -122,7 +119,7 @@ def run_semantic(model: Any, fx: Fixture) -> dict[str, Any]:
   res = _np(forward(state, images, sizes))
   res["sem_seg"] = postprocess.resize_bilinear(res["logits"][0, :resized[0], :resized[1]], orig)
   res["inter"].pop("upsampled")
-  return dict(kind="semantic", images=images, sizes=sizes, orig=np.array([orig], np.int32),
+  return dict(kind="semantic", sizes=sizes,
               subdivision_num_points=model.sem_seg_head.subdivision_num_points, **res)
 
 

@@ -32,10 +32,7 @@ def _uncertainty_instance(class_agnostic: bool):
   def compute(golden: Golden) -> np.ndarray:
     logits = nhwc(golden["in_uncertainty_logits"])
     classes = golden["in_uncertainty_classes"].astype(np.int32)
-    if class_agnostic:
-      out = sel.instance_uncertainty(logits[..., :1], classes)
-    else:
-      out = sel.instance_uncertainty(logits, classes)
+    out = sel.instance_uncertainty(logits[..., :1] if class_agnostic else logits, classes)
     return np.asarray(out)[:, None]
   return compute
 

@@ -32,17 +32,13 @@ from pointrend_jax.checkpoint.d2_matching import MatchReport, match_state_dict
 from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
 from pointrend_jax.checkpoint.d2_reader import load_detectron2_file
 from pointrend_jax.checkpoint.orbax_io import save_converted
-from pointrend_jax.errors import CheckpointError, ConfigError
+from pointrend_jax.errors import ToolError, report_error
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.meta_arch import abstract_model, build_model
 from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config
 from pointrend_jax.modeling.resnet import BLOCKS_PER_STAGE
 
 __all__ = ["infer_config", "convert", "main"]
-
-
-class _Error(Exception):
-  """A one-line error for the command line."""
 
 
 def _blocks(names: Mapping[str, tuple[int, ...]], stage: int) -> int:
@@ -59,15 +55,15 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[ModelConfig, st
   semantic = "sem_seg_head.coarse_sem_seg_head.predictor.weight" in shapes
   instance = "roi_heads.box_predictor.cls_score.weight" in shapes
   if semantic == instance:
-    raise _Error("cannot infer the model config from this checkpoint (no PointRend instance or "
+    raise ToolError("cannot infer the model config from this checkpoint (no PointRend instance or "
                  "semantic heads found); pass --config")
   blocks = tuple(_blocks(shapes, s) for s in (2, 3, 4, 5))
   depth = {v: k for k, v in BLOCKS_PER_STAGE.items()}.get(blocks)
   if depth is None or depth < 50:
-    raise _Error(f"cannot infer the ResNet depth from blocks per stage {blocks}; pass --config")
+    raise ToolError(f"cannot infer the ResNet depth from blocks per stage {blocks}; pass --config")
   conv2 = shapes.get("backbone.bottom_up.res2.0.conv2.weight")
   if conv2 is None:
-    raise _Error("checkpoint has no backbone.bottom_up.res2.0.conv2.weight; pass --config")
+    raise ToolError("checkpoint has no backbone.bottom_up.res2.0.conv2.weight; pass --config")
   groups = conv2[0] // conv2[1]
   if semantic:
     classes = shapes["sem_seg_head.coarse_sem_seg_head.predictor.weight"][0]
@@ -101,7 +97,7 @@ def _load_config(spec: str) -> tuple[ModelConfig, str]:
   stem = spec[:-5] if spec.endswith(".yaml") else spec
   if stem in ZOO_NAMES or stem in ZOO_STEMS.values():
     return zoo_config(stem), f"zoo config {stem}"
-  raise _Error(f"--config {spec!r} is neither a file nor a zoo config "
+  raise ToolError(f"--config {spec!r} is neither a file nor a zoo config "
                f"({', '.join(ZOO_NAMES)})")
 
 
@@ -119,11 +115,11 @@ def convert(weights: str, out_dir: str, config: str | None = None, *,
   log(f"read {weights}: {ckpt.format}, {len(ckpt.state)} entries "
       f"({time.perf_counter() - t0:.1f} s)")
   if ckpt.format == "caffe2" and not backbone_only:
-    raise _Error(f"{weights} is a Caffe2 ImageNet backbone; use --backbone-only with --config")
+    raise ToolError(f"{weights} is a Caffe2 ImageNet backbone; use --backbone-only with --config")
   if config is not None:
     cfg, what = _load_config(config)
   elif backbone_only:
-    raise _Error("--backbone-only needs --config (the heads are not in the checkpoint)")
+    raise ToolError("--backbone-only needs --config (the heads are not in the checkpoint)")
   else:
     cfg, what = infer_config({k: tuple(v.shape) for k, v in ckpt.state.items()})
     what = "inferred: " + what
@@ -141,7 +137,7 @@ def convert(weights: str, out_dir: str, config: str | None = None, *,
       m = report.mismatched[0]
       parts.append(f"{len(report.mismatched)} shape mismatches (e.g. {m.name} checkpoint "
                    f"{list(m.got)} vs model {list(m.expected)})")
-    raise _Error(f"{weights} does not match the model ({what}): " + ", ".join(parts))
+    raise ToolError(f"{weights} does not match the model ({what}): " + ", ".join(parts))
   if backbone_only:
     # Heads keep detectron2's random initialization (seeded).
     model = build_model(cfg, rngs=nnx.Rngs(seed))
@@ -174,12 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     convert(args.weights, args.out_dir, args.config, backbone_only=args.backbone_only,
             force=args.force, seed=args.seed)
-  except (_Error, CheckpointError, ConfigError, OSError) as e:
-    print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  except Exception as e:  # pylint: disable=broad-except  # the CLI promises one line, no trace
-    print(f"convert: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
+  except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
+    return report_error("convert", e)
   return 0
 
 

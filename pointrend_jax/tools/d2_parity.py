@@ -61,8 +61,8 @@ def check_ops_file(golden: Mapping[str, np.ndarray],
     try:
       actual = check.compute(golden)
     except Exception as e:  # A broken check is a failed row, not a crash of the report.
-      rows.append(Row(name, np.inf, np.inf, check.tolerance_str(), False,
-                      f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+      rows.append(fail_row(name, f"{type(e).__name__}: {e}".splitlines()[0][:200],
+                           check.tolerance_str()))
       if os.environ.get("D2_PARITY_DEBUG"):
         traceback.print_exc()
       continue

@@ -28,11 +28,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from pointrend_jax.errors import ToolError, report_error
+
 __all__ = ["export", "main"]
-
-
-class _Error(Exception):
-  """A one-line error for the command line."""
 
 
 def export(workdir: str, output: str, step: int | None = None, *, force: bool = False,
@@ -53,9 +51,9 @@ def export(workdir: str, output: str, step: int | None = None, *, force: bool = 
   mcfg = zoo.model_config(config.model)
   out = os.path.abspath(os.path.expanduser(output))
   if os.path.isdir(out) and os.listdir(out) and not force:
-    raise _Error(f"--output {out} is not empty (use --force to replace it)")
+    raise ToolError(f"--output {out} is not empty (use --force to replace it)")
   if os.path.exists(out) and not os.path.isdir(out):
-    raise _Error(f"--output {out} exists and is not a directory")
+    raise ToolError(f"--output {out} exists and is not a directory")
   step, model = workdir_lib.restore_trained_model(workdir, mcfg, step)
   log(f"restored checkpoint {step} of {os.path.join(workdir, 'checkpoints')} "
       f"({'semantic' if mcfg.is_semantic else 'instance'}, {mcfg.num_classes} classes; "
@@ -82,16 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="output directory (absent or empty unless --force)")
   parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
   args = parser.parse_args(argv)
-  from pointrend_jax.errors import CheckpointError, ConfigError
   try:
     export(args.workdir, args.output, args.step, force=args.force)
-  except (_Error, CheckpointError, ConfigError, OSError, ValueError) as e:
-    # OSError includes DataError (missing workdir / step), ValueError bad JSON.
-    print(f"export: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  except Exception as e:  # pylint: disable=broad-except  # the CLI promises one line, no trace
-    print(f"export: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
+  except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
+    return report_error("export", e)
   return 0
 
 

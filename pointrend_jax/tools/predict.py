@@ -36,28 +36,14 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
-from pointrend_jax.errors import one_line
+from pointrend_jax.errors import ToolError, one_line, report_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                     ".pgm")
 
-__all__ = ["IMAGE_EXTENSIONS", "ToolError", "report_error", "expand_inputs", "build_predictor",
-           "add_model_args", "main"]
-
-
-class ToolError(Exception):
-  """A one-line error for the command line."""
-
-
-def report_error(prog: str, error: Exception) -> int:
-  """Prints ``error`` as one line (with its type unless a :class:`ToolError`); returns 1."""
-  detail = one_line(error)
-  if not isinstance(error, ToolError):
-    detail = f"{type(error).__name__}: {detail}"
-  print(f"{prog}: error: {detail}", file=sys.stderr)
-  return 1
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "build_predictor",
+           "add_common_args", "output_dir", "main"]
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
@@ -85,8 +71,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
   return files
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-  """``--config`` and ``--weights`` (shared with ``visualize_points``)."""
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+  """The model, ``--output`` and ``--score-threshold`` (shared with ``visualize_points``)."""
   parser.add_argument(
       "--config", default=None,
       help="zoo config name (r50_fpn_1x_coco, r50_fpn_3x_coco, r101_fpn_3x_coco, "
@@ -101,11 +87,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                       help="padding: 'default' = a few fixed canvases (one compilation each), "
                            "'exact' = multiples of 32 per image (detectron2 parity, one "
                            "compilation per padded size)")
+  parser.add_argument("--output", required=True, metavar="DIR",
+                      help="output directory (created if needed)")
+  parser.add_argument("--score-threshold", type=float, default=0.5,
+                      help="keep detections with score > this (default 0.5, as detectron2's "
+                           "demo)")
 
 
-def build_predictor(args: argparse.Namespace, prog: str, **kwargs: Any):
-  """The :class:`~pointrend_jax.inference.Predictor` of ``--config`` / ``--weights``; config
-  warnings (e.g. a built-in ``_BASE_``) become ``note:`` lines on stderr."""
+def output_dir(args: argparse.Namespace) -> pathlib.Path:
+  """``--output``, refused when it exists and is not a directory (not created yet)."""
+  out_dir = pathlib.Path(args.output).expanduser()
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ToolError(f"--output {out_dir} exists and is not a directory")
+  return out_dir
+
+
+def build_predictor(args: argparse.Namespace, prog: str):
+  """The :class:`~pointrend_jax.inference.Predictor` of ``--config`` / ``--weights`` /
+  ``--score-threshold``; config warnings (e.g. a built-in ``_BASE_``) become ``note:`` lines on
+  stderr."""
   from pointrend_jax.inference import Predictor  # heavy imports after argument parsing
   weights = None if args.weights == "random" else args.weights
   if weights is not None and not os.path.exists(os.path.expanduser(weights)):
@@ -114,17 +114,11 @@ def build_predictor(args: argparse.Namespace, prog: str, **kwargs: Any):
     raise ToolError("--config is required unless --weights is a converted checkpoint directory")
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    predictor = Predictor(args.config, weights,
-                          buckets="exact" if args.buckets == "exact" else None, **kwargs)
+    predictor = Predictor(args.config, weights, score_threshold=args.score_threshold,
+                          buckets="exact" if args.buckets == "exact" else None)
   for w in caught:
     print(f"{prog}: note: {one_line(w.message)}", file=sys.stderr)
   return predictor
-
-
-def _progress(items: Sequence[Any], quiet: bool):
-  from tqdm import tqdm
-  # disable=None: no bar when stderr is not a terminal (logs, tests).
-  return tqdm(items, desc="images", unit="img", disable=True if quiet else None)
 
 
 def _write_png(path: pathlib.Path, array) -> None:
@@ -139,7 +133,7 @@ def _predict_one(predictor, path: pathlib.Path, out_dir: pathlib.Path) -> int:
   image = to_rgb_uint8(path)
   result = predictor(image)
   record = {"file": str(path), **result.to_json()}
-  if predictor.is_semantic:
+  if predictor.cfg.is_semantic:
     _write_png(out_dir / f"{path.stem}.png", vis.draw_semantic_prediction(image, result))
     _write_png(out_dir / f"{path.stem}_labels.png", result.sem_seg.astype(np.uint8))
     count = len(record["pixel_fraction"])
@@ -159,29 +153,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "masks) per image into --output.",
       epilog="Example: python -m pointrend_jax.tools.predict --config r50_fpn_1x_coco "
              "--weights model_final.pkl --input photo.jpg --output out/")
-  add_model_args(parser)
+  add_common_args(parser)
   parser.add_argument("--input", nargs="+", required=True, metavar="IMG",
                       help="image files or directories of images")
-  parser.add_argument("--output", required=True, metavar="DIR",
-                      help="output directory (created if needed)")
-  parser.add_argument("--score-threshold", type=float, default=0.5,
-                      help="keep detections with score > this (default 0.5, as detectron2's "
-                           "demo)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
   args = parser.parse_args(argv)
   try:
     files = expand_inputs(args.input)
-    out_dir = pathlib.Path(args.output).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-      raise ToolError(f"--output {out_dir} exists and is not a directory")
-    predictor = build_predictor(args, prog, score_threshold=args.score_threshold)
+    out_dir = output_dir(args)
+    predictor = build_predictor(args, prog)
     out_dir.mkdir(parents=True, exist_ok=True)
   except Exception as e:  # pylint: disable=broad-except  # one line, no traceback
     return report_error(prog, e)
 
+  from tqdm import tqdm
   failed = 0
   t0 = time.perf_counter()
-  bar = _progress(files, args.quiet)
+  # disable=None: no bar when stderr is not a terminal (logs, tests).
+  bar = tqdm(files, desc="images", unit="img", disable=True if args.quiet else None)
   for path in bar:
     try:
       n = _predict_one(predictor, path, out_dir)
@@ -190,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       bar.write(f"{prog}: error: {one_line(e)}", file=sys.stderr)
       continue
     if not args.quiet and bar.disable:
-      print(f"{path}: {n} {'classes' if predictor.is_semantic else 'instances'}",
+      print(f"{path}: {n} {'classes' if predictor.cfg.is_semantic else 'instances'}",
             file=sys.stderr)
   if not args.quiet:
     print(f"{prog}: {len(files) - failed}/{len(files)} images in "

@@ -22,8 +22,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from pointrend_jax.tools.predict import (ToolError, add_model_args, build_predictor,
-                                         report_error)
+from pointrend_jax.errors import ToolError, report_error
+from pointrend_jax.tools.predict import add_common_args, build_predictor, output_dir
 
 __all__ = ["main"]
 
@@ -45,16 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Draw PointRend's subdivision stages (coarse 7x7, 28x28, each step's "
                   "upsampled mask with its selected points, final 224x224 mask) for chosen "
                   "instances of one image. Instance models only.")
-  add_model_args(parser)
+  add_common_args(parser)
   parser.add_argument("--input", required=True, metavar="IMG", help="one image file")
-  parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--instances", type=_parse_instances, default=None, metavar="I,J,...",
                      help="instance indices (0 = highest score)")
   which.add_argument("--top-k", type=int, default=3, metavar="K",
                      help="the K highest-scoring instances (default 3)")
-  parser.add_argument("--score-threshold", type=float, default=0.5,
-                      help="detections with score > this are numbered (default 0.5)")
   parser.add_argument("--panel-height", type=int, default=160, help="pixels per panel")
   args = parser.parse_args(argv)
   try:
@@ -63,16 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ToolError(f"input not found: {path}")
     if args.top_k < 1:
       raise ToolError("--top-k must be >= 1")
-    out_dir = pathlib.Path(args.output).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-      raise ToolError(f"--output {out_dir} exists and is not a directory")
+    out_dir = output_dir(args)
     from pointrend_jax.inference import load_config, to_rgb_uint8
     # Fail on a semantic config or an undecodable image before building any weights.
     if args.config is not None and load_config(args.config).is_semantic:
       raise ToolError("visualize_points draws instance masks; this is a semantic model")
     image = to_rgb_uint8(path)
-    predictor = build_predictor(args, prog, score_threshold=args.score_threshold)
-    if predictor.is_semantic:
+    predictor = build_predictor(args, prog)
+    if predictor.cfg.is_semantic:
       raise ToolError("visualize_points draws instance masks; this is a semantic model")
     from PIL import Image
     from pointrend_jax import visualization as vis

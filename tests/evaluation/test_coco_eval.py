@@ -227,7 +227,7 @@ def test_cli_round_trip(gt, tmp_path):
                                str(res_path), "--output", str(out_path)], out=out)
   assert status == 0
   written = json.loads(out_path.read_text())
-  expected = coco_eval.evaluate_coco_files(gt_path, res_path)
+  expected = coco_eval.evaluate_coco(gt_path, coco_eval.read_results_json(res_path)).compute()
   assert written.keys() == expected.keys()
   for k, v in expected.items():
     assert (written[k] is None) if math.isnan(v) else written[k] == pytest.approx(v)
