@@ -60,7 +60,7 @@ from PIL import Image  # noqa: E402
 
 from pointrend_jax.inference import Predictor  # noqa: E402
 from pointrend_jax.checkpoint.d2_model import d2_model_names  # noqa: E402
-from pointrend_jax.modeling import postprocess  # noqa: E402
+from pointrend_jax import postprocess  # noqa: E402
 from pointrend_jax.modeling.meta_arch import abstract_model  # noqa: E402
 from pointrend_jax.modeling.zoo import zoo_config  # noqa: E402
 

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     # Using a model.
     "Predictor": "pointrend_jax.inference",
+    "ExportedPredictor": "pointrend_jax.stablehlo",
     # Building models (Flax NNX modules) and their configs.
     "ModelConfig": "pointrend_jax.modeling.config",
     "zoo_config": "pointrend_jax.modeling.zoo",

@@ -32,7 +32,7 @@ lands in it. :attr:`Predictor.num_compiles` counts the compilations. Padding mod
   exact padding (with a warning).
 
 The device part is :class:`~pointrend_jax.modeling.predict.PredictProgram`; results at the
-original size come from :mod:`pointrend_jax.modeling.postprocess` (numpy on the host, so nothing
+original size come from :mod:`pointrend_jax.postprocess` (numpy on the host, so nothing
 compiles per original image size: detectron2's ``detector_postprocess`` and
 ``paste_masks_in_image``, pycocotools RLE; semantic models: crop the padding, PyTorch bilinear
 resize to the original size, argmax).
@@ -48,29 +48,19 @@ from __future__ import annotations
 
 import os
 import pathlib
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
-import jax
-import numpy as np
 from flax import nnx
-from PIL import Image
 
-from pointrend_jax.data import batching
 from pointrend_jax.data.cityscapes import SEM_SEG_CLASSES as CITYSCAPES_SEM_SEG_CLASSES
 from pointrend_jax.data.cityscapes import THING_CLASSES as CITYSCAPES_THING_CLASSES
-from pointrend_jax.data.coco import read_image
-from pointrend_jax.data.transforms import resize_image, resize_shortest_edge_size
-from pointrend_jax.modeling import postprocess
+from pointrend_jax.image_predictor import ImagePredictor, to_rgb_uint8
 from pointrend_jax.modeling.config import ModelConfig
-from pointrend_jax.modeling.postprocess import Instances, SubdivisionStages
 from pointrend_jax.modeling.predict import PredictProgram
 from pointrend_jax.modeling.zoo import from_detectron2_yaml, zoo_config
 
 __all__ = ["COCO_CLASSES", "Predictor", "load_config", "default_class_names", "to_rgb_uint8"]
-
-ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image]
 
 # checkpoint_format.md §7.1: contiguous id order = sorted COCO category ids.
 COCO_CLASSES: tuple[str, ...] = (
@@ -84,8 +74,6 @@ COCO_CLASSES: tuple[str, ...] = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # --- Configs, weights, images ---
@@ -170,50 +158,10 @@ def _stored_class_names(weights: Any, num_classes: int) -> list[str] | None:
   return names if names is not None and len(names) == num_classes else None
 
 
-def to_rgb_uint8(image: ImageLike) -> np.ndarray:
-  """Any supported image -> RGB uint8 ``[H, W, 3]`` (contiguous).
-
-  * paths: :func:`pointrend_jax.data.coco.read_image` (EXIF orientation, grayscale, palette,
-    CMYK, RGBA, 16-bit; ``FileNotFoundError`` / ``ValueError`` naming the file);
-  * ``PIL.Image``: as a file would be read (without EXIF);
-  * arrays: ``[H, W]`` / ``[H, W, 1]`` grayscale, ``[H, W, 3]`` RGB, ``[H, W, 4]`` RGBA (alpha
-    dropped, as PIL's ``convert("RGB")``); uint8, uint16 (``round(v / 257)``, as 16-bit files),
-    other integer or bool types holding 0..255. Float arrays are refused: their range (0..1 or
-    0..255) is ambiguous.
-  """
-  if isinstance(image, (str, os.PathLike)):
-    return read_image(image)
-  if isinstance(image, Image.Image):
-    if image.mode in _SIXTEEN_BIT_MODES:
-      return to_rgb_uint8(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int64))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), np.uint8))
-  a = np.asarray(image)
-  if a.ndim == 3 and a.shape[2] == 1:
-    a = a[:, :, 0]
-  if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
-    raise ValueError(f"image array must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got "
-                     f"shape {a.shape}")
-  if a.shape[0] == 0 or a.shape[1] == 0:
-    raise ValueError(f"image is empty: shape {a.shape}")
-  if a.dtype == np.uint16:
-    a = ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
-  elif a.dtype == bool:
-    a = a.astype(np.uint8) * 255
-  elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:
-    if a.size and (a.min() < 0 or a.max() > 255):
-      raise ValueError(f"{a.dtype} image values must be in 0..255, got {a.min()}..{a.max()}")
-    a = a.astype(np.uint8)
-  elif a.dtype != np.uint8:
-    raise TypeError(f"image dtype {a.dtype} is not supported; pass uint8 (0..255)")
-  if a.ndim == 2:
-    a = np.repeat(a[:, :, None], 3, axis=2)
-  return np.ascontiguousarray(a[:, :, :3])
-
-
 # --- The predictor ---
 
 
-class Predictor:
+class Predictor(ImagePredictor):
   """End-to-end inference of a PointRend model on images of any size.
 
   Args:
@@ -263,125 +211,14 @@ class Predictor:
       self.model = nnx.merge(graphdef, nnx.state(self.model))
     if class_names is None:
       class_names = _stored_class_names(weights, self.cfg.num_classes)
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self.batch_size = int(batch_size)
-    self.score_threshold = score_threshold
-    self.mask_threshold = float(mask_threshold)
-    self.class_names = list(class_names) if class_names is not None else default_class_names(
-        self.cfg)
-    if len(self.class_names) != self.cfg.num_classes:
-      raise ValueError(f"{len(self.class_names)} class names for {self.cfg.num_classes} classes")
-    self._divisor = self.cfg.size_divisibility
-    if buckets is None:
-      buckets = batching.bucket_sizes(self.cfg.input.min_size_test,
-                                      self.cfg.input.max_size_test, self._divisor)
-    elif isinstance(buckets, str):
-      if buckets != "exact":
-        raise ValueError(f"buckets must be None, 'exact' or a list of (H, W), got {buckets!r}")
-    else:
-      buckets = tuple((int(h), int(w)) for h, w in buckets)
-      if any(h % self._divisor or w % self._divisor for h, w in buckets):
-        raise ValueError(f"bucket sides must be multiples of {self._divisor}: {buckets}")
-    self.buckets = buckets
+    if class_names is None:
+      class_names = default_class_names(self.cfg)
+    if len(class_names) != self.cfg.num_classes:
+      raise ValueError(f"{len(class_names)} class names for {self.cfg.num_classes} classes")
+    super().__init__(
+        class_names=class_names, is_semantic=self.cfg.is_semantic,
+        min_size_test=self.cfg.input.min_size_test, max_size_test=self.cfg.input.max_size_test,
+        divisor=self.cfg.size_divisibility, buckets=buckets, batch_size=batch_size,
+        score_threshold=score_threshold, mask_threshold=mask_threshold)
     self.program = PredictProgram(self.model)
-    self.stages_program = None if self.cfg.is_semantic else PredictProgram(self.model, stages=True)
-    self._warned_fallback = False
-
-  @property
-  def num_compiles(self) -> int:
-    """How many programs have been compiled (one per program x batch size x bucket)."""
-    return sum(len(p.compile_seconds) for p in (self.program, self.stages_program) if p)
-
-  def resized_size(self, height: int, width: int) -> tuple[int, int]:
-    """detectron2's test-time ``ResizeShortestEdge`` output ``(h, w)``."""
-    i = self.cfg.input
-    return resize_shortest_edge_size(height, width, i.min_size_test, i.max_size_test)
-
-  def bucket_for(self, height: int, width: int) -> tuple[int, int]:
-    """The padded canvas of a *resized* ``height x width`` image."""
-    exact = (batching.ceil_to(height, self._divisor), batching.ceil_to(width, self._divisor))
-    if isinstance(self.buckets, str):
-      return exact
-    try:
-      return batching.choose_bucket(height, width, self.buckets)
-    except ValueError:
-      if not self._warned_fallback:
-        warnings.warn(f"a {height}x{width} image fits no bucket of {list(self.buckets)}; "
-                      "padding it to multiples of 32 (one more compilation)", stacklevel=3)
-        self._warned_fallback = True
-      return exact
-
-  def _prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    rgb = to_rgb_uint8(image)
-    orig = rgb.shape[:2]
-    resized_hw = self.resized_size(*orig)
-    return resize_image(rgb, resized_hw), (int(orig[0]), int(orig[1])), resized_hw
-
-  def _run(self, program: PredictProgram,
-           prepared: list[tuple[np.ndarray, tuple[int, int], tuple[int, int]]]
-           ) -> list[dict[str, Any]]:
-    """Runs ``prepared`` images grouped by bucket; returns per-image numpy outputs (row ``i`` of
-    the batch outputs) in input order."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (_, _, hw) in enumerate(prepared):
-      groups.setdefault(self.bucket_for(*hw), []).append(i)
-    results: list[dict[str, Any] | None] = [None] * len(prepared)
-    bs = self.batch_size
-    for bucket, members in groups.items():
-      for start in range(0, len(members), bs):
-        chunk = members[start:start + bs]
-        images = np.zeros((bs, bucket[0], bucket[1], 3), np.uint8)
-        sizes = np.tile(np.asarray(bucket, np.int32), (bs, 1))  # blank slots: whole canvas
-        for j, i in enumerate(chunk):
-          img, _, (h, w) = prepared[i]
-          images[j, :h, :w] = img
-          sizes[j] = (h, w)
-        out = jax.device_get(program(images, sizes))
-        for j, i in enumerate(chunk):
-          results[i] = jax.tree.map(lambda a, j=j: a[j], out)
-    return results  # type: ignore[return-value]
-
-  def _instances(self, out: Mapping[str, np.ndarray], orig: tuple[int, int],
-                 resized: tuple[int, int]) -> tuple[Instances, np.ndarray]:
-    return postprocess.instances(out, orig, resized, self.class_names,
-                                 mask_threshold=self.mask_threshold,
-                                 score_threshold=self.score_threshold)
-
-  def __call__(self, images: ImageLike | Sequence[ImageLike], *, return_logits: bool = False
-               ) -> Any:
-    """Predicts one image or a list of images.
-
-    Args:
-      images: one image (numpy array, path or ``PIL.Image``; see :func:`to_rgb_uint8`) or a
-        list / tuple of them. Every image is read and checked before the model runs, so a bad
-        file fails fast with an error naming it.
-      return_logits: semantic models: also return the per-pixel logits.
-
-    Returns:
-      :class:`~pointrend_jax.modeling.postprocess.Instances` or
-      :class:`~pointrend_jax.modeling.postprocess.SemanticResult` per image: a list for a list
-      input, one result for a single image.
-    """
-    single = isinstance(images, (np.ndarray, str, os.PathLike, Image.Image))
-    items = [images] if single else list(images)
-    prepared = [self._prepare(im) for im in items]
-    outs = self._run(self.program, prepared)
-    if self.cfg.is_semantic:
-      results = [postprocess.semantic_result(o["logits"], orig, hw, self.class_names,
-                                             return_logits=return_logits)
-                 for o, (_, orig, hw) in zip(outs, prepared)]
-    else:
-      results = [self._instances(o, orig, hw)[0] for o, (_, orig, hw) in zip(outs, prepared)]
-    return results[0] if single else results
-
-  def predict_with_stages(self, image: ImageLike) -> tuple[Instances, SubdivisionStages]:
-    """One image's :class:`~pointrend_jax.modeling.postprocess.Instances` and the subdivision
-    stages of each of its rows (instance models; :attr:`stages_program`)."""
-    if self.cfg.is_semantic:
-      raise ValueError("subdivision stages are shown for instance models only")
-    prepared = [self._prepare(image)]
-    _, orig, hw = prepared[0]
-    (out,) = self._run(self.stages_program, prepared)
-    inst, rows = self._instances(out, orig, hw)
-    return inst, postprocess.subdivision_stages(out, rows, inst.boxes)
+    self.stages_program = None if self.is_semantic else PredictProgram(self.model, stages=True)

@@ -48,7 +48,8 @@ def _program_file(batch: int, height: int, width: int) -> str:
 def write_artifacts(predictor: Any, output: str | os.PathLike[str], *,
                     platforms: Sequence[str] = ("cpu", "cuda", "tpu"),
                     buckets: Sequence[tuple[int, int]] | None = None,
-                    model_name: str = "", log=print) -> pathlib.Path:
+                    model_name: str = "", compute_dtype: str = "float32",
+                    log=print) -> pathlib.Path:
   """Writes the StableHLO artifacts of ``predictor``'s model (its dtype, class names, batch
   size, thresholds and resize rule).
 
@@ -57,7 +58,8 @@ def write_artifacts(predictor: Any, output: str | os.PathLike[str], *,
     output: the directory (created; existing artifact files are replaced).
     platforms: lowering platforms, all in each program.
     buckets: ``(H, W)`` canvases; default: the predictor's buckets.
-    model_name: recorded in the metadata (e.g. the zoo name or the weights' path).
+    model_name, compute_dtype: recorded in the metadata (the predictor's model computes in
+      ``compute_dtype``).
   """
   if buckets is None:
     if isinstance(predictor.buckets, str):
@@ -83,7 +85,7 @@ def write_artifacts(predictor: Any, output: str | os.PathLike[str], *,
                    "jax_export_calling_convention": exported.calling_convention_version},
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "model": model_name, "kind": "semantic" if cfg.is_semantic else "instance",
-      "compute_dtype": str(np.dtype(predictor.dtype)), "platforms": list(platforms),
+      "compute_dtype": compute_dtype, "platforms": list(platforms),
       "class_names": list(predictor.class_names),
       "input": {"images": "uint8 [B, H, W, 3] RGB, each image top-left on a zero canvas",
                 "image_sizes": "int32 [B, 2] (h, w) of each resized image; blank slots: (H, W)",

@@ -134,7 +134,7 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray | None = None,
 
 def draw_instance_predictions(image: np.ndarray, instances: Any, alpha: float = 0.5,
                               max_instances: int | None = None, **kwargs: Any) -> np.ndarray:
-  """:func:`draw_instances` of an :class:`~pointrend_jax.modeling.postprocess.Instances` (labels
+  """:func:`draw_instances` of an :class:`~pointrend_jax.postprocess.Instances` (labels
   ``"class score"``; ``max_instances`` highest scores only)."""
   n = len(instances) if max_instances is None else min(len(instances), max_instances)
   labels = [f"{instances.class_names[i]} {instances.scores[i]:.2f}" for i in range(n)]
@@ -169,7 +169,7 @@ def overlay_semantic(image: np.ndarray, sem_seg: np.ndarray, alpha: float = 0.6,
 
 def draw_semantic_prediction(image: np.ndarray, result: Any, alpha: float = 0.6,
                              font_size: int = 13) -> np.ndarray:
-  """:func:`overlay_semantic` of a :class:`~pointrend_jax.modeling.postprocess.SemanticResult`
+  """:func:`overlay_semantic` of a :class:`~pointrend_jax.postprocess.SemanticResult`
   with a legend of the classes present (top-left)."""
   out = Image.fromarray(overlay_semantic(image, result.sem_seg, alpha))
   draw = ImageDraw.Draw(out)
@@ -236,7 +236,7 @@ def subdivision_row(image: np.ndarray, stages: Any, index: int, *, label: str | 
 
   Args:
     image: the original RGB image ``[H, W, 3]`` uint8.
-    stages: :class:`~pointrend_jax.modeling.postprocess.SubdivisionStages` of that image.
+    stages: :class:`~pointrend_jax.postprocess.SubdivisionStages` of that image.
     index: row of ``stages``.
     label: text above the crop (e.g. ``"#0 person 0.93"``).
     panel_height: pixels; widths follow the box's aspect ratio (clamped to [1/3, 3]).
@@ -304,8 +304,8 @@ def subdivision_figure(image: np.ndarray, instances: Any, stages: Any,
 
   Args:
     image: original RGB image.
-    instances: the :class:`~pointrend_jax.modeling.postprocess.Instances` of ``stages``.
-    stages: :class:`~pointrend_jax.modeling.postprocess.SubdivisionStages`.
+    instances: the :class:`~pointrend_jax.postprocess.Instances` of ``stages``.
+    stages: :class:`~pointrend_jax.postprocess.SubdivisionStages`.
     indices: rows to show (default: the first 3, i.e. the highest scores).
   """
   if indices is None:
@@ -361,7 +361,7 @@ def write_pictures(visuals: Sequence[Mapping[str, Any]], class_names: Sequence[s
     The written paths.
   """
   from pointrend_jax.data import coco
-  from pointrend_jax.modeling.postprocess import paste_masks
+  from pointrend_jax.postprocess import paste_masks
   os.makedirs(out_dir, exist_ok=True)
   font = _font(12)
   paths = []

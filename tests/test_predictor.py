@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from pointrend_jax import visualization as vis
 from pointrend_jax.inference import Predictor, to_rgb_uint8
-from pointrend_jax.modeling.postprocess import Instances, SemanticResult, paste_masks
+from pointrend_jax.postprocess import Instances, SemanticResult, paste_masks
 from pointrend_jax.modeling.zoo import from_detectron2_yaml
 
 TINY_SEMANTIC_YAML = {

@@ -36,7 +36,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pointrend_jax.data.coco import CocoCategories, read_coco_json
-from pointrend_jax.modeling.postprocess import encode_rle
+from pointrend_jax.postprocess import encode_rle
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ the batches of the evaluation loader and feeds the host-side predictions to a da
   (``segm_coarse``), the Mask R-CNN-style baseline.
 * :class:`SemanticEvaluator`: mIoU (Cityscapes' official pixel metrics on Cityscapes).
 
-Results are at the original image size (:mod:`pointrend_jax.modeling.postprocess`); metrics are
+Results are at the original image size (:mod:`pointrend_jax.postprocess`); metrics are
 named ``eval/<task>/<metric>``.
 """
 
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from pointrend_jax.modeling import postprocess
+from pointrend_jax import postprocess
 
 __all__ = ["DatasetEvaluator", "InstanceEvaluator", "SemanticEvaluator", "inference_on_dataset",
            "to_host"]

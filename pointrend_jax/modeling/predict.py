@@ -3,7 +3,7 @@
 :func:`predict` is the one device function of inference; :class:`PredictProgram` compiles it
 once per input bucket. :class:`~pointrend_jax.inference.Predictor`, the dataset evaluation
 (:func:`pointrend_jax.evaluation.inference.inference_on_dataset`) and the StableHLO export all
-run it, and :mod:`pointrend_jax.modeling.postprocess` turns its outputs into per-image results at
+run it, and :mod:`pointrend_jax.postprocess` turns its outputs into per-image results at
 the original image size on the host.
 """
 

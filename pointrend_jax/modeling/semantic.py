@@ -22,7 +22,7 @@ from flax import nnx
 from pointrend_jax.modeling.fpn import FPN
 from pointrend_jax.modeling.layers import Conv2d, DType, get_norm
 from pointrend_jax.modeling.point_rend import StandardPointHead, subdivide
-from pointrend_jax.modeling.postprocess import linear_taps
+from pointrend_jax.postprocess import linear_taps
 from pointrend_jax.ops.point_sample import interpolate_bilinear_x2, point_sample
 from pointrend_jax.ops.point_selection import semantic_uncertainty, uncertain_points_with_randomness
 
@@ -239,7 +239,7 @@ class PointRendSemanticSegmentor(nnx.Module):
   ``image_sizes [N, 2]`` valid ``(h, w)``): converts to the weights' channel order, normalizes
   and zeroes the padding (detectron2 pads *after* normalization), pads to a multiple of the
   backbone's divisibility (32). Postprocessing to original sizes is
-  :func:`pointrend_jax.modeling.postprocess.semantic_result` (host side, since sizes are per
+  :func:`pointrend_jax.postprocess.semantic_result` (host side, since sizes are per
   image).
 
   Args:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from pointrend_jax.data.batching import ceil_to
-from pointrend_jax.modeling import postprocess
+from pointrend_jax import postprocess
 from pointrend_jax.parity.compare import Row, fail_row
 from pointrend_jax.parity.fixture import (Fixture, FixtureError, check_recipe, fixture_model,
                                           load_fixture)

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from pointrend_jax.modeling.postprocess import paste_masks
+from pointrend_jax.postprocess import paste_masks
 from pointrend_jax.ops import boxes as box_ops
 from pointrend_jax.ops import nms as nms_ops
 from pointrend_jax.parity.compare import FLOAT_TOL, Check, Golden

@@ -16,7 +16,7 @@ from conftest import PARITY_DIR, SHARED_DIR
 from pointrend_jax.checkpoint.d2_model import d2_model_names, load_d2_model
 from pointrend_jax.errors import CheckpointError
 from pointrend_jax.errors import ConfigError
-from pointrend_jax.modeling import postprocess
+from pointrend_jax import postprocess
 from pointrend_jax.modeling import zoo as zoo_lib
 from pointrend_jax.modeling.config import ModelConfig
 from pointrend_jax.modeling.zoo import ZOO_NAMES, ZOO_STEMS, from_detectron2_yaml, zoo_config

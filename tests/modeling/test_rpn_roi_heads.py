@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from conftest import PARITY_DIR, SHARED_DIR
-from pointrend_jax.modeling import postprocess
+from pointrend_jax import postprocess
 from pointrend_jax.modeling.fpn import build_resnet_fpn_backbone
 from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
 from pointrend_jax.modeling.roi_heads import StandardROIHeads, fast_rcnn_inference

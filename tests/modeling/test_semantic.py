@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pointrend_jax.modeling import postprocess
+from pointrend_jax import postprocess
 from pointrend_jax.modeling.layers import d2_names_of, load_d2_state
 from pointrend_jax.modeling.meta_arch import abstract_model
 from pointrend_jax.modeling.semantic import PointRendSemSegHead, resize_bilinear

@@ -8,7 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from pointrend_jax.modeling.postprocess import instances, paste_masks, subdivision_stages
+from pointrend_jax.postprocess import instances, paste_masks, subdivision_stages
 from pointrend_jax.parity.compare import compare
 from pointrend_jax.parity.ops_boxes import CHECKS
 
