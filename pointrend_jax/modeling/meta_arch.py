@@ -32,6 +32,7 @@ from pointrend_jax.modeling.point_rend import PointRendMaskHead
 from pointrend_jax.modeling.roi_heads import StandardROIHeads
 from pointrend_jax.modeling.rpn import RPN
 from pointrend_jax.modeling.semantic import PointRendSemanticSegmentor, PointRendSemSegHead
+from pointrend_jax.ops import roi_align as roi_align_lib
 
 Array = jax.Array
 
@@ -55,12 +56,16 @@ def normalize_images(images: Array, image_sizes: Array | None, *, pixel_mean: Se
 
   Returns:
     ``[B, Hp, Wp, 3]`` float32 ``(x - mean) / std``, zero outside each image (detectron2 pads
-    *after* normalizing).
+    *after* normalizing). The division is a true float32 division, bit-identical to
+    detectron2's ``(x - pixel_mean) / pixel_std`` (XLA would otherwise multiply by the
+    reciprocal, an ulp off for non-unit stds such as X101's); a unit std skips it (exact).
   """
   x = jnp.asarray(images).astype(jnp.float32)
   if input_format == "BGR":
     x = x[..., ::-1]
-  x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
+  x = x - jnp.asarray(pixel_mean, jnp.float32)
+  if any(float(s) != 1.0 for s in pixel_std):
+    x = roi_align_lib._div(x, jnp.asarray(pixel_std, jnp.float32))
   _, h, w, _ = x.shape
   if image_sizes is not None:
     sizes = jnp.asarray(image_sizes).astype(jnp.int32)

@@ -67,7 +67,7 @@ _ADAPTIVE_CANDIDATES = 7
 
 
 def _div(num: Array, den: Array) -> Array:
-  """``num / den`` correctly rounded, as torchvision computes it.
+  """``num / den`` correctly rounded, as torch and torchvision compute it.
 
   XLA rewrites a division by a broadcast (or constant) into a multiplication by its reciprocal,
   which is off by an ulp; on sample positions near x = 60 that is ~4e-6, visible at the 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -258,3 +259,53 @@ def test_tiny_predict_compiles_once_and_handles_no_detections(tiny_cfg):
     inst, _ = postprocess.instances({k: v[i] for k, v in out.items()}, orig, sizes[i],
                                     ["a", "b", "c"])
     assert inst.masks.shape == (0,) + orig and inst.boxes.shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input normalisation.
+# ------------------------------------------------------------------------------------------------
+
+
+# X101's ImageNet statistics (RGB order; configs.md §2.4 lists them reversed, in BGR order).
+_X101_MEAN_RGB = (123.675, 116.28, 103.53)
+_X101_STD_RGB = (58.395, 57.12, 57.375)
+
+
+@pytest.mark.parametrize("fmt", ["RGB", "BGR"])
+@pytest.mark.parametrize("meta", ["GeneralizedRCNN", "SemanticSegmentor"])
+def test_preprocess_is_bit_exact_with_non_unit_std(tiny_cfg, fmt, meta):
+  """detectron2 ``preprocess_image``: ``(x - pixel_mean) / pixel_std`` on the image in
+  INPUT.FORMAT order, float32 with a true (correctly rounded) division, then zero padding."""
+  order = slice(None) if fmt == "RGB" else slice(None, None, -1)
+  mean = _X101_MEAN_RGB[order]
+  std = _X101_STD_RGB[order]
+  cfg = tiny_cfg.replace(meta_architecture=meta, pixel_mean=mean, pixel_std=std,
+                         **{"input.format": fmt})
+  model = abstract_model(cfg)
+  assert isinstance(model, PointRendSemanticSegmentor if cfg.is_semantic else PointRendRCNN)
+  rng = np.random.default_rng(11)
+  rgb = rng.integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
+  sizes = np.array([[50, 70], [37, 45]], np.int32)
+  # detectron2 sees the image in INPUT.FORMAT order; its mean / std buffers are float32.
+  d2 = (rgb[..., order].astype(np.float32) - np.asarray(mean, np.float32)) \
+      / np.asarray(std, np.float32)
+  # The reciprocal multiplication XLA would substitute differs on many pixels: the check bites.
+  assert (d2 != (rgb[..., order].astype(np.float32) - np.asarray(mean, np.float32))
+          * (1 / np.asarray(std, np.float32))).sum() > 100
+  for fn in (model.preprocess, jax.jit(lambda im, s: model.preprocess(im, s))):
+    x = np.asarray(fn(jnp.asarray(rgb), jnp.asarray(sizes)))
+    assert x.shape == (2, 64, 96, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0, :50, :70], d2[0])
+    np.testing.assert_array_equal(x[1, :37, :45], d2[1, :37, :45])
+    assert not x[0, 50:].any() and not x[0, :, 70:].any()
+    assert not x[1, 37:].any() and not x[1, :, 45:].any()
+
+
+def test_preprocess_unit_std_is_the_mean_subtraction(tiny_cfg):
+  """PIXEL_STD 1 (the MSRA configs): the input is exactly ``x - mean`` in BGR order."""
+  model = abstract_model(tiny_cfg)
+  assert tiny_cfg.pixel_std == (1.0, 1.0, 1.0) and tiny_cfg.input.format == "BGR"
+  rgb = np.random.default_rng(12).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+  x = np.asarray(model.preprocess(jnp.asarray(rgb)))
+  np.testing.assert_array_equal(
+      x, rgb[..., ::-1].astype(np.float32) - np.asarray(tiny_cfg.pixel_mean, np.float32))
