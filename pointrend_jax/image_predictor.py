@@ -198,8 +198,8 @@ class ImagePredictor:
       return_logits: semantic models: also return the per-pixel logits.
 
     Returns:
-      :class:`~pointrend_jax.modeling.postprocess.Instances` or
-      :class:`~pointrend_jax.modeling.postprocess.SemanticResult` per image: a list for a list
+      :class:`~pointrend_jax.postprocess.Instances` or
+      :class:`~pointrend_jax.postprocess.SemanticResult` per image: a list for a list
       input, one result for a single image.
     """
     single = isinstance(images, (np.ndarray, str, os.PathLike, Image.Image))
@@ -215,7 +215,7 @@ class ImagePredictor:
     return results[0] if single else results
 
   def predict_with_stages(self, image: ImageLike) -> tuple[Instances, SubdivisionStages]:
-    """One image's :class:`~pointrend_jax.modeling.postprocess.Instances` and the subdivision
+    """One image's :class:`~pointrend_jax.postprocess.Instances` and the subdivision
     stages of each of its rows (instance models; :attr:`stages_program`)."""
     if self.is_semantic:
       raise ValueError("subdivision stages are shown for instance models only")
