@@ -4,7 +4,9 @@ Containers (``shared/spec/checkpoint_format.md`` §1), unpickled by
 :mod:`pointrend_jax.checkpoint.safe_pickle`:
 
 * detectron2 model-zoo ``.pkl``: ``{"model": {name: ndarray}, "__author__": ...}``;
-* Caffe2 / Detectron1 ``.pkl`` (ImageNet backbones): ``{blob: ndarray}`` or ``{"blobs": {...}}``;
+* Caffe2 / Detectron1 ``.pkl`` (ImageNet backbones): ``{blob: ndarray}`` or ``{"blobs": {...}}``,
+  or detectron2's normalised form of them, ``{"model": {blob: ndarray}, "__author__": "Caffe2",
+  "matching_heuristics": True}``;
 * ``torch.save`` files (``.pth``): detectron2 training checkpoints keep the state dict under
   ``"model"``.
 
@@ -43,7 +45,8 @@ class Detectron2Checkpoint:
       Caffe2 files the names are the converted short names (``res2.0.conv1.weight``) that
       :func:`match_state_dict` suffix-matches against the model.
     format: ``"d2-model-zoo"`` (model-zoo ``.pkl``), ``"caffe2"`` (Caffe2 / Detectron1
-      ``.pkl``), ``"pth-training"`` (``torch.save`` of a dict with ``"model"``, e.g. detectron2
+      ``.pkl``, or a model-zoo-style ``.pkl`` with ``__author__`` "Caffe2" and matching
+      heuristics), ``"pth-training"`` (``torch.save`` of a dict with ``"model"``, e.g. detectron2
       training checkpoints) or ``"pth-state-dict"`` (``torch.save`` of a bare state dict).
     matching_heuristics: whether detectron2 would match names by the suffix heuristic (§4.2).
     metadata: ``container`` (pickle / torch-zip / torch-legacy), ``author``, ``iteration``,
@@ -125,7 +128,10 @@ def _from_pickle(path: str, data: Any, metadata: dict[str, Any]
   if "model" in data and "__author__" in data:
     metadata["author"] = data["__author__"]
     heuristics = bool(data.get("matching_heuristics", False))
-    return state_arrays(path, data["model"]), "d2-model-zoo", heuristics
+    # detectron2 converts Caffe2 blob names whenever a file matched by heuristics has
+    # __author__ "Caffe2": also its own normalised form of a Caffe2 pickle, written back to disk.
+    fmt = "caffe2" if heuristics and data["__author__"] == "Caffe2" else "d2-model-zoo"
+    return state_arrays(path, data["model"]), fmt, heuristics
   blobs = data["blobs"] if "blobs" in data else data
   if not isinstance(blobs, dict):
     raise CheckpointError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
