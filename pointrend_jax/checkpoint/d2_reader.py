@@ -128,14 +128,16 @@ def _from_pickle(path: str, data: Any, metadata: dict[str, Any]
   if "model" in data and "__author__" in data:
     metadata["author"] = data["__author__"]
     heuristics = bool(data.get("matching_heuristics", False))
+    if not (heuristics and data["__author__"] == "Caffe2"):
+      return state_arrays(path, data["model"]), "d2-model-zoo", heuristics
     # detectron2 converts Caffe2 blob names whenever a file matched by heuristics has
     # __author__ "Caffe2": also its own normalised form of a Caffe2 pickle, written back to disk.
-    fmt = "caffe2" if heuristics and data["__author__"] == "Caffe2" else "d2-model-zoo"
-    return state_arrays(path, data["model"]), fmt, heuristics
-  blobs = data["blobs"] if "blobs" in data else data
+    blobs = data["model"]
+  else:
+    blobs = data["blobs"] if "blobs" in data else data
+    metadata["author"] = "Caffe2"
   if not isinstance(blobs, dict):
     raise CheckpointError(f"{path}: 'blobs' is a {type(blobs).__name__}, not a dict")
-  metadata["author"] = "Caffe2"
   metadata["dropped"] = [k for k in blobs if str(k).endswith("_momentum")]
   state = state_arrays(path, {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")})
   return state, "caffe2", True

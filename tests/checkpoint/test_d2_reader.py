@@ -309,7 +309,7 @@ def _write_py2_pickle(path, obj) -> None:
     Py2Pickler(f, protocol=2).dump(obj)
 
 
-@pytest.mark.parametrize("container", ["plain", "blobs"])
+@pytest.mark.parametrize("container", ["plain", "blobs", "d2-normalised"])
 def test_caffe2_pkl_file(tmp_path, manifests, container):
   """A Detectron-style ImageNet pickle (Python 2 strings, numpy 1.x globals)."""
   shapes = manifests["pointrend_rcnn_R_50_FPN_1x_coco"]
@@ -319,7 +319,10 @@ def test_caffe2_pkl_file(tmp_path, manifests, container):
   blobs = {k: Py2Array(v) for k, v in arrays.items()}
   blobs["conv1_w_momentum"] = Py2Array(np.zeros(3, np.float32))
   blobs["pred_w"] = Py2Array(np.zeros((1000, 2048), np.float32))
-  obj = blobs if container == "plain" else {"blobs": blobs, "cfg": "MODEL: {}"}
+  obj = {"plain": blobs, "blobs": {"blobs": blobs, "cfg": "MODEL: {}"},
+         # detectron2's own form of a Caffe2 pickle: its names are converted all the same.
+         "d2-normalised": {"model": blobs, "__author__": "Caffe2",
+                           "matching_heuristics": True}}[container]
   path = tmp_path / "R-50.pkl"
   _write_py2_pickle(path, obj)
   ckpt = d2_reader.load_detectron2_file(path)
