@@ -1,4 +1,5 @@
-"""Training loop on a toy model: exact resume, SIGTERM, NaN handling, compile counting."""
+"""Training loop on a toy model: exact resume, SIGTERM, NaN handling, compile counting; NaN
+handling again on the tiny real instance model."""
 
 import logging
 import os
@@ -167,6 +168,60 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     # NaN in the batch of step 5; losses are only checked at log/checkpoint steps (6).
     _run(workdir, _batches(nan_at=4), checkpoint_every=2, log_every=100)
   assert _latest(workdir) == 4
+
+
+@pytest.mark.slow
+def test_nan_in_real_instance_model_names_terms_and_keeps_last_good_checkpoint(tmp_path):
+  """The tiny R18 PointRend instance model, its real losses, one poisoned batch: one NaN pixel
+  inside image 0 of the batch of step 3 goes through the backbone, RPN, box and point heads."""
+  from _tiny_batches import instance_batch
+  from _tiny_models import tiny_instance_config, tiny_model
+  from pointrend_jax.checkpoint import workdir as workdir_lib
+  from pointrend_jax.modeling import zoo
+  from pointrend_jax.training import losses_instance
+
+  config = tiny_instance_config()
+  config.train.update(max_steps=4, checkpoint_every=2, log_every=100, progress_bar=False)
+  # Float images (the model takes uint8 or float) so that clean and poisoned batches share one
+  # compiled step.
+  clean = dict(instance_batch(), image=instance_batch()["image"].astype(np.float32))
+  poisoned = dict(clean, image=clean["image"].copy())
+  poisoned["image"][0, 10, 10, 1] = np.nan  # inside image 0's valid 56x60 region
+  workdir = str(tmp_path)
+
+  def run(batches):
+    return train.train_loop(config, workdir, tiny_model(config), losses_instance.instance_loss_fn,
+                            train.InMemoryIterator(batches),
+                            batch_keys=losses_instance.INSTANCE_BATCH_KEYS)
+
+  with pytest.raises(FloatingPointError) as info:
+    # Step 3 is poisoned; losses are checked before the step-4 checkpoint (log_every > steps).
+    run([clean, clean, poisoned, clean])
+  message = str(info.value)
+  assert message.startswith("non-finite loss at step 3 (iteration 2): "), message
+  assert "the state was not saved" in message
+  terms = dict(kv.split("=") for kv in message.split(": ", 1)[1].split(";")[0].split(", "))
+  # Image 0's features are NaN from the stem on (GroupNorm), so every term is; the logged
+  # extras (lr, point/accuracy) are named too.
+  assert [terms[k] for k in ("loss", *losses_instance.LOSS_NAMES, "grad_norm")] == ["nan"] * 8
+  assert float(terms["lr"]) > 0 and "point/accuracy" in terms
+  # The newest checkpoint is step 2, the last one before the poisoned step; nothing was logged
+  # or saved after it.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  records = [r for r in read_metrics(workdir) if "train/loss" in r]
+  assert [r["step"] for r in records] == [2]
+  assert all(isinstance(v, (int, float)) and np.isfinite(v) for r in records
+             for v in r.values())
+  step, restored = workdir_lib.restore_trained_model(workdir, zoo.model_config(config.model))
+  assert step == 2
+  leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
+  assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+  # A restart resumes from it and finishes with finite losses; the iterator resumes at position
+  # 2 too (the poisoned batches 0 and 1 here are not drawn again).
+  state = run([poisoned, poisoned, clean, clean])
+  assert int(state.step) == 4 and _latest(workdir) == 4
+  losses = _losses(workdir)
+  assert sorted(losses) == [2, 4] and np.isfinite(losses[4])
 
 
 def test_train_step_compiles_once_per_bucket(caplog):
