@@ -57,3 +57,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines.append(f"| {r['name']} | {r['compile_s']:.2f} | {r['median_ms']:.2f} | "
                  f"{r['min_ms']:.2f} | {r['runs']} |")
   return "\n".join(lines)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+  """(median, min) seconds of ``fn()`` after one warm-up call, each ending in
+  ``block_until_ready``."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), min(times)

@@ -246,17 +246,6 @@ def memory_table(rows: list[dict]) -> str:
 # --- The device benchmark ---
 
 
-def timed(fn, repeats: int) -> float:
-  """Median seconds of ``fn()`` after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def bench_predict(cfg, name: str, dtype: str, batch: int, bucket, size, repeats: int) -> dict:
   program = PredictProgram(loaded_model(cfg, dtype))
   program.compile(batch, *bucket)
@@ -264,7 +253,7 @@ def bench_predict(cfg, name: str, dtype: str, batch: int, bucket, size, repeats:
   images = np.zeros((batch,) + tuple(bucket) + (3,), np.uint8)
   images[:, :size[0], :size[1]] = rng.integers(0, 256, (batch,) + tuple(size) + (3,))
   images, sizes = jnp.asarray(images), jnp.asarray([size] * batch, jnp.int32)
-  seconds = timed(lambda: program(images, sizes), repeats)
+  seconds, _ = _harness.timed(lambda: program(images, sizes), repeats)
   return dict(bench="predict", config=name, dtype=dtype, batch=batch,
               shape=f"{batch}x{bucket[0]}x{bucket[1]}",
               compile_s=program.compile_seconds[(batch,) + tuple(bucket)],

@@ -45,7 +45,6 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -87,17 +86,6 @@ def test_image() -> np.ndarray:
     img = Image.open(photo).convert("RGB").resize((ORIG_HW[1], ORIG_HW[0]), Image.BILINEAR)
     return np.asarray(img)
   return np.random.default_rng(0).integers(0, 256, ORIG_HW + (3,), dtype=np.uint8)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-  """(median, min) seconds of ``fn()`` after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), min(times)
 
 
 def flops_of(fn, *args) -> float:
@@ -154,15 +142,15 @@ def main() -> None:
   images = np.zeros((1,) + bucket + (3,), np.uint8)
   images[0, :hw[0], :hw[1]] = resized
   sizes = np.asarray([hw], np.int32)
-  dev_med, dev_min = timed(lambda: program(images, sizes), args.repeats)
+  dev_med, dev_min = _harness.timed(lambda: program(images, sizes), args.repeats)
   log(f"device steady {dev_med * 1e3:.0f} ms")
-  e2e_med, e2e_min = timed(lambda: predictor(image), args.repeats)
+  e2e_med, e2e_min = _harness.timed(lambda: predictor(image), args.repeats)
   n_det = len(predictor(image))
   log(f"end-to-end steady {e2e_med * 1e3:.0f} ms ({n_det} detections)")
   assert predictor.num_compiles == 1, program.compile_seconds
   raw = jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(program(images, sizes)))
-  host_med, host_min = timed(lambda: postprocess.instances(raw, orig, hw, predictor.class_names),
-                             args.repeats)
+  host_med, host_min = _harness.timed(
+      lambda: postprocess.instances(raw, orig, hw, predictor.class_names), args.repeats)
   log(f"host postprocess {host_med * 1e3:.0f} ms")
 
   # Breakdown: each stage compiled on its own, fed the previous stage's outputs.
@@ -203,7 +191,7 @@ def main() -> None:
     compiled = jax.jit(f).lower(*f_args).compile()
     c = time.perf_counter() - t
     outs[short] = compiled(*f_args)
-    med, mn = timed(lambda: compiled(*f_args), args.repeats)
+    med, mn = _harness.timed(lambda: compiled(*f_args), args.repeats)
     rows.append((name, c, med, mn))
     log(f"{name}: compile {c:.1f} s, median {med * 1e3:.0f} ms")
   feats = outs["backbone"]
