@@ -285,6 +285,7 @@ def run_pipeline(quick: bool, tmp: pathlib.Path) -> None:
   for workers in (0, 1, 2):
     t0 = time.perf_counter()
     it = pipeline.build_train_loader(records, batch_size_per_process=2, seed=0,
+                                     config=pipeline.LoaderConfig(),  # COCO's INPUT.* defaults
                                      process_index=0, process_count=1, worker_count=workers)
     next(it)
     t1 = time.perf_counter()
