@@ -71,13 +71,14 @@ def write_artifacts(predictor: Any, output: str | os.PathLike[str], *,
   out.mkdir(parents=True, exist_ok=True)
   weights = [np.asarray(w) for w in jax.device_get(program.weights())]
   np.savez(out / WEIGHTS, **{f"w{i:04d}": w for i, w in enumerate(weights)})
-  entries, outputs = [], None
+  entries = []
   for h, w in buckets:
     exported = program.export(bs, h, w, platforms=tuple(platforms))
     (out / _program_file(bs, h, w)).write_bytes(exported.serialize())
-    entries.append({"batch": bs, "height": h, "width": w, "file": _program_file(bs, h, w)})
     avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
-    outputs = {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in avals.items()}
+    entries.append({"batch": bs, "height": h, "width": w, "file": _program_file(bs, h, w),
+                    "outputs": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                                for k, a in avals.items()}})
     log(f"exported {bs}x{h}x{w} for {', '.join(platforms)}")
   meta = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -95,7 +96,7 @@ def write_artifacts(predictor: Any, output: str | os.PathLike[str], *,
                  "max_size_test": cfg.input.max_size_test, "interpolation": "PIL bilinear",
                  "size_divisibility": cfg.size_divisibility},
       "score_threshold": predictor.score_threshold, "mask_threshold": predictor.mask_threshold,
-      "weights": WEIGHTS, "programs": entries, "outputs": outputs,
+      "weights": WEIGHTS, "programs": entries,
   }
   (out / METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
   return out

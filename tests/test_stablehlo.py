@@ -103,6 +103,8 @@ def test_instance_export_runs_without_flax_and_equals_predictor(tmp_path):
 @pytest.mark.slow
 def test_semantic_export_equals_predictor(tmp_path):
   converted, artifacts = _exported(tmp_path, tiny_semantic_config())
+  programs = json.loads((artifacts / "pointrend.json").read_text())["programs"]
+  assert [p["outputs"]["logits"]["shape"] for p in programs] == [[1, 64, 64, 4], [1, 64, 96, 4]]
   run = _run_exported(tmp_path, artifacts)
   _no_model_code(run["modules"])
   expected = Predictor(None, converted, buckets=[(64, 64), (64, 96)])(_images())
